@@ -1,0 +1,6 @@
+"""Lightning callbacks: when and on which parameters the functional math runs."""
+
+from lightning_msign.callbacks.msign import MSignCallback
+from lightning_msign.callbacks.stable_rank import StableRankMonitor
+
+__all__ = ["MSignCallback", "StableRankMonitor"]

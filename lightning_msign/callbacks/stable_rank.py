@@ -1,0 +1,191 @@
+"""StableRankMonitor: cheap per-step stable rank of weight matrices, and the total gradient norm."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torch.optim import Optimizer
+from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics.aggregation import MeanMetric, MinMetric
+from typing_extensions import override
+
+from lightning_msign.callbacks._common import (
+    check_bool,
+    check_choice,
+    check_positive_int,
+    log_to_loggers,
+    new_optimizer_step,
+    resolve_for_trainer,
+)
+from lightning_msign.functional.spectral import initial_vector, stable_rank, stable_rank_estimate
+from lightning_msign.targets import TargetMatrix, validate_targets
+
+MODES = ("power", "exact")
+
+
+class StableRankMonitor(Callback):
+    r"""Log the stable rank of weight matrices every ``every_n_steps`` optimizer steps.
+
+    The stable rank :math:`\operatorname{srank}(W) = \|W\|_F^2 / \|W\|_2^2` of attention projections
+    collapsing towards one is, with growing Jacobian alignment between layers, the precursor of the
+    gradient explosions that MSign (arXiv 2602.01734) repairs. This callback makes it visible in any
+    logger, matrix by matrix (fused Q/K/V blocks separately), with the minimum and mean over all
+    targets and the total gradient norm.
+
+    ``mode="power"`` (default) estimates :math:`\|W\|_2` by power iteration warm-started from the
+    previous step's singular vector (``power_iters`` iterations, two matrix-vector products each;
+    the first estimate of a matrix uses ``warmup_iters``). Its estimate of the stable rank is an upper
+    bound of the exact value that tightens as the iteration converges; the vectors are saved in
+    checkpoints so a resumed run logs what an uninterrupted one would. Measured on a tiny LitGPT at
+    learning rate 3e-3: near initialisation, where the top singular values of a random matrix are
+    nearly equal and the weights move ~10% a step, one iteration a step overstates the stable rank by
+    up to ~15-20% for a few matrices (the median is within 2-3%; even 16 iterations a step left one
+    matrix 3% high); once a matrix has a dominant direction, which is the collapse this monitor is
+    for, the estimate is tight. Use ``mode="exact"`` where exact values matter. ``mode="exact"`` computes
+    singular values (costly: use it with a larger ``every_n_steps``).
+
+    Stable ranks are read after the optimizer step. Put this callback after
+    :class:`~lightning_msign.MSignCallback` in the callback list to see the restored values at
+    application steps (MSign logs its own before/after values too).
+
+    Args:
+        targets: preset, glob pattern or list of them, as for :class:`~lightning_msign.MSignCallback`
+            (default ``"all_2d"``).
+        every_n_steps: log after every ``n``-th optimizer step.
+        mode: ``"power"`` (warm-started power iteration) or ``"exact"`` (singular values).
+        power_iters: power iterations per logged step in ``"power"`` mode.
+        warmup_iters: power iterations for a matrix's first estimate (cold start).
+        split_qkv: report fused Q/K/V blocks separately.
+        log_per_matrix: log ``srank/<name>`` for every target (else only the summaries).
+        log_grad_norm: log the total gradient norm (after accumulation and AMP unscaling, before
+            clipping) on the same steps.
+
+    Raises:
+        ValueError: at construction, for any bad argument; at ``setup``, when ``targets`` match no
+            matrix of the model.
+        NotImplementedError: at ``setup``, for sharded strategies (FSDP, DeepSpeed, FSDP2).
+
+    Logged metrics (straight to the Trainer's loggers on the steps this callback computes them,
+    whatever ``log_every_n_steps`` is, at the step index of that batch's ``train/loss``):
+        ``srank/<name>`` per target, ``srank/min`` and ``srank/mean`` over targets (aggregated with
+        torchmetrics, synchronised across processes), ``grad_norm/total``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_msign import StableRankMonitor
+
+        trainer = Trainer(callbacks=[StableRankMonitor(targets="attention", every_n_steps=10)])
+    """
+
+    def __init__(
+        self,
+        targets: Union[str, list[str]] = "all_2d",
+        every_n_steps: int = 1,
+        mode: Literal["power", "exact"] = "power",
+        power_iters: int = 1,
+        warmup_iters: int = 20,
+        split_qkv: bool = True,
+        log_per_matrix: bool = True,
+        log_grad_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
+        self.mode = check_choice(mode, "mode", MODES)
+        self.power_iters = check_positive_int(power_iters, "power_iters")
+        self.warmup_iters = check_positive_int(warmup_iters, "warmup_iters")
+        self.split_qkv = check_bool(split_qkv, "split_qkv")
+        self.targets = validate_targets(targets, split_qkv)
+        self.log_per_matrix = check_bool(log_per_matrix, "log_per_matrix")
+        self.log_grad_norm = check_bool(log_grad_norm, "log_grad_norm")
+
+        self._targets: list[TargetMatrix] = []
+        self._vectors: dict[str, Tensor] = {}
+        self._last_step = 0
+        self._min = MinMetric()
+        self._mean = MeanMetric()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(targets=self.targets, every_n_steps=self.every_n_steps, mode=self.mode)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if any(True for _ in pl_module.parameters()):
+            self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, "StableRankMonitor")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, "StableRankMonitor")
+        if not trainer.loggers:
+            rank_zero_warn("StableRankMonitor: the Trainer has no logger, so nothing will be recorded.")
+        self._min.to(pl_module.device)
+        self._mean.to(pl_module.device)
+
+    def _due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        # global_step counts finished optimizer steps: this is step global_step + 1.
+        if not self.log_grad_norm or not self._due(trainer.global_step + 1):
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            log_to_loggers(trainer, {"grad_norm/total": norm}, step=trainer.global_step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not new_optimizer_step(trainer, self._last_step):
+            return
+        self._last_step = trainer.global_step
+        if not self._due(trainer.global_step):
+            return
+        values = self.compute()
+        sranks = torch.stack(list(values.values()))
+        self._min.update(sranks)
+        self._mean.update(sranks)
+        metrics: dict[str, Tensor] = {"srank/min": self._min.compute(), "srank/mean": self._mean.compute()}
+        self._min.reset()
+        self._mean.reset()
+        if self.log_per_matrix:
+            metrics.update({f"srank/{name}": v for name, v in values.items()})
+        log_to_loggers(trainer, metrics, step=trainer.global_step - 1)
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, Tensor]:
+        """Stable rank of every target now, as 0-dim float32 tensors on the parameters' device."""
+        out: dict[str, Tensor] = {}
+        for t in self._targets:
+            W = t.matrix()
+            if self.mode == "exact":
+                out[t.name] = stable_rank(W)
+                continue
+            v = self._vectors.get(t.name)
+            if v is None or v.shape[-1] != W.shape[-1]:
+                v, iters = initial_vector(W), self.warmup_iters
+            else:
+                v, iters = v.to(W.device), self.power_iters
+            out[t.name], self._vectors[t.name] = stable_rank_estimate(W, v, iters)
+        return out
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step, "vectors": {k: v.detach().cpu() for k, v in self._vectors.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", 0))
+        self._vectors = dict(state_dict.get("vectors", {}))
