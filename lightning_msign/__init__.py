@@ -3,6 +3,7 @@
 Public API:
 
 - :class:`MSignCallback`: periodic matrix-sign restoration of stable rank (arXiv 2602.01734).
+- :class:`PSSCallback`: gradient-spike-triggered smoothing of dominant singular values (arXiv 2602.01308).
 - :class:`StableRankMonitor`: per-step stable rank of weight matrices and the gradient norm.
 - :class:`LitGPTModule`: a LightningModule around ``litgpt.GPT`` with the options of the papers'
   failure setups; :class:`ShakespeareDataModule`: the shipped corpus (or any text), no network.
@@ -11,7 +12,7 @@ Public API:
 """
 
 from lightning_msign import functional
-from lightning_msign.callbacks import MSignCallback, StableRankMonitor
+from lightning_msign.callbacks import MSignCallback, PSSCallback, StableRankMonitor
 from lightning_msign.data import ShakespeareDataModule
 from lightning_msign.litgpt_module import LitGPTModule
 from lightning_msign.targets import TargetMatrix, resolve_targets
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LitGPTModule",
     "MSignCallback",
+    "PSSCallback",
     "ShakespeareDataModule",
     "StableRankMonitor",
     "TargetMatrix",

@@ -1,6 +1,16 @@
 """Pure tensor math of lightning_msign: no Lightning import, usable in any training loop."""
 
 from lightning_msign.functional.msign import BACKENDS, msign, msign_restore
+from lightning_msign.functional.smoothing import (
+    SMOOTHINGS,
+    pss_rank,
+    pss_smooth,
+    smooth_conv,
+    smooth_singular_values,
+    smooth_softmax,
+    smooth_softplus,
+    top_singular_triplets,
+)
 from lightning_msign.functional.spectral import (
     initial_vector,
     spectral_norm_estimate,
@@ -10,10 +20,18 @@ from lightning_msign.functional.spectral import (
 
 __all__ = [
     "BACKENDS",
+    "SMOOTHINGS",
     "initial_vector",
     "msign",
     "msign_restore",
+    "pss_rank",
+    "pss_smooth",
+    "smooth_conv",
+    "smooth_singular_values",
+    "smooth_softmax",
+    "smooth_softplus",
     "spectral_norm_estimate",
     "stable_rank",
     "stable_rank_estimate",
+    "top_singular_triplets",
 ]

@@ -1,0 +1,231 @@
+"""PSSCallback: detection, protection, smoothing functions, resume, errors (real Trainer, LitGPT, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_data, trainer_kwargs
+from lightning_msign import LitGPTModule, PSSCallback
+from lightning_msign.functional import SMOOTHINGS, pss_smooth, smooth_singular_values, top_singular_triplets
+
+
+class SpikyModule(LitGPTModule):
+    """Multiplies the loss by ``factor`` on one optimizer step: a gradient spike at a known step."""
+
+    def __init__(self, *args, spike_at: int = 0, factor: float = 100.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spike_at, self.factor = spike_at, factor
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.factor if self.trainer.global_step + 1 == self.spike_at else loss
+
+
+def spiky(spike_at: int, factor: float = 100.0, **kwargs) -> SpikyModule:
+    kwargs.setdefault("lr", 1e-3)
+    kwargs.setdefault("warmup_steps", 10)
+    return SpikyModule(dict(TINY_CONFIG), vocab_size=TINY_VOCAB, block_size=TINY_SEQ, spike_at=spike_at,
+                       factor=factor, **kwargs)
+
+
+class CheckedPSS(PSSCallback):
+    """Asserts, at the protection itself, what must hold of each target and of everything else."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.protected = 0
+
+    def protect(self, device=None):
+        module = self._module
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        mats_before = [t.matrix().detach().clone().double() for t in self._targets]
+        metrics = super().protect(device)
+        for t, W in zip(self._targets, mats_before):
+            W_star = t.matrix().double()
+            k = int(metrics[f"pss/rank/{t.name}"])
+            U, S, Vh = torch.linalg.svd(W)
+            s_new = torch.linalg.svdvals(W_star)
+            assert s_new[0] < S[0] * 0.999, t.name  # sigma_1 drops
+            # the change lives in the top-k directions: outside them W is unchanged
+            P_u = torch.eye(W.shape[0], dtype=W.dtype) - U[:, :k] @ U[:, :k].T
+            P_v = torch.eye(W.shape[1], dtype=W.dtype) - Vh[:k].T @ Vh[:k]
+            delta = W_star - W
+            # (exactly so for the directions PSS found, see test_pss_smooth_changes_nothing_outside_found_directions;
+            # against the exact SVD up to the randomized decomposition's accuracy on a weakly gapped spectrum)
+            assert (P_u @ delta).norm() <= 2e-2 * delta.norm(), t.name
+            assert (delta @ P_v).norm() <= 2e-2 * delta.norm(), t.name
+            torch.testing.assert_close(P_u @ W_star @ P_v, P_u @ W @ P_v, atol=1e-5, rtol=0)
+        target_rows = {}
+        for t in self._targets:
+            target_rows.setdefault(t.param_name, []).append(t.rows)
+        for name, p in module.named_parameters():
+            if name not in target_rows:
+                assert torch.equal(p, before[name]), f"{name} changed but is not a target"
+            else:  # the V block of a fused qkv is not a "qk" target
+                mask = torch.ones(p.shape[0], dtype=torch.bool)
+                for start, stop in target_rows[name]:
+                    mask[start:stop] = False
+                assert torch.equal(p[mask], before[name][mask]), name
+        self.protected += 1
+        return metrics
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self._module = pl_module
+
+
+def test_normal_run_at_sane_lr_never_triggers(tmp_path):
+    seed_everything(0)
+    logger = RecordingLogger()
+    cb = PSSCallback(warmup_steps=10)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=60, logger=logger, gradient_clip_val=1.0), callbacks=[cb])
+    trainer.fit(spiky(spike_at=-1), tiny_data(batch_size=16))
+    assert cb.triggers == 0 and cb.trigger_steps == []
+    ratios = [r for r in logger.values("pss/ratio") if not math.isnan(r)]
+    assert len(ratios) == 59 and max(ratios[10:]) < cb.tau
+    assert logger.values("pss/triggers")[-1] == 0.0
+
+
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+def test_injected_spike_triggers_once_at_that_step_and_smooths(tmp_path, smoothing):
+    seed_everything(0)
+    logger = RecordingLogger()
+    cb = CheckedPSS(warmup_steps=10, smoothing=smoothing)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=30, logger=logger, gradient_clip_val=1.0), callbacks=[cb])
+    trainer.fit(spiky(spike_at=25), tiny_data(batch_size=16))
+    assert cb.trigger_steps == [25] and cb.triggers == 1 and cb.protected == 1
+    row = next(m for step, m in logger.records if m.get("pss/triggered") == 1.0)
+    assert logger.steps_with("pss/time_ms") == [24]  # Lightning's step index of optimizer step 25
+    assert row["pss/ratio"] >= 2.5 * 10
+    names = [t.name for t in cb._targets]
+    assert len(names) == 4 and all(n.endswith((".q", ".k")) for n in names)  # Q and K of 2 layers
+    for n in names:
+        assert row[f"pss/sigma1_after/{n}"] < row[f"pss/sigma1_before/{n}"]
+
+
+def test_triggering_norm_does_not_enter_ewma_and_cooldown_blocks_retrigger(tmp_path):
+    seed_everything(0)
+    logger = RecordingLogger()
+    cb = PSSCallback(warmup_steps=5, cooldown_steps=3)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=12, logger=logger), callbacks=[cb])
+    trainer.fit(spiky(spike_at=10), tiny_data(batch_size=16))
+    ewma = dict(zip(logger.steps_with("pss/ewma"), logger.values("pss/ewma")))
+    assert ewma[9] == ewma[8]  # step index 9 = optimizer step 10, the trigger: average unchanged
+    assert cb.trigger_steps == [10]
+
+
+def test_skip_action_drops_the_optimizer_step(tmp_path):
+    seed_everything(0)
+    cb = PSSCallback(warmup_steps=5, action="skip")
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=12), callbacks=[cb])
+    module = spiky(spike_at=10)
+    trainer.fit(module, tiny_data(batch_size=16))
+    assert cb.trigger_steps == [10]
+    state = trainer.optimizers[0].state[module.model.lm_head.weight]
+    assert int(state["step"]) == 11  # 12 optimizer steps, one skipped: Adam's step count lags by one
+
+
+def test_nonfinite_gradient_is_reported_not_averaged_and_skipped(tmp_path):
+    seed_everything(0)
+    logger = RecordingLogger()
+    cb = PSSCallback(warmup_steps=5)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=12, logger=logger), callbacks=[cb])
+    module = spiky(spike_at=8, factor=float("nan"))
+    with pytest.warns(UserWarning, match="gradient norm is nan"):
+        trainer.fit(module, tiny_data(batch_size=16))
+    assert cb.triggers == 0 and math.isfinite(cb.ewma)
+    assert logger.values("pss/nonfinite")[-1] == 1.0
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_resume_restores_ewma_and_counters(tmp_path):
+    seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=14, save_top_k=-1)
+    cb = PSSCallback(warmup_steps=5, cooldown_steps=50)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=14, enable_checkpointing=True), callbacks=[cb, ckpt])
+    trainer.fit(spiky(spike_at=12), tiny_data(batch_size=16))
+    saved = (cb.ewma, cb.triggers, cb._cooldown_until)
+    assert saved[1] == 1 and saved[2] == 62
+
+    resumed = PSSCallback(warmup_steps=5, cooldown_steps=50)
+
+    class Probe(Callback):  # a separate callback: a subclass of PSSCallback would have another state_key
+        def on_fit_start(self, trainer, pl_module):
+            self.restored = (resumed.ewma, resumed.triggers, resumed._cooldown_until)
+
+    probe = Probe()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=16, enable_checkpointing=True), callbacks=[resumed, probe])
+    trainer.fit(spiky(spike_at=12), tiny_data(batch_size=16), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=14.ckpt"))
+    assert probe.restored == saved
+    assert resumed.triggers == 1  # still in cooldown until step 62: no new trigger
+
+
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+def test_smoothing_functions_keep_order_sign_and_reduce_dominance(smoothing):
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3, 7, 40):
+        for _ in range(20):
+            sigma = torch.rand(k, generator=g, dtype=torch.float64).pow(3).sort(descending=True).values * 10
+            f = smooth_singular_values(sigma, smoothing)
+            assert torch.all(f >= 0)
+            assert torch.all(f[:-1] >= f[1:] - 1e-12)  # order kept
+            assert f[0] <= sigma[0] + 1e-12
+            assert f[0] / f.sum() <= sigma[0] / sigma.sum() + 1e-12  # sigma_1's share never grows
+            if smoothing != "conv":  # conv may raise sigma_1 / sigma_2 while lowering sigma_1's share
+                assert torch.all(f[0] / f <= sigma[0] / sigma + 1e-9)
+            if smoothing in ("conv", "softmax"):
+                torch.testing.assert_close(f.sum(), sigma.sum())
+    strongly_dominated = torch.tensor([100.0, 1.0, 0.5], dtype=torch.float64)
+    f = smooth_singular_values(strongly_dominated, smoothing)
+    assert f[0] / f.sum() < 0.9 * (100.0 / 101.5)
+
+
+def test_pss_smooth_leaves_the_tail_and_hits_target_values():
+    g = torch.Generator().manual_seed(1)
+    W = 0.02 * torch.randn(48, 32, generator=g) + torch.randn(48, 2, generator=g) @ torch.randn(2, 32, generator=g)
+    W_star, sigma, new = pss_smooth(W, 2, "softmax")
+    torch.testing.assert_close(sigma, torch.linalg.svdvals(W)[:2], rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.linalg.svdvals(W_star)[:2], new, rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.linalg.svdvals(W_star)[2:], torch.linalg.svdvals(W)[2:], rtol=1e-4, atol=1e-6)
+    U, S, V = top_singular_triplets(W, 3)
+    assert U.shape == (48, 3) and S.shape == (3,) and V.shape == (32, 3)
+
+
+def test_pss_smooth_changes_nothing_outside_found_directions():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(40, 30, generator=g)  # no spectral gap: the found directions are approximate
+    U, _, V = top_singular_triplets(W, 4, power_iters=1, seed=5)
+    W_star, _, _ = pss_smooth(W, 4, "conv", power_iters=1, seed=5)
+    delta = (W_star - W).double()
+    P_u = torch.eye(40, dtype=torch.float64) - U.double() @ U.double().T
+    P_v = torch.eye(30, dtype=torch.float64) - V.double() @ V.double().T
+    assert delta.norm() > 1e-2
+    assert (P_u @ delta).norm() < 1e-5 and (delta @ P_v).norm() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tau": 1.0}, "tau"),
+        ({"tau": 0.5}, "tau"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"smoothing": "gaussian"}, "smoothing"),
+        ({"rank": 0}, "rank"),
+        ({"rank": "full"}, "rank"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"cooldown_steps": 1.5}, "cooldown_steps"),
+        ({"action": "stop"}, "action"),
+        ({"smoothing": "softmax", "smoothing_kwargs": {"temperature": 0.5}}, "temperature"),
+        ({"smoothing": "conv", "smoothing_kwargs": {"width": 3}}, "smoothing_kwargs"),
+        ({"targets": "qk", "split_qkv": False}, "split_qkv"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PSSCallback(**kwargs)
