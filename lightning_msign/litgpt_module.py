@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from litgpt.config import Config
 from litgpt.model import GPT, CausalSelfAttention, GptNeoxMLP, LLaMAMLP
 from torch import Tensor, nn
@@ -128,9 +129,9 @@ def lr_schedule_factor(
 class LitGPTModule(L.LightningModule):
     """Pretrain a ``litgpt.GPT`` with AdamW, per-group learning rates and warm-up + decay.
 
-    The knobs follow the failure setup of MSign (Algorithm 1 of arXiv 2602.01734, "NanoGPT-5M"):
-    a muP-like initialisation (2D init std, zero-initialised queries, residual output projections
-    divided by :math:`\\sqrt{2 L}`), learning-rate multipliers for 2D weights and embeddings, AdamW
+    The knobs follow the failure setup of the MSign paper (arXiv 2602.01734, "NanoGPT-5M"): a
+    muP-like initialisation (init std of the matrices, zero-initialised queries, residual output
+    projections divided by :math:`\\sqrt{2 L}`), learning-rate multipliers for 2D weights and embeddings, AdamW
     with weight decay on matrices only, and linear warm-up followed by a linear or cosine decay to
     ``min_lr_ratio * lr``. The objective is next-token cross-entropy, optionally plus a z-loss
     (PaLM; Wortsman et al. 2023, arXiv 2309.14322) that keeps the softmax normaliser near 1:
@@ -139,7 +140,9 @@ class LitGPTModule(L.LightningModule):
 
         \\mathcal{L} = \\mathrm{CE}(z, y) + \\lambda_z \\, \\overline{\\left(\\log \\sum_j e^{z_j}\\right)^2}
 
-    The model is built in ``__init__`` (``self.model``), so parameters can be inspected at once.
+    The model is built in ``__init__`` (``self.model``), so parameters can be inspected at once;
+    ``rotary_percentage=0.0`` in the config gives the paper's "no positional encoding" and
+    ``parallel_residual=False`` its sequential pre-LN blocks.
     Parameter groups of the optimizer (their ``name`` key, used by ``LearningRateMonitor``):
 
     - ``"weights"``: every parameter with ``ndim >= 2`` except the embeddings and LM head
@@ -191,14 +194,20 @@ class LitGPTModule(L.LightningModule):
 
     Example::
 
-        >>> import lightning as L
-        >>> module = LitGPTModule(
-        ...     {"n_layer": 2, "n_embd": 32, "n_head": 2, "rotary_percentage": 0.0, "bias": False},
-        ...     vocab_size=256, block_size=64, lr=1e-3, warmup_steps=5, max_steps=20,
-        ...     zero_init_query=True, scale_residual_init=True, lr_mult_2d=4.0,
-        ... )
-        >>> trainer = L.Trainer(max_steps=20, accelerator="cpu", gradient_clip_val=1.0)
-        >>> # trainer.fit(module, datamodule=ShakespeareDataModule(seq_len=64, batch_size=4))
+        from lightning.pytorch import Trainer
+        from lightning_msign import LitGPTModule, MSignCallback, ShakespeareDataModule
+
+        # The shape of the MSign paper's NanoGPT-5M failure setup: 24 pre-LN blocks of width 48,
+        # no positional encoding, no biases, zero-initialised queries, scaled residual projections,
+        # LR x16 for matrices and x4 for embeddings, 2000 warm-up steps, linear decay to lr / 10.
+        module = LitGPTModule(
+            {"n_layer": 24, "n_embd": 48, "n_head": 6, "intermediate_size": 192,
+             "rotary_percentage": 0.0, "parallel_residual": False, "bias": False},
+            lr=6e-4, zero_init_query=True, scale_residual_init=True, lr_mult_2d=16.0,
+            lr_mult_embedding=4.0, warmup_steps=2000, lr_decay="linear", min_lr_ratio=0.1,
+        )
+        trainer = Trainer(max_steps=30_000, gradient_clip_val=1.0, callbacks=[MSignCallback(period=100)])
+        trainer.fit(module, datamodule=ShakespeareDataModule(seq_len=256))
     """
 
     def __init__(
@@ -399,6 +408,11 @@ class LitGPTModule(L.LightningModule):
                     )
                 estimated = max(self.warmup_steps, 1)
             max_steps = int(estimated)
+            if self.warmup_steps > max_steps:
+                rank_zero_warn(
+                    f"`warmup_steps` ({self.warmup_steps}) exceeds the {max_steps} optimizer steps of this run:"
+                    " the learning rate never reaches `lr` and never decays"
+                )
         optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=self.betas, eps=self.eps)
         factor = partial(
             lr_schedule_factor,

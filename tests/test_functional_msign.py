@@ -138,3 +138,28 @@ def test_bad_arguments_raise_value_error_naming_argument(kwargs, match):
 def test_vector_input_raises():
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         msign(torch.randn(5))
+
+
+def test_svd_failure_is_retried_in_float64_then_falls_back(monkeypatch):
+    """LAPACK's gesdd sometimes fails on repeated singular values; a run must not die of it."""
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def flaky_svd(X, *args, fail_float64=False, **kwargs):
+        calls.append(X.dtype)
+        if X.dtype == torch.float32 or fail_float64:
+            raise torch.linalg.LinAlgError("linalg.svd: too many repeated singular values")
+        return real_svd(X, *args, **kwargs)
+
+    W = torch.randn(24, 16)
+    expected = msign(W, "svd")
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    out = msign(W, "svd")
+    assert calls == [torch.float32, torch.float64] and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+    monkeypatch.setattr(torch.linalg, "svd", lambda X, *a, **k: flaky_svd(X, *a, fail_float64=True, **k))
+    with pytest.warns(RuntimeWarning, match="Polar Express"):
+        out = msign(W, "svd")
+    s = torch.linalg.svdvals(out.double())
+    torch.testing.assert_close(s, torch.ones_like(s), atol=1e-4, rtol=0)

@@ -6,7 +6,10 @@ is replaced by one while the row and column spaces are kept. Three backends comp
 ``"svd"``
     Exact reference: thin SVD in float32 (float64 input stays float64). Singular values below
     ``max(m, n) * eps(dtype) * sigma_max`` count as zero, so a rank-``r`` input gives a rank-``r``
-    output with exactly ``r`` unit singular values (the sign of zero is zero).
+    output with exactly ``r`` unit singular values (the sign of zero is zero). LAPACK's divide-and-
+    conquer SVD occasionally fails to converge on matrices with many repeated singular values (seen
+    once on a matrix signed 18 times); it is then retried in float64, and if that fails too, computed
+    by 20 Polar Express steps with a ``RuntimeWarning`` rather than stopping the run.
 ``"polar_express"``
     Polar Express (Amsel et al., 2025): odd quintic polynomial iterations with per-step optimal
     coefficients, input normalised by ``1.01 * ||W||_F``. After ``k`` steps every singular value with
@@ -26,6 +29,7 @@ matrix multiplications only (fast, shardable); on a CPU LAPACK's SVD is usually 
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -65,8 +69,22 @@ def _check_matrix(W: Tensor, name: str = "W") -> None:
         raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {W.dtype}")
 
 
+# Polar Express steps of the fallback when LAPACK's SVD fails: 20 steps lift every sigma >= 2.2e-7 ||W||_F.
+_FALLBACK_STEPS = 20
+
+
 def _msign_svd(X: Tensor) -> Tensor:
-    U, S, Vh = torch.linalg.svd(X, full_matrices=False)  # (..., m, k), (..., k), (..., k, n)
+    try:
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)  # (..., m, k), (..., k), (..., k, n)
+    except torch.linalg.LinAlgError as err:
+        # gesdd can fail to converge on matrices with many repeated singular values (for instance a
+        # matrix MSign signed before): retry in float64, then fall back to a long Polar Express run.
+        if X.dtype != torch.float64:
+            return _msign_svd(X.double()).to(X.dtype)
+        warnings.warn(
+            f"msign: the SVD failed ({err}); using {_FALLBACK_STEPS} Polar Express steps instead", RuntimeWarning
+        )
+        return _polar_express(X, _FALLBACK_STEPS)
     tol = S.amax(dim=-1, keepdim=True) * (max(X.shape[-2:]) * torch.finfo(X.dtype).eps)
     keep = (S > tol).to(X.dtype)  # the sign of a zero singular value is zero
     return (U * keep.unsqueeze(-2)) @ Vh
@@ -83,6 +101,11 @@ def _polynomial_iteration(X: Tensor, coeffs: list[tuple[float, float, float]], n
         B = torch.addmm(A, A, A, beta=b, alpha=c) if A.ndim == 2 else b * A + c * (A @ A)
         X = torch.addmm(X, B, X, beta=a) if X.ndim == 2 else a * X + B @ X
     return X.mT if transpose else X
+
+
+def _polar_express(X: Tensor, steps: int) -> Tensor:
+    n = len(_POLAR_EXPRESS_COEFFS)
+    return _polynomial_iteration(X, [_POLAR_EXPRESS_COEFFS[min(i, n - 1)] for i in range(steps)], norm_scale=1.01)
 
 
 def msign(W: Tensor, backend: Backend = "svd", steps: int | None = None) -> Tensor:
@@ -117,9 +140,7 @@ def msign(W: Tensor, backend: Backend = "svd", steps: int | None = None) -> Tens
     if backend == "svd":
         out = _msign_svd(X)
     elif backend == "polar_express":
-        n = len(_POLAR_EXPRESS_COEFFS)
-        coeffs = [_POLAR_EXPRESS_COEFFS[min(i, n - 1)] for i in range(steps)]
-        out = _polynomial_iteration(X, coeffs, norm_scale=1.01)
+        out = _polar_express(X, steps)
     else:
         out = _polynomial_iteration(X, [_NEWTON_SCHULZ_COEFFS] * steps, norm_scale=1.0)
     return out.to(W.dtype)

@@ -1,0 +1,66 @@
+"""Command line: ``lightning-msign fit --config recipes/debug.yaml`` (also ``python -m lightning_msign``).
+
+A thin ``LightningCLI`` over :class:`~lightning_msign.litgpt_module.LitGPTModule` and
+:class:`~lightning_msign.data.ShakespeareDataModule`. The data module decides the vocabulary and the
+context length; both are linked into the model, so a recipe never repeats them.
+"""
+
+from typing import Optional
+
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from typing_extensions import override
+
+from lightning_msign.data import ShakespeareDataModule
+from lightning_msign.litgpt_module import LitGPTModule
+
+__all__ = ["MSignCLI", "cli_main"]
+
+
+class MSignCLI(LightningCLI):
+    """``LightningCLI`` that links ``data.vocab_size -> model.vocab_size`` and ``data.seq_len -> model.block_size``.
+
+    Both links are applied when the classes are instantiated (the data module's public attributes
+    are read), so ``model.vocab_size`` and ``model.block_size`` cannot be set in a recipe or on the
+    command line: set ``data.tokenizer``/``data.bpe_vocab_size`` and ``data.seq_len`` instead.
+
+    Example::
+
+        cli = MSignCLI(LitGPTModule, ShakespeareDataModule, args=["--config", "recipes/debug.yaml"], run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    """
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.seq_len", "model.block_size", apply_on="instantiate")
+
+
+def cli_main(args: Optional[ArgsType] = None) -> None:
+    """Run the ``lightning-msign`` command line (subcommands ``fit``, ``validate``, ``test``, ...).
+
+    The model owns its optimizer and schedule (``LitGPTModule.configure_optimizers``), so the CLI's
+    ``--optimizer``/``--lr_scheduler`` options are disabled. The resolved config is saved next to the
+    logs (``config.yaml``, overwritten on re-runs).
+
+    Args:
+        args: Command-line arguments (a list of strings, or a dict/Namespace as ``LightningCLI``
+            accepts); ``None`` reads ``sys.argv``.
+
+    Returns:
+        None, so that the console script's ``sys.exit(cli_main())`` exits with status 0.
+
+    Example::
+
+        cli_main(["fit", "--config", "recipes/debug.yaml", "--trainer.max_steps", "10"])
+    """
+    MSignCLI(
+        LitGPTModule,
+        ShakespeareDataModule,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,202 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_msign.cli import MSignCLI, cli_main
+from lightning_msign.data import ShakespeareDataModule
+from lightning_msign.litgpt_module import LitGPTModule
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+DEBUG = ROOT / "recipes" / "debug.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """LightningCLI warns when both ``args`` and ``sys.argv`` (pytest's own) carry arguments."""
+    monkeypatch.setattr(sys, "argv", ["lightning-msign"])
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One token cache for the whole file (byte tokenization of the corpus takes a second)."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, str]]:
+    (metrics_file,) = log_dir.rglob("metrics.csv")
+    with open(metrics_file, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def debug_args(tmp_path: Path, cache_dir: str, subcommand: str = "fit") -> list[str]:
+    return [
+        subcommand,
+        "--config",
+        str(DEBUG),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--data.cache_dir",
+        cache_dir,
+    ]
+
+
+def test_recipes_exist():
+    names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
+    assert {"debug.yaml", "shakespeare/baseline.yaml", "shakespeare/msign.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
+def test_recipe_parses(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing may be written into the repository
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", str(recipe), "--print_config"])
+    assert info.value.code in (None, 0)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model_config"]
+    assert "vocab_size" not in printed["model"] and "block_size" not in printed["model"]
+    assert isinstance(printed["seed_everything"], int) and not isinstance(printed["seed_everything"], bool)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
+def test_recipe_instantiates(recipe, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    cli = MSignCLI(
+        LitGPTModule,
+        ShakespeareDataModule,
+        auto_configure_optimizers=False,
+        run=False,
+        args=["--config", str(recipe), "--data.cache_dir", cache_dir],
+    )
+    config = cli.model.config
+    assert config.padded_vocab_size == cli.datamodule.vocab_size
+    assert config.block_size == cli.datamodule.seq_len
+    assert cli.trainer.max_steps > 0
+    assert cli.trainer.gradient_clip_val is not None
+    with open(recipe) as f:
+        raw = yaml.safe_load(f)
+    assert raw["trainer"]["logger"], "recipes log somewhere"
+
+
+def test_every_recipe_key_is_commented():
+    """Every leaf key has a comment line right above it stating its type (LitGPT's config style)."""
+    for recipe in RECIPES:
+        lines = recipe.read_text().splitlines()
+        for i, line in enumerate(lines):
+            stripped = line.strip()
+            if not stripped or stripped.startswith(("#", "- ")):
+                continue  # comments, and list items (class_path entries)
+            key, _, value = stripped.partition(":")
+            if not value.strip() or key == "class_path":
+                continue  # a mapping whose children carry the comments
+            previous = lines[i - 1].strip()
+            assert previous.startswith("#") and "type:" in previous, f"{recipe.name}:{i + 1} {stripped!r}"
+
+
+def test_msign_recipe_differs_from_baseline_only_by_callbacks():
+    baseline = yaml.safe_load((ROOT / "recipes/shakespeare/baseline.yaml").read_text())
+    msign = yaml.safe_load((ROOT / "recipes/shakespeare/msign.yaml").read_text())
+    baseline_callbacks = baseline["trainer"].pop("callbacks")
+    msign_callbacks = msign["trainer"].pop("callbacks")
+    for run in (baseline, msign):
+        run["trainer"]["logger"] = [
+            {**lg, "init_args": {k: v for k, v in lg["init_args"].items() if k != "name"}}
+            for lg in run["trainer"]["logger"]
+        ]
+    assert baseline == msign
+    assert [c for c in msign_callbacks if "lightning_msign" not in c["class_path"]] == baseline_callbacks
+    paths = [c["class_path"] for c in msign_callbacks]
+    assert "lightning_msign.MSignCallback" in paths and "lightning_msign.StableRankMonitor" in paths
+
+
+def test_debug_recipe_fit_end_to_end(tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    cli_main(debug_args(tmp_path, cache_dir))
+
+    rows = read_metrics(tmp_path / "logs")
+    losses = column(rows, "train/loss")
+    assert len(losses) == 20
+    assert losses[-1] < losses[0]
+    assert len(column(rows, "val/loss")) == 2
+    assert column(rows, "lr/weights")
+    assert column(rows, "srank/min")
+    assert column(rows, "msign/applications")[-1] == 4.0  # after steps 5, 10, 15, 20
+    (config_file,) = (tmp_path / "logs").rglob("config.yaml")
+    saved = yaml.safe_load(config_file.read_text())
+    assert saved["data"]["cache_dir"] == cache_dir
+    assert list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def test_debug_recipe_validate_from_checkpoint(tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    fit_dir = tmp_path / "fit"
+    cli_main(
+        debug_args(fit_dir, cache_dir)
+        + ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--model.warmup_steps", "2"]
+    )
+    (ckpt,) = fit_dir.rglob("*.ckpt")
+    # a CLI checkpoint reloads outside the CLI, with the linked sizes
+    loaded = LitGPTModule.load_from_checkpoint(ckpt)
+    assert loaded.config.padded_vocab_size == 256 and loaded.config.block_size == 64
+    assert loaded.config.n_layer == 2
+
+    validate_dir = tmp_path / "validate"
+    cli_main(debug_args(validate_dir, cache_dir, "validate") + ["--ckpt_path", str(ckpt)])
+    rows = read_metrics(validate_dir / "logs")
+    assert len(column(rows, "val/loss")) == 1
+    assert not column(rows, "train/loss")
+
+
+def test_links_follow_the_data_module(tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    cli = MSignCLI(
+        LitGPTModule,
+        ShakespeareDataModule,
+        auto_configure_optimizers=False,
+        run=False,
+        args=["--config", str(DEBUG), "--data.seq_len", "32", "--data.cache_dir", cache_dir],
+    )
+    assert cli.model.config.block_size == 32
+    assert cli.model.config.padded_vocab_size == 256
+    assert cli.model.hparams.vocab_size == 256 and cli.model.hparams.block_size == 32
+
+
+def test_linked_arguments_cannot_be_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", str(DEBUG), "--model.block_size", "8", "--print_config"])
+    assert info.value.code not in (None, 0)
+
+
+def test_bad_recipe_value_is_rejected(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="`lr`"):
+        MSignCLI(
+            LitGPTModule,
+            ShakespeareDataModule,
+            auto_configure_optimizers=False,
+            run=False,
+            args=["--config", str(DEBUG), "--model.lr", "-1", "--data.cache_dir", str(tmp_path)],
+        )
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_msign", "fit", "--config", str(DEBUG), "--print_config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["model"]["model_config"]["n_layer"] == 2
