@@ -79,6 +79,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MSIGN_TARGET = 0.005  # issue: MSign at P=100 costs <= 0.5% of training time
 MONITOR_TARGET = 0.01  # issue: StableRankMonitor every step costs <= 1%
 SPEEDUP_TARGET = 5.0  # issue: a fast backend >= 5x faster than svd
+PSS_IDLE_TARGET = 0.001  # issue: PSSCallback costs <= 0.1% on steps where it does not trigger
+PSS_PAPER_PROTECTION = 2.4  # PSS paper: one protection step ~2.4x a training step (a reference, not a target)
 BACKENDS = ("svd", "polar_express", "newton_schulz")
 
 
@@ -657,6 +659,55 @@ def monitor_profile(s: Settings, pieces: dict[str, Any], arm: Arm) -> dict[str, 
     }
 
 
+def pss_profile(s: Settings, arm: Arm, base_ms: float) -> dict[str, Any]:
+    """PSSCallback's cost: its detector on a step that does not trigger, and one protection.
+
+    Measured on the baseline configuration's trained model, with its stopped Trainer. The detector is
+    the real ``on_before_optimizer_step`` hook (total gradient norm of all parameters, the decision made
+    identical across processes, the logger call) on gradients of the model's shapes; ``tau`` is set so
+    high that it never triggers. The protection is the real ``protect()`` with the default ``"qk"``
+    targets, ``rank="stable"`` and softplus smoothing; the weights are restored after it.
+    """
+    from lightning_msign import PSSCallback
+
+    reps = 20 if s.mode == "full" else 5
+    module, trainer = arm.module, arm.trainer
+    optimizer = trainer.optimizers[0]
+    idle = PSSCallback(tau=1e12, warmup_steps=0)
+    idle.setup(trainer, module, "fit")
+    for p in module.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+
+    def detect() -> None:
+        idle._last_step = -1  # the stopped Trainer's global_step does not advance: detect again each call
+        idle.on_before_optimizer_step(trainer, module, optimizer)
+
+    idle_ms = _time_calls(detect, reps, 2, s.device)
+    for p in module.parameters():
+        p.grad = None
+    assert idle.triggers == 0
+
+    pss = PSSCallback()
+    pss.setup(trainer, module, "fit")
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    protect_ms = []
+    for _ in range(max(3, reps // 4)):
+        t0 = _clock(s.device)
+        metrics = pss.protect()
+        protect_ms.append((_clock(s.device) - t0) * 1e3)
+        module.load_state_dict(saved)
+    ranks = [int(v) for k, v in metrics.items() if k.startswith("pss/rank/")]
+    return {
+        "targets": len(pss._targets),
+        "ranks": ranks,
+        "idle_ms": _median(idle_ms),
+        "idle_overhead": _median(idle_ms) / base_ms,
+        "idle_met": _median(idle_ms) / base_ms <= PSS_IDLE_TARGET,
+        "protect_ms": _median(protect_ms),
+        "protect_vs_step": _median(protect_ms) / base_ms,
+    }
+
+
 def run_training_part(s: Settings, cache_dir: str) -> dict[str, Any]:
     pieces = _lightning_pieces()  # imports Lightning, which configures its loggers: quieten them afterwards
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -693,6 +744,7 @@ def run_training_part(s: Settings, cache_dir: str) -> dict[str, Any]:
     with _quiet_measured_code():
         result["monitor_profile"] = monitor_profile(s, pieces, baseline)
         result["msign_apply"] = msign_apply_breakdown(s, pieces, baseline, result["baseline_median_step_ms"])
+        result["pss"] = pss_profile(s, baseline, result["baseline_median_step_ms"])
     return result
 
 
@@ -864,6 +916,26 @@ def render_backends(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_pss(res: dict[str, Any]) -> list[str]:
+    p, base = res["training"]["pss"], res["training"]["baseline_median_step_ms"]
+    return [
+        "",
+        "### PSSCallback (on the trained baseline model)",
+        "",
+        "Detector: the real `on_before_optimizer_step` (total gradient norm, cross-process decision, logging) on a",
+        "step that does not trigger. Protection: the real `protect()`, targets `qk`, rank `stable`, softplus.",
+        "",
+        "| what | time (ms) | relative to a training step | reference |",
+        "|---|---:|---:|---|",
+        f"| detector, step without trigger | {p['idle_ms']:.2f} | {_pct(p['idle_overhead'])} | target <= 0.1%: "
+        f"{'met' if p['idle_met'] else 'NOT met'} |",
+        f"| one protection ({p['targets']} matrices, k = {sorted(set(p['ranks']))}) | {p['protect_ms']:.1f} | "
+        f"{p['protect_vs_step']:.3f}x | paper: ~{PSS_PAPER_PROTECTION}x a step |",
+        "",
+        f"Baseline step: {base:.0f} ms.",
+    ]
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in res.get("part_times_s", {}).items())
@@ -877,6 +949,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         lines.append("Quick mode: a smoke test with a tiny model and small matrices; its verdicts mean nothing.")
     if res.get("training"):
         lines += render_training(res)
+    if res.get("training") and res["training"].get("pss"):
+        lines += render_pss(res)
     if res.get("backends"):
         lines += render_backends(res)
     lines += ["", "## Against the targets", ""] + [f"- {v}" for v in res["verdicts"]]
@@ -900,6 +974,13 @@ def verdicts(res: dict[str, Any]) -> list[str]:
                     f"{_pct(c['measured_overhead'])} (95% CI {_pct(lo - 1)} to {_pct(hi - 1)}) vs target <= 1%: "
                     f"{'met' if c['met'] else 'NOT met'}."
                 )
+        if tr.get("pss"):
+            p = tr["pss"]
+            out.append(
+                f"PSSCallback without trigger: {_pct(p['idle_overhead'])} of a step vs target <= 0.1%: "
+                f"{'met' if p['idle_met'] else 'NOT met'}; one protection = {p['protect_vs_step']:.3f}x a step "
+                f"(paper ~{PSS_PAPER_PROTECTION}x)."
+            )
     rows = res.get("backends") or []
     for device in sorted({r["device"] for r in rows}):
         for shape in sorted({tuple(r["shape"]) for r in rows if r["device"] == device}):
@@ -948,7 +1029,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "settings": {**asdict(s), "micro_shapes": [list(x) for x in s.micro_shapes]},
         "machine": machine_description(),
         "command": " ".join(["python", "benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)]),
-        "targets": {"msign_at_period": MSIGN_TARGET, "monitor_every_step": MONITOR_TARGET, "backend_speedup": SPEEDUP_TARGET},
+        "targets": {"msign_at_period": MSIGN_TARGET, "monitor_every_step": MONITOR_TARGET, "backend_speedup": SPEEDUP_TARGET,
+                    "pss_without_trigger": PSS_IDLE_TARGET},
         "part_times_s": {},
     }
     print(f"lightning_msign overhead benchmark ({s.mode}): {machine_line(res['machine'])}", file=sys.stderr, flush=True)
