@@ -113,9 +113,17 @@ def test_every_recipe_key_is_commented():
             assert previous.startswith("#") and "type:" in previous, f"{recipe.name}:{i + 1} {stripped!r}"
 
 
-def test_msign_recipe_differs_from_baseline_only_by_callbacks():
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [
+        ("msign", {"lightning_msign.MSignCallback", "lightning_msign.StableRankMonitor"}),
+        ("pss", {"lightning_msign.PSSCallback", "lightning_msign.StableRankMonitor"}),
+        ("msign_pss", {"lightning_msign.MSignCallback", "lightning_msign.PSSCallback", "lightning_msign.StableRankMonitor"}),
+    ],
+)
+def test_method_recipes_differ_from_baseline_only_by_callbacks(recipe, expected):
     baseline = yaml.safe_load((ROOT / "recipes/shakespeare/baseline.yaml").read_text())
-    msign = yaml.safe_load((ROOT / "recipes/shakespeare/msign.yaml").read_text())
+    msign = yaml.safe_load((ROOT / f"recipes/shakespeare/{recipe}.yaml").read_text())
     baseline_callbacks = baseline["trainer"].pop("callbacks")
     msign_callbacks = msign["trainer"].pop("callbacks")
     for run in (baseline, msign):
@@ -125,8 +133,7 @@ def test_msign_recipe_differs_from_baseline_only_by_callbacks():
         ]
     assert baseline == msign
     assert [c for c in msign_callbacks if "lightning_msign" not in c["class_path"]] == baseline_callbacks
-    paths = [c["class_path"] for c in msign_callbacks]
-    assert "lightning_msign.MSignCallback" in paths and "lightning_msign.StableRankMonitor" in paths
+    assert {c["class_path"] for c in msign_callbacks if "lightning_msign" in c["class_path"]} == expected
 
 
 def test_debug_recipe_fit_end_to_end(tmp_path, monkeypatch, cache_dir):

@@ -6,6 +6,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_msign.targets import TargetMatrix, TargetsArg, is_sharded, resolve_targets
 
@@ -52,11 +54,6 @@ def resolve_for_trainer(
     return resolved
 
 
-def new_optimizer_step(trainer: pl.Trainer, last_step: int) -> bool:
-    """True once per optimizer step: ``trainer.global_step`` counts optimizer steps, not micro-batches."""
-    return trainer.global_step > last_step
-
-
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
     """Write ``metrics`` to every logger of the Trainer at ``step`` (rank zero only, as loggers are).
 
@@ -76,3 +73,49 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so wall-clock timings of GPU work are honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class TargetedCallback(Callback):
+    """Base of the suite's callbacks: the matrices they act on, and once-per-optimizer-step gating.
+
+    Subclasses set ``self.targets`` and ``self.split_qkv`` in ``__init__``. Targets are resolved at
+    ``setup`` (so a selection matching nothing fails before any step) when the model already has its
+    parameters, and again at ``on_fit_start``, after the strategy may have replaced them or after
+    ``configure_model`` built them.
+    """
+
+    targets: list[str]
+    split_qkv: bool
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._targets: list[TargetMatrix] = []
+        self._last_step = 0
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the matrices acted on (known after ``setup``)."""
+        return [t.name for t in self._targets]
+
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, type(self).__name__)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and any(True for _ in pl_module.parameters()):
+            self._resolve(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resolve(trainer, pl_module)
+
+    def _optimizer_step_due(self, trainer: pl.Trainer, every: int) -> bool:
+        """In ``on_train_batch_end``: True once per optimizer step whose number is a multiple of ``every``.
+
+        ``trainer.global_step`` counts optimizer steps, not micro-batches, so gradient accumulation and
+        resume (``_last_step`` is saved by subclasses) are handled.
+        """
+        if trainer.global_step <= self._last_step:
+            return False
+        self._last_step = trainer.global_step
+        return trainer.global_step % every == 0

@@ -7,25 +7,23 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_msign.callbacks._common import (
     check_bool,
     check_choice,
+    TargetedCallback,
     check_positive_int,
     log_to_loggers,
-    new_optimizer_step,
-    resolve_for_trainer,
     synchronize,
 )
 from lightning_msign.functional.msign import BACKENDS, msign_restore
 from lightning_msign.functional.spectral import stable_rank
-from lightning_msign.targets import TargetMatrix, group_by_shape, validate_targets
+from lightning_msign.targets import group_by_shape, validate_targets
 
 
-class MSignCallback(Callback):
+class MSignCallback(TargetedCallback):
     r"""Restore the stable rank of target weight matrices every ``period`` optimizer steps.
 
     MSign (arXiv 2602.01734, Algorithm 1) observes that training failures of transformers are preceded
@@ -108,8 +106,6 @@ class MSignCallback(Callback):
         self.targets = validate_targets(targets, split_qkv)
         self.log_stable_rank = check_bool(log_stable_rank, "log_stable_rank")
 
-        self._targets: list[TargetMatrix] = []
-        self._last_step = 0
         self._applications = 0
         self._skipped_nonfinite = 0
 
@@ -123,22 +119,9 @@ class MSignCallback(Callback):
         """Number of applications so far (restored on resume)."""
         return self._applications
 
-    @property
-    def target_names(self) -> list[str]:
-        """Names of the matrices acted on (known after ``setup``)."""
-        return [t.name for t in self._targets]
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if any(True for _ in pl_module.parameters()):  # else built later, in configure_model
-            self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, "MSignCallback")
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Resolve again: the strategy may have replaced parameters since setup.
-        self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, "MSignCallback")
+        super().on_fit_start(trainer, pl_module)
         rank_zero_info(
             f"MSignCallback: {len(self._targets)} matrices, every {self.period} optimizer steps, backend {self.backend!r}"
         )
@@ -147,12 +130,8 @@ class MSignCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not new_optimizer_step(trainer, self._last_step):
-            return
-        self._last_step = trainer.global_step
-        if trainer.global_step % self.period != 0:
-            return
-        log_to_loggers(trainer, self.apply(pl_module.device), step=trainer.global_step - 1)
+        if self._optimizer_step_due(trainer, self.period):
+            log_to_loggers(trainer, self.apply(pl_module.device), step=trainer.global_step - 1)
 
     @torch.no_grad()
     def apply(self, device: Optional[torch.device] = None) -> dict[str, float]:

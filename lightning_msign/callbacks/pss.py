@@ -8,7 +8,6 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -16,19 +15,19 @@ from typing_extensions import override
 from lightning_msign.callbacks._common import (
     check_bool,
     check_choice,
+    TargetedCallback,
     check_positive_int,
     log_to_loggers,
-    resolve_for_trainer,
     synchronize,
 )
 from lightning_msign.functional.smoothing import SMOOTHINGS, pss_rank, pss_smooth, smooth_singular_values
 from lightning_msign.functional.spectral import spectral_norm_estimate
-from lightning_msign.targets import TargetMatrix, validate_targets
+from lightning_msign.targets import validate_targets
 
 ACTIONS = ("smooth", "skip", "smooth_and_skip")
 
 
-class PSSCallback(Callback):
+class PSSCallback(TargetedCallback):
     r"""Smooth the dominant singular values of target matrices when the gradient norm spikes.
 
     Parametric Singularity Smoothing (arXiv 2602.01308) watches the ratio of the total gradient norm
@@ -149,7 +148,6 @@ class PSSCallback(Callback):
         self.power_iters = check_positive_int(power_iters, "power_iters")
         self.log_every_n_steps = check_positive_int(log_every_n_steps, "log_every_n_steps")
 
-        self._targets: list[TargetMatrix] = []
         self._ewma: Optional[float] = None
         self._triggers = 0
         self._nonfinite = 0
@@ -173,15 +171,8 @@ class PSSCallback(Callback):
         return self._ewma
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if any(True for _ in pl_module.parameters()):
-            self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, "PSSCallback")
-
-    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, "PSSCallback")
+        super().on_fit_start(trainer, pl_module)
         rank_zero_info(f"PSSCallback: watching {len(self._targets)} matrices, tau={self.tau}, action={self.action!r}")
 
     @override

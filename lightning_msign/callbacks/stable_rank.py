@@ -6,7 +6,6 @@ from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
 from lightning.pytorch.utilities import rank_zero_warn
@@ -16,18 +15,17 @@ from typing_extensions import override
 from lightning_msign.callbacks._common import (
     check_bool,
     check_choice,
+    TargetedCallback,
     check_positive_int,
     log_to_loggers,
-    new_optimizer_step,
-    resolve_for_trainer,
 )
 from lightning_msign.functional.spectral import initial_vector, stable_rank, stable_rank_estimate
-from lightning_msign.targets import TargetMatrix, validate_targets
+from lightning_msign.targets import validate_targets
 
 MODES = ("power", "exact")
 
 
-class StableRankMonitor(Callback):
+class StableRankMonitor(TargetedCallback):
     r"""Log the stable rank of weight matrices every ``every_n_steps`` optimizer steps.
 
     The stable rank :math:`\operatorname{srank}(W) = \|W\|_F^2 / \|W\|_2^2` of attention projections
@@ -103,9 +101,7 @@ class StableRankMonitor(Callback):
         self.log_per_matrix = check_bool(log_per_matrix, "log_per_matrix")
         self.log_grad_norm = check_bool(log_grad_norm, "log_grad_norm")
 
-        self._targets: list[TargetMatrix] = []
         self._vectors: dict[str, Tensor] = {}
-        self._last_step = 0
         self._min = MinMetric()
         self._mean = MeanMetric()
 
@@ -115,29 +111,19 @@ class StableRankMonitor(Callback):
         return self._generate_state_key(targets=self.targets, every_n_steps=self.every_n_steps, mode=self.mode)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if any(True for _ in pl_module.parameters()):
-            self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, "StableRankMonitor")
-
-    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, "StableRankMonitor")
+        super().on_fit_start(trainer, pl_module)
         if not trainer.loggers:
             rank_zero_warn("StableRankMonitor: the Trainer has no logger, so nothing will be recorded.")
         self._min.to(pl_module.device)
         self._mean.to(pl_module.device)
-
-    def _due(self, step: int) -> bool:
-        return step % self.every_n_steps == 0
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         # global_step counts finished optimizer steps: this is step global_step + 1.
-        if not self.log_grad_norm or not self._due(trainer.global_step + 1):
+        if not self.log_grad_norm or (trainer.global_step + 1) % self.every_n_steps != 0:
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads:
@@ -148,10 +134,7 @@ class StableRankMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not new_optimizer_step(trainer, self._last_step):
-            return
-        self._last_step = trainer.global_step
-        if not self._due(trainer.global_step):
+        if not self._optimizer_step_due(trainer, self.every_n_steps):
             return
         values = self.compute()
         sranks = torch.stack(list(values.values()))
