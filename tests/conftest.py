@@ -15,12 +15,20 @@ os.environ.setdefault("WANDB_SILENT", "true")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # A GQA config: 4 query heads share 2 key/value groups, so the Q block is twice the K and V blocks.
 TINY_CONFIG: dict[str, Any] = {"n_layer": 2, "n_head": 4, "n_query_groups": 2, "n_embd": 32, "bias": False}
 TINY_VOCAB = 256  # byte-level tokens of the shipped corpus
 TINY_SEQ = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test: tiny models run as fast on one thread, and far more steadily on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session", autouse=True)

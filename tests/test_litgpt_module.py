@@ -16,15 +16,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and far more steadily on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2, "rotary_percentage": 0.0, "bias": False}
 
 
