@@ -56,6 +56,17 @@ def test_recipes_exist():
     assert {"debug.yaml", "shakespeare/baseline.yaml", "shakespeare/msign.yaml"} <= names
 
 
+def build_cli(args: list[str], cache_dir: str) -> MSignCLI:
+    """The project's CLI, parsed and instantiated without running a subcommand."""
+    return MSignCLI(
+        LitGPTModule,
+        ShakespeareDataModule,
+        auto_configure_optimizers=False,
+        run=False,
+        args=[*args, "--data.cache_dir", cache_dir],
+    )
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
 def test_recipe_parses(recipe, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # nothing may be written into the repository
@@ -71,13 +82,7 @@ def test_recipe_parses(recipe, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
 def test_recipe_instantiates(recipe, tmp_path, monkeypatch, cache_dir):
     monkeypatch.chdir(tmp_path)
-    cli = MSignCLI(
-        LitGPTModule,
-        ShakespeareDataModule,
-        auto_configure_optimizers=False,
-        run=False,
-        args=["--config", str(recipe), "--data.cache_dir", cache_dir],
-    )
+    cli = build_cli(["--config", str(recipe)], cache_dir)
     config = cli.model.config
     assert config.padded_vocab_size == cli.datamodule.vocab_size
     assert config.block_size == cli.datamodule.seq_len
@@ -166,13 +171,7 @@ def test_debug_recipe_validate_from_checkpoint(tmp_path, monkeypatch, cache_dir)
 
 def test_links_follow_the_data_module(tmp_path, monkeypatch, cache_dir):
     monkeypatch.chdir(tmp_path)
-    cli = MSignCLI(
-        LitGPTModule,
-        ShakespeareDataModule,
-        auto_configure_optimizers=False,
-        run=False,
-        args=["--config", str(DEBUG), "--data.seq_len", "32", "--data.cache_dir", cache_dir],
-    )
+    cli = build_cli(["--config", str(DEBUG), "--data.seq_len", "32"], cache_dir)
     assert cli.model.config.block_size == 32
     assert cli.model.config.padded_vocab_size == 256
     assert cli.model.hparams.vocab_size == 256 and cli.model.hparams.block_size == 32
