@@ -109,6 +109,7 @@ class Settings:
     micro_shapes: list[tuple[int, int]]
     micro_repeats: int
     micro_warmup: int
+    dist_repeats: int = 3
     micro_devices: list[str] = field(default_factory=list)
 
 
@@ -124,13 +125,15 @@ def build_settings(args: argparse.Namespace) -> Settings:
         s = Settings(
             mode="quick", model={"n_layer": 2, "n_embd": 64, "n_head": 2}, seq_len=64, batch_size=4,
             timing_period=4, warmup_steps=4, min_timed_steps=12, max_timed_steps=12, train_budget_s=20.0,
-            apply_repeats=2, micro_shapes=[(128, 128), (128, 512)], micro_repeats=3, micro_warmup=1, **common,
+            apply_repeats=2, micro_shapes=[(128, 128), (128, 512)], micro_repeats=3, micro_warmup=1, dist_repeats=2,
+            **common,
         )
     else:
         s = Settings(
             mode="full", model={"n_layer": 6, "n_embd": 256, "n_head": 4}, seq_len=256, batch_size=16,
             timing_period=5, warmup_steps=5, min_timed_steps=20, max_timed_steps=200, train_budget_s=450.0,
-            apply_repeats=2, micro_shapes=[(768, 768), (768, 3072)], micro_repeats=5, micro_warmup=1, **common,
+            apply_repeats=2, micro_shapes=[(768, 768), (768, 3072)], micro_repeats=5, micro_warmup=1, dist_repeats=7,
+            **common,
         )
     if args.timing_period is not None:
         s.timing_period = s.warmup_steps = args.timing_period
@@ -792,6 +795,126 @@ def run_backend_part(s: Settings) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- part 3: distributed
+def _dist_worker(rank: int, world: int, port: int, layout: str, cfg: dict[str, Any], out_dir: str) -> None:
+    """One process of the distributed part: time ``MSignCallback.apply()`` on a (sharded) LitGPT model."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(cfg["threads"])
+    try:
+        from lightning_msign import LitGPTModule, MSignCallback, resolve_targets
+        from lightning_msign.distributed import WholeMatrixPlan
+
+        torch.manual_seed(cfg["seed"])
+        module = LitGPTModule(dict(cfg["model"]), vocab_size=256, block_size=cfg["seq_len"])
+        if layout == "fsdp2" and world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for block in module.model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(module.model, mesh=mesh)
+        params = [p for p in module.parameters() if p.ndim >= 2]
+        local = [p.to_local().detach() if hasattr(p, "to_local") else p.detach() for p in params]
+        snapshot = [x.clone() for x in local]
+        rows = []
+        for backend in cfg["backends"]:
+            cb = MSignCallback(period=100, targets="attention", backend=backend, log_stable_rank=False)
+            cb._targets = resolve_targets(module, "attention")
+            cb._plan = WholeMatrixPlan(cb._targets, distributed=world > 1)
+            compute_ms: list[float] = []
+            sign_blocks = cb._sign_blocks
+
+            def timed(blocks, _f=sign_blocks):
+                t0 = time.perf_counter()
+                out = _f(blocks)
+                compute_ms.append((time.perf_counter() - t0) * 1e3)
+                return out
+
+            cb._sign_blocks = timed
+            times = []
+            for i in range(1 + cfg["repeats"]):  # the first call is a warm-up
+                for x, y in zip(local, snapshot):
+                    x.copy_(y)  # sign the same (unsigned) weights every time
+                dist.barrier()
+                t0 = time.perf_counter()
+                cb.apply()
+                elapsed = (time.perf_counter() - t0) * 1e3
+                slowest = torch.tensor([elapsed])
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # an application ends when the last process is done
+                if i:
+                    times.append(float(slowest))
+            rows.append({"backend": backend, "apply_ms": times, "compute_ms": compute_ms[1:],
+                         "share": cb._plan.local_share(), "matrices": len(cb._targets)})
+        torch.save(rows, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed_part(s: Settings) -> list[dict[str, Any]]:
+    """Time per MSign application (attention) on 1 process vs 2 processes, replicated (DDP) and FSDP2."""
+    import torch.multiprocessing as mp
+
+    cfg = {"model": s.model, "seq_len": s.seq_len, "seed": s.seed, "threads": 1, "repeats": s.dist_repeats,
+           "backends": ["svd", "polar_express"]}
+    out: list[dict[str, Any]] = []
+    for world, layout in ((1, "single"), (2, "ddp"), (2, "fsdp2")):
+        print(f"  distributed: {world} process(es), {layout}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="lightning_msign_dist_") as tmp:
+            port = 20000 + (os.getpid() * 7 + world * 31 + len(layout)) % 20000
+            mp.spawn(_dist_worker, args=(world, port, layout, cfg, tmp), nprocs=world)
+            ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        for i, backend in enumerate(cfg["backends"]):
+            per_rank = [r[i] for r in ranks]
+            out.append({
+                "layout": layout, "processes": world, "backend": backend, "matrices": per_rank[0]["matrices"],
+                "apply_ms": _median(per_rank[0]["apply_ms"]),
+                "compute_ms_per_rank": [_median(r["compute_ms"]) for r in per_rank],
+                "share_per_rank": [r["share"] for r in per_rank],
+            })
+    single = {r["backend"]: r["apply_ms"] for r in out if r["processes"] == 1}
+    for r in out:
+        r["speedup_vs_1"] = single[r["backend"]] / r["apply_ms"]
+    return out
+
+
+def render_distributed(res: dict[str, Any]) -> list[str]:
+    s = res["settings"]
+    lines = [
+        "",
+        "## 3. Distributed: time per MSign application, 1 vs 2 processes (CPU, gloo)",
+        "",
+        f"`MSignCallback.apply()` on the attention matrices of the model above (fresh init, restored before every "
+        f"call), 1 torch thread per process, median of {s['dist_repeats']} calls after a warm-up; an application "
+        "ends when the slowest process is done. `ddp`: replicated weights, each process signs its share and "
+        "broadcasts it; `fsdp2`: `fully_shard`ed DTensor weights, each whole matrix gathered on its owner, "
+        "signed, scattered back.",
+        "",
+        "| layout | processes | backend | matrices | ms per application | speed-up vs 1 process "
+        "| compute ms per process | cost share per process |",
+        "|---|---:|---|---:|---:|---:|---|---|",
+    ]
+    for r in res["distributed"]:
+        lines.append(
+            f"| {r['layout']} | {r['processes']} | {r['backend']} | {r['matrices']} | {r['apply_ms']:.1f} "
+            f"| {r['speedup_vs_1']:.2f}x | {' / '.join(f'{x:.1f}' for x in r['compute_ms_per_rank'])} "
+            f"| {' / '.join(f'{x:.2f}' for x in r['share_per_rank'])} |"
+        )
+    lines += [
+        "",
+        "Expected on N GPUs (not measured here): compute per process falls as ~1/N while there are many more",
+        "matrices than processes (owners are balanced by m*n*min(m, n), one parameter at a time, so a fused QKV",
+        "weight is one unit); communication per application is one broadcast of every target matrix (DDP: each",
+        "process receives the (N-1)/N it did not compute) or a gather plus a scatter of each matrix (FSDP2: each",
+        "process sends and receives ~2/N of the target bytes), i.e. about the traffic of one optimizer step's",
+        "gradient all-reduce restricted to the target matrices, once every P steps.",
+    ]
+    return lines
+
+
 def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.2f}%"
 
@@ -953,6 +1076,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         lines += render_pss(res)
     if res.get("backends"):
         lines += render_backends(res)
+    if res.get("distributed"):
+        lines += render_distributed(res)
     lines += ["", "## Against the targets", ""] + [f"- {v}" for v in res["verdicts"]]
     return "\n".join(lines) + "\n"
 
@@ -980,6 +1105,13 @@ def verdicts(res: dict[str, Any]) -> list[str]:
                 f"PSSCallback without trigger: {_pct(p['idle_overhead'])} of a step vs target <= 0.1%: "
                 f"{'met' if p['idle_met'] else 'NOT met'}; one protection = {p['protect_vs_step']:.3f}x a step "
                 f"(paper ~{PSS_PAPER_PROTECTION}x)."
+            )
+    for r in res.get("distributed") or []:
+        if r["processes"] > 1:
+            out.append(
+                f"MSign ({r['backend']}) on {r['processes']} processes, {r['layout']}: {r['apply_ms']:.0f} ms per "
+                f"application, {r['speedup_vs_1']:.2f}x the 1-process speed (cost share per process "
+                f"{' / '.join(f'{x:.2f}' for x in r['share_per_rank'])})."
             )
     rows = res.get("backends") or []
     for device in sorted({r["device"] for r in rows}):
@@ -1017,8 +1149,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--train-budget-s", type=float, default=None, help="no new cycle starts after this (s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="data cache (default: $LIGHTNING_MSIGN_CACHE or a temp dir)")
-    parser.add_argument("--skip-training", action="store_true", help="only the backend micro-benchmark")
-    parser.add_argument("--skip-backends", action="store_true", help="only the training part")
+    parser.add_argument("--skip-training", action="store_true", help="skip the training part")
+    parser.add_argument("--skip-backends", action="store_true", help="skip the backend micro-benchmark")
+    parser.add_argument("--skip-distributed", action="store_true", help="skip the 1-vs-2-process MSign timing")
     args = parser.parse_args(argv)
 
     wall0 = time.perf_counter()
@@ -1045,6 +1178,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         t0 = time.perf_counter()
         res["backends"] = run_backend_part(s)
         res["part_times_s"]["backends"] = time.perf_counter() - t0
+    if not args.skip_distributed:
+        t0 = time.perf_counter()
+        res["distributed"] = run_distributed_part(s)
+        res["part_times_s"]["distributed"] = time.perf_counter() - t0
 
     if hasattr(os, "getloadavg"):
         res["machine"]["loadavg_end"] = os.getloadavg()[0]

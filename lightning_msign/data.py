@@ -11,6 +11,10 @@ the network:
 * Two tokenizers are available: raw UTF-8 bytes (vocabulary 256) and a
   byte-level BPE trained locally with the ``tokenizers`` package on the train
   split only.
+* The train loader (:class:`ResumableDataLoader` over a
+  :class:`ResumableShuffleSampler`) shuffles by ``(seed, epoch)`` only, shards
+  by data-parallel rank itself and saves its position in checkpoints, so a run
+  resumed mid-epoch sees exactly the batches of an uninterrupted one.
 
 Caching:
     The trained BPE tokenizer and the tokenized corpus are cached under
@@ -44,20 +48,28 @@ Train/val split:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Literal, Mapping, Optional, Sequence, Sized, Tuple, Union
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ShakespeareDataModule", "TokenWindowDataset", "strip_markdown_text", "default_cache_dir"]
+__all__ = [
+    "ResumableDataLoader",
+    "ResumableShuffleSampler",
+    "ShakespeareDataModule",
+    "TokenWindowDataset",
+    "default_cache_dir",
+    "strip_markdown_text",
+]
 
 #: Bumped whenever the on-disk format or the text processing changes.
 _CACHE_VERSION = 1
@@ -218,15 +230,239 @@ class TokenWindowDataset(Dataset):
         return {"input_ids": chunk[:-1], "targets": chunk[1:]}
 
 
+# --------------------------------------------------------------------------- resumable train order
+#: Seeds drawn from the global RNG lie in [0, 2**31); any seed must lie in [0, 2**63).
+_DRAWN_SEED_BOUND = 2**31
+_SEED_BOUND = 2**63
+_STATE_KEYS = ("seed", "epoch", "batches", "batch_size", "num_replicas")
+
+
+class ResumableShuffleSampler(DistributedSampler):
+    """Shuffled, rank-sharded sample order that is a pure function of ``(seed, epoch)`` and can start mid-epoch.
+
+    Epoch ``e`` draws one permutation of the whole dataset from
+    ``torch.Generator().manual_seed(seed + e)``, drops its tail so it divides evenly by
+    ``num_replicas``, and gives rank ``r`` the positions ``r, r + num_replicas, ...``: exactly the
+    order of ``DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed,
+    drop_last=True)`` (with one process nothing is dropped). It *is* a ``DistributedSampler``, so
+    Lightning, which only inserts its own sampler when the loader's is not one
+    (``_DataConnector._requires_distributed_sampler``), keeps it under DDP whatever
+    ``use_distributed_sampler`` says; and Lightning calls :meth:`set_epoch` before every epoch.
+
+    :meth:`start_at` makes the next pass begin at a position of the current epoch's order; this is
+    how :class:`ResumableDataLoader` skips the batches trained on before a checkpoint without
+    loading them.
+
+    Args:
+        dataset: A sized dataset.
+        seed: Base seed, an int in ``[0, 2**63)``.
+        num_replicas: Number of data-parallel processes the epoch is split over.
+        rank: This process's data-parallel rank, in ``[0, num_replicas)``.
+
+    Raises:
+        ValueError: If ``seed``, ``num_replicas`` or ``rank`` is not a valid int.
+    """
+
+    def __init__(self, dataset: Sized, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        _check_seed(seed)
+        _check_int("num_replicas", num_replicas, 1)
+        _check_int("rank", rank, 0)
+        if rank >= num_replicas:
+            raise ValueError(f"`rank` must be an int in [0, `num_replicas`={num_replicas}), got {rank!r}")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self._start = 0
+
+    def start_at(self, position: int) -> None:
+        """Begin the next pass at ``position`` of this rank's order for the current epoch (once).
+
+        Args:
+            position: Samples of this rank's order to skip, ``>= 0``; at least ``len(self)`` gives an
+                empty pass.
+
+        Raises:
+            ValueError: If ``position`` is not a non-negative int.
+        """
+        _check_int("position", position, 0)
+        self._start = position
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._start = self._start, 0
+        return itertools.islice(super().__iter__(), start, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position inside an epoch can be saved and restored (Lightning ``_Stateful``).
+
+    Takes exactly the arguments of ``torch.utils.data.DataLoader``; built with a
+    :class:`ResumableShuffleSampler` (as :meth:`ShakespeareDataModule.train_dataloader` does) it
+    resumes mid-epoch exactly. Lightning's fit loop saves :meth:`state_dict` in checkpoints (under
+    ``loops.fit_loop.state_dict.combined_loader``) and calls :meth:`load_state_dict` on resume.
+
+    State (a dict of ints): ``seed`` (``None`` for a sampler without one) and ``epoch`` of the
+    sampler, ``batches`` (batches this loader
+    has handed out in the current epoch's pass, counting those skipped on a resume: with a sized
+    loader Lightning fetches no batch ahead, so at any checkpoint these are exactly the batches
+    trained on), ``batch_size`` and ``num_replicas``. The first pass after :meth:`load_state_dict`
+    skips ``batches * batch_size`` samples if the sampler is then at the saved epoch (Lightning
+    sets it with ``set_epoch`` before the pass starts); otherwise (the checkpoint ended its epoch) it
+    starts at the beginning. The pass is lazy: no index is drawn, and no worker started, before the
+    first batch is requested, so the epoch set after ``iter()`` is honoured.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches = 0
+        self._resume: Optional[Tuple[int, int]] = None  # (epoch, samples to skip) for the next pass
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._pass()
+
+    def _pass(self) -> Iterator[Any]:
+        sampler = self.sampler
+        skip_batches = 0
+        if self._resume is not None:
+            epoch, samples = self._resume
+            self._resume = None
+            if samples and isinstance(sampler, ResumableShuffleSampler) and sampler.epoch == epoch:
+                sampler.start_at(samples)
+                skip_batches = -(-samples // (self.batch_size or 1))
+        self._batches = skip_batches
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The position in the current epoch; see the class docstring."""
+        sampler = self.sampler
+        return {
+            "seed": getattr(sampler, "seed", None),
+            "epoch": int(getattr(sampler, "epoch", 0)),
+            "batches": self._batches,
+            "batch_size": self.batch_size,
+            "num_replicas": int(getattr(sampler, "num_replicas", 1)),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: seed and epoch now, the position at the start of the next pass.
+
+        A different ``batch_size`` or ``num_replicas`` than when saved cannot be resumed exactly: the
+        same number of this rank's samples is skipped, with a warning. If this loader's sampler, or
+        the saved loader's (``seed`` is ``None``), is not a :class:`ResumableShuffleSampler`
+        (Lightning's ``overfit_batches`` replaces it by a ``SequentialSampler``), the position is
+        ignored, with a warning.
+
+        Args:
+            state_dict: A dict returned by :meth:`state_dict`.
+
+        Raises:
+            ValueError: If ``state_dict`` lacks a key or holds a value that is not a valid int.
+        """
+        state = _check_resume_state(state_dict, required=_STATE_KEYS)
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableShuffleSampler) or state["seed"] is None:
+            which = "this loader's" if not isinstance(sampler, ResumableShuffleSampler) else "the saved loader's"
+            rank_zero_warn(
+                f"ResumableDataLoader: {which} sampler is not a ResumableShuffleSampler (Lightning's"
+                " `overfit_batches` replaces it by a SequentialSampler): the saved position is ignored, the epoch"
+                " restarts"
+            )
+            return
+        if state["batch_size"] != self.batch_size or state["num_replicas"] != sampler.num_replicas:
+            rank_zero_warn(
+                f"ResumableDataLoader: the checkpoint was saved with batch_size={state['batch_size']} over"
+                f" {state['num_replicas']} process(es), this run uses batch_size={self.batch_size} over"
+                f" {sampler.num_replicas}: the resumed epoch cannot match the interrupted one exactly"
+            )
+        sampler.seed = state["seed"]
+        sampler.set_epoch(state["epoch"])
+        samples = state["batches"] * state["batch_size"]
+        self._resume = (state["epoch"], samples)
+        self._batches = -(-samples // (self.batch_size or 1))
+
+
+def _check_seed(seed: Any, allow_none: bool = False) -> None:
+    if seed is None and allow_none:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_BOUND:
+        kind = "None or an int" if allow_none else "an int"
+        raise ValueError(f"`seed` must be {kind} in [0, 2**63), got {seed!r}")
+
+
+def _check_resume_state(state_dict: Any, required: Sequence[str]) -> Dict[str, Any]:
+    """Validate a loader/data-module state: a mapping whose ``required`` (and other known) keys hold ints.
+
+    ``seed`` may also be ``None`` (a loader whose sampler has no seed).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"`state_dict` must be a dict with keys {_STATE_KEYS}, got {state_dict!r}")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(f"`state_dict` lacks the key(s) {missing}, got {dict(state_dict)!r}")
+    state: Dict[str, Any] = {}
+    for key in _STATE_KEYS:
+        if key not in state_dict:
+            continue
+        value = state_dict[key]
+        if key == "seed" and value is None:
+            state[key] = None
+            continue
+        minimum = 1 if key in ("batch_size", "num_replicas") else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`state_dict[{key!r}]` must be an int >= {minimum}, got {value!r}")
+        state[key] = value
+    return state
+
+
 # --------------------------------------------------------------------------- data module
 class ShakespeareDataModule(LightningDataModule):
     """Causal-LM windows over Shakespeare's plays (or any local text), fully offline.
 
     Batches are dicts ``{"input_ids": LongTensor (B, T), "targets": LongTensor (B, T)}``
     with ``T = seq_len`` and ``targets`` the inputs shifted left by one token.
-    The train loader shuffles non-overlapping windows (deterministic under
-    ``seed_everything``; Lightning inserts a ``DistributedSampler`` under DDP);
-    the val loader walks non-overlapping windows in order.
+    The train loader shuffles non-overlapping windows and can resume mid-epoch
+    (below); the val and test loaders walk the validation windows in order
+    (``trainer.test`` reports the loss on the same held-out text as validation:
+    the corpus has two splits, not three).
+
+    Train order and exact resume:
+        The train loader is a :class:`ResumableDataLoader` over a
+        :class:`ResumableShuffleSampler`: epoch ``e`` visits the windows in the
+        order of one permutation drawn from ``torch.Generator().manual_seed(seed + e)``
+        (Lightning calls ``set_epoch`` before every epoch), so the order depends
+        on nothing but ``seed`` and ``e``. ``seed=None`` draws the seed from
+        torch's global RNG in every ``setup("fit")`` (so ``seed_everything``
+        decides it; rank 0's draw is broadcast, so all processes agree).
+
+        Under DDP the sampler shards each epoch's permutation by data-parallel
+        rank itself (``trainer.distributed_sampler_kwargs``, else
+        ``torch.distributed``, else one process), dropping the tail that does
+        not divide evenly. Being a ``DistributedSampler`` subclass, it is kept by
+        Lightning, which inserts its own sampler only into loaders whose sampler
+        is not one, whatever ``use_distributed_sampler`` is.
+
+        The position in the epoch is saved twice in every checkpoint, as the
+        train loader's state (Lightning's fit loop stores it under
+        ``loops.fit_loop.state_dict.combined_loader``) and as this module's
+        :meth:`state_dict` (under the key ``"ShakespeareDataModule"``): the dict
+        ``{"seed", "epoch", "batches", "batch_size", "num_replicas"}``, where
+        ``batches`` counts the batches of the epoch handed to training (with a
+        sized loader Lightning fetches none ahead, so these are the batches
+        trained on). A ``trainer.fit(..., ckpt_path=...)`` then skips those
+        batches without loading them and continues with exactly the batches
+        the interrupted run would have seen. The module-level copy is needed:
+        when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``
+        (``LitGPTModule`` with ``max_steps=None``) and the Trainer has a finite
+        ``max_epochs`` (set, or defaulted because ``max_steps`` is not),
+        Lightning builds the train loader before it restores the loops and then
+        never hands it the saved loader state (Lightning issue #20550);
+        :meth:`load_state_dict` runs after ``setup`` and applies the state to
+        the next train loader built, and to the current one if it exists
+        already (restoring the same state twice is harmless). The loader works
+        with ``num_workers > 0`` too: its passes start lazily, so the
+        epoch Lightning sets after ``iter()`` is honoured. Resuming with another
+        ``batch_size`` or number of processes skips the same number of samples,
+        with a warning. With ``Trainer(overfit_batches=...)`` Lightning replaces
+        the sampler by a ``SequentialSampler`` and the position is not restored.
 
     ``prepare_data`` (once per node) reads the corpus, trains the BPE if needed
     and writes the caches; ``setup`` loads them (or builds them itself if
@@ -254,6 +490,15 @@ class ShakespeareDataModule(LightningDataModule):
             files are never altered.
         cache_dir: Cache folder; ``None`` means ``$LIGHTNING_MSIGN_CACHE`` or
             ``~/.cache/lightning_msign``.
+        seed: Seed of the train order, an int in ``[0, 2**63)``; ``None``
+            draws one from torch's global RNG at ``setup("fit")``. A seed saved in
+            a checkpoint takes precedence on resume.
+
+    Raises:
+        ValueError: If an argument is out of range or of the wrong type (the
+            message names it and the value received), or at ``setup`` if the
+            corpus is too small for one window of ``seq_len`` in each split.
+        FileNotFoundError: If ``path`` does not exist.
 
     Attributes:
         vocab_size (int): 256 for ``"byte"``, ``bpe_vocab_size`` for ``"bpe"``;
@@ -261,6 +506,8 @@ class ShakespeareDataModule(LightningDataModule):
         seq_len (int): Window length.
         files (list[pathlib.Path]): Corpus files in reading order.
         train_dataset, val_dataset (TokenWindowDataset | None): Set by ``setup``.
+        shuffle_seed (int | None): The seed of the train order in use: ``seed``,
+            the one drawn at ``setup``, or the one restored from a checkpoint.
         cache_path (pathlib.Path | None): This configuration's cache folder,
             set by ``prepare_data``/``setup``.
 
@@ -290,6 +537,7 @@ class ShakespeareDataModule(LightningDataModule):
         num_workers: int = 0,
         strip_markdown: bool = True,
         cache_dir: Optional[str] = None,
+        seed: Optional[int] = None,
     ) -> None:
         super().__init__()
         if tokenizer not in _TOKENIZERS:
@@ -310,6 +558,7 @@ class ShakespeareDataModule(LightningDataModule):
             raise ValueError(f"`cache_dir` must be a path string or None, got {cache_dir!r}")
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"`path` must be a path string or None, got {path!r}")
+        _check_seed(seed, allow_none=True)
 
         self.save_hyperparameters()
         self.path = None if path is None else str(path)
@@ -321,8 +570,12 @@ class ShakespeareDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.strip_markdown = strip_markdown
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.seed = seed
         self.vocab_size: int = 256 if tokenizer == "byte" else bpe_vocab_size
         self.files: List[Path] = self._find_files()
+        self.shuffle_seed: Optional[int] = seed
+        self._train_loader: Optional[ResumableDataLoader] = None
+        self._pending_state: Optional[Dict[str, Any]] = None
 
         self.cache_path: Optional[Path] = None
         self.train_dataset: Optional[TokenWindowDataset] = None
@@ -515,7 +768,16 @@ class ShakespeareDataModule(LightningDataModule):
         self._build_cache()
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Load the cached token streams (building them if missing) and create the datasets."""
+        """Load the cached token streams (building them if missing) and create the datasets.
+
+        For ``stage`` ``"fit"`` or ``None``, also start a new train order: ``seed``, or with
+        ``seed=None`` a seed drawn from torch's global RNG (rank 0's draw, broadcast when a Trainer is
+        attached); a position restored before (say by ``trainer.validate(ckpt_path=...)``) is
+        dropped. On resume Lightning calls :meth:`load_state_dict` after this.
+        """
+        if stage in (None, "fit"):
+            self.shuffle_seed = self.seed if self.seed is not None else self._draw_seed()
+            self._pending_state = None
         if self.train_dataset is not None and self.val_dataset is not None:
             return
         train, val, meta = self._build_cache()
@@ -542,18 +804,51 @@ class ShakespeareDataModule(LightningDataModule):
             raise RuntimeError(f"`{name}` is not built yet: call `setup()` first")
         return dataset
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled non-overlapping train windows."""
-        return DataLoader(
-            self._require_setup(self.train_dataset, "train_dataset"),
+    def _draw_seed(self) -> int:
+        seed = int(torch.randint(0, _DRAWN_SEED_BOUND, (1,)).item())
+        trainer = self.trainer
+        if trainer is not None:
+            seed = int(trainer.strategy.broadcast(seed, src=0))
+        return seed
+
+    def _data_parallel_rank(self) -> Tuple[int, int]:
+        """``(num_replicas, rank)`` of this process for the train shards."""
+        trainer = self.trainer
+        if trainer is not None:
+            kwargs = trainer.distributed_sampler_kwargs  # None unless the strategy is data parallel
+            return (int(kwargs["num_replicas"]), int(kwargs["rank"])) if kwargs else (1, 0)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled non-overlapping train windows, resumable mid-epoch (see the class docstring)."""
+        dataset = self._require_setup(self.train_dataset, "train_dataset")
+        if self.shuffle_seed is None:  # setup("validate"/"test") only: draw now
+            self.shuffle_seed = self._draw_seed()
+        num_replicas, rank = self._data_parallel_rank()
+        loader = ResumableDataLoader(
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=ResumableShuffleSampler(dataset, seed=self.shuffle_seed, num_replicas=num_replicas, rank=rank),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+        if self._pending_state is not None:
+            loader.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._train_loader = loader
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         """Non-overlapping validation windows in corpus order."""
+        return self._eval_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation windows in corpus order (the corpus has no third split; see the class docstring)."""
+        return self._eval_dataloader()
+
+    def _eval_dataloader(self) -> DataLoader:
         return DataLoader(
             self._require_setup(self.val_dataset, "val_dataset"),
             batch_size=self.batch_size,
@@ -561,3 +856,41 @@ class ShakespeareDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> Dict[str, Any]:
+        """The train order's seed and position, saved by Lightning in every checkpoint.
+
+        Returns:
+            The current train loader's :meth:`ResumableDataLoader.state_dict` once one was built,
+            else ``{"seed": shuffle_seed}`` (empty while no seed is known).
+        """
+        if self._train_loader is not None:
+            return self._train_loader.state_dict()
+        return {} if self.shuffle_seed is None else {"seed": self.shuffle_seed}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore the train order's seed and position (Lightning calls this on resume, after ``setup``).
+
+        The position is applied to the current train loader, if there is one, and to the next one
+        :meth:`train_dataloader` builds.
+
+        Args:
+            state_dict: A dict returned by :meth:`state_dict`.
+
+        Raises:
+            ValueError: If ``state_dict`` lacks the seed or holds a value that is not a valid int.
+        """
+        state = _check_resume_state(state_dict, required=("seed",))
+        if state["seed"] is None:  # saved from a loader without a ResumableShuffleSampler: nothing to restore
+            return
+        if self.seed is not None and state["seed"] != self.seed:
+            rank_zero_warn(
+                f"ShakespeareDataModule: the checkpoint's train order was drawn with seed {state['seed']}, not with"
+                f" `seed`={self.seed}: resuming with the checkpoint's seed"
+            )
+        self.shuffle_seed = state["seed"]
+        if all(key in state for key in _STATE_KEYS):
+            self._pending_state = state
+            if self._train_loader is not None:
+                self._train_loader.load_state_dict(state)

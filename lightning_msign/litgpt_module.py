@@ -20,6 +20,8 @@ from litgpt.model import GPT, CausalSelfAttention, GptNeoxMLP, LLaMAMLP
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_msign.targets import is_sharded
+
 __all__ = ["LitGPTModule", "build_config", "lr_schedule_factor"]
 
 _LR_DECAYS = ("linear", "cosine", "constant")
@@ -181,6 +183,12 @@ class LitGPTModule(L.LightningModule):
         lr_mult_2d: Learning-rate multiplier of the ``"weights"`` group.
         lr_mult_embedding: Learning-rate multiplier of the ``"embeddings"`` group.
         z_loss: Weight :math:`\\lambda_z` of the z-loss; 0 disables it.
+        compile: Compile the GPT with ``torch.compile`` (default backend, inductor), as LitGPT's own
+            pretraining does. It is compiled in place (``nn.Module.compile``) in ``configure_model``,
+            when a Trainer sets the module up: parameter names, ``state_dict`` keys and the callbacks'
+            target names stay those of the uncompiled model, so checkpoints load either way. Outside a
+            Trainer, call ``configure_model()`` first. The first step pays for the compilation (tens of
+            seconds on a CPU, even for a tiny model); do not also ``torch.compile`` the whole module.
 
     Raises:
         ValueError: If an argument is out of range (the message names it, the valid range and the
@@ -229,6 +237,7 @@ class LitGPTModule(L.LightningModule):
         lr_mult_2d: float = 1.0,
         lr_mult_embedding: float = 1.0,
         z_loss: float = 0.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         _check_optional_positive_int("vocab_size", vocab_size)
@@ -257,6 +266,8 @@ class LitGPTModule(L.LightningModule):
         _check_float("lr_mult_2d", lr_mult_2d, low=0.0)
         _check_float("lr_mult_embedding", lr_mult_embedding, low=0.0)
         _check_float("z_loss", z_loss, low=0.0)
+        if not isinstance(compile, bool):
+            raise ValueError(f"`compile` must be a bool, got {compile!r}")
 
         config = build_config(model_config, vocab_size=vocab_size, block_size=block_size)
 
@@ -279,6 +290,7 @@ class LitGPTModule(L.LightningModule):
         self.lr_mult_2d = lr_mult_2d
         self.lr_mult_embedding = lr_mult_embedding
         self.z_loss = z_loss
+        self.compile_model = compile  # not `self.compile`: that is `nn.Module.compile`
 
         self.model = GPT(config)
         self.reset_parameters()
@@ -287,6 +299,46 @@ class LitGPTModule(L.LightningModule):
     def config(self) -> Config:
         """The resolved ``litgpt.Config`` of ``self.model``."""
         return self.model.config
+
+    @override
+    @torch.compiler.disable
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``, kept out of ``torch.compile`` graphs.
+
+        ``trainer.fit(torch.compile(module))`` traces ``training_step``; with torch 2.12/2.13 and lightning
+        <= 2.6.6 tracing ``self.log`` fails (Lightning-AI/pytorch-lightning#21836, fixed upstream the same way).
+        """
+        super().log(*args, **kwargs)
+
+    @override
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under ``ModelParallelStrategy``; a no-op under any other strategy.
+
+        Each transformer block, then the whole GPT, is wrapped with ``fully_shard`` over the strategy's
+        ``"data_parallel"`` mesh dimension (as LitGPT's own FSDP recipes wrap per ``Block``): parameters
+        become ``DTensor`` s sharded on their first dimension, which the suite's callbacks gather whole.
+        Tensor parallelism (``tensor_parallel_size > 1``) is not implemented by this module.
+
+        With ``compile=True`` the GPT is compiled here first (once; compilation is lazy, so it traces
+        the sharded model at its first forward).
+        """
+        if self.compile_model and self.model._compiled_call_impl is None:  # dropped on pickling: redo then
+            self.model.compile()
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.model.lm_head.weight):  # not model-parallel, or already sharded
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise NotImplementedError(
+                "LitGPTModule shards with FSDP2 only: use ModelParallelStrategy(tensor_parallel_size=1), got a"
+                f" tensor-parallel size of {mesh['tensor_parallel'].size()}"
+            )
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

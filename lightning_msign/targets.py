@@ -29,10 +29,11 @@ Names are those of ``module.named_parameters()`` with ``torch.compile``'s ``_ori
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -77,16 +78,25 @@ class TargetMatrix:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(rows, columns)`` of the matrix view."""
-        return tuple(self.matrix().shape)  # type: ignore[return-value]
+        """``(rows, columns)`` of the whole matrix (also for a sharded parameter)."""
+        shape = tuple(self.param.shape)
+        rows = shape[0] if self.rows is None else self.rows[1] - self.rows[0]
+        return rows, math.prod(shape[1:])
 
-    def matrix(self) -> Tensor:
-        """The target as a 2D tensor sharing storage with the parameter (``param.data``).
+    def matrix(self, data: Optional[Tensor] = None) -> Tensor:
+        """The target as a 2D tensor sharing storage with the parameter (``param.data``) or with ``data``.
 
         Parameters with more than two dimensions are viewed as ``(shape[0], -1)``. Writing into the
-        returned tensor (``copy_``) writes the weight.
+        returned tensor (``copy_``) writes the weight. ``data`` is a tensor of the parameter's shape to
+        take the view of instead (for instance a whole copy gathered from shards); a sharded parameter
+        (``DTensor``) must be given one, its local shard is not the matrix.
         """
-        data = self.param.data
+        if data is None:
+            if is_sharded(self.param):
+                raise ValueError(
+                    f"Target {self.name!r} is a shard of a DTensor; pass the gathered whole parameter as `data`"
+                )
+            data = self.param.data
         if data.ndim > 2:
             data = data.view(data.shape[0], -1)
         if self.rows is not None:
@@ -277,15 +287,6 @@ def resolve_targets(module: nn.Module, targets: TargetsArg, split_qkv: bool = Tr
         unique.setdefault(t.name, t)
     order = {t.name: i for i, t in enumerate(entries)}
     return sorted(unique.values(), key=lambda t: order[t.name])
-
-
-def group_by_shape(targets: Iterable[TargetMatrix]) -> dict[tuple, list[TargetMatrix]]:
-    """Targets grouped by ``(shape, dtype, device)`` so one batched call can process each group."""
-    groups: dict[tuple, list[TargetMatrix]] = {}
-    for t in targets:
-        m = t.matrix()
-        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(t)
-    return groups
 
 
 def is_sharded(param: torch.Tensor) -> bool:

@@ -385,6 +385,8 @@ def test_checkpoint_roundtrip(tmp_path, as_config):
         ({"lr_mult_2d": -1.0}, "lr_mult_2d"),
         ({"lr_mult_embedding": float("inf")}, "lr_mult_embedding"),
         ({"z_loss": -1e-4}, "z_loss"),
+        ({"compile": "yes"}, "compile"),
+        ({"compile": 1}, "compile"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, name):

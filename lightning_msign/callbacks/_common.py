@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 from typing_extensions import override
 
+from lightning_msign.distributed import WholeMatrixPlan
 from lightning_msign.targets import TargetMatrix, TargetsArg, is_sharded, resolve_targets
 
-# Strategies whose parameters are shards: signing a shard is not signing the matrix.
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# Strategies whose parameters cannot be reached as whole matrices by this version (see resolve_for_trainer).
+_UNSUPPORTED_STRATEGIES: dict[str, str] = {
+    "FSDPStrategy": (
+        "FSDP1 flattens parameters into shards of one flat buffer per module; this version reaches whole"
+        " matrices only through DTensor parameters. Use FSDP2: `ModelParallelStrategy` with `fully_shard`"
+        " in `configure_model` (LitGPTModule does this), or DDP."
+    ),
+    "DeepSpeedStrategy": (
+        "DeepSpeed keeps the weights the optimizer updates in its own (ZeRO-partitioned, fp32) buffers, so"
+        " writing the module's parameters would be undone at the next step and, with ZeRO-3, would touch"
+        " shards only; this version does not implement DeepSpeed's full-parameter access. Use"
+        " `ModelParallelStrategy` (FSDP2) or DDP."
+    ),
+}
 
 
 def check_positive_int(value: Any, argument: str) -> int:
@@ -35,23 +50,55 @@ def check_bool(value: Any, argument: str) -> bool:
 
 def resolve_for_trainer(
     trainer: pl.Trainer, pl_module: pl.LightningModule, targets: TargetsArg, split_qkv: bool, owner: str
-) -> list[TargetMatrix]:
-    """Resolve ``targets`` on ``pl_module`` and refuse configurations that would act on shards.
+) -> tuple[list[TargetMatrix], WholeMatrixPlan]:
+    """Resolve ``targets`` on ``pl_module`` and plan whole-matrix work over the Trainer's processes.
+
+    Single device, DDP (``ddp``, ``ddp_spawn``, ...) and ``ModelParallelStrategy`` with FSDP2
+    (``DTensor`` parameters) are supported; see :mod:`lightning_msign.distributed`.
 
     Raises:
         ValueError: the targets match no matrix (the message lists the matrices that exist).
-        NotImplementedError: a sharding strategy (FSDP, DeepSpeed, FSDP2 / DTensor parameters).
+        NotImplementedError: FSDP1 (``FSDPStrategy``), DeepSpeed, or a DTensor layout that cannot be
+            gathered whole; the message names the strategy or parameter.
     """
-    strategy = type(trainer.strategy).__name__
+    for cls in type(trainer.strategy).__mro__:
+        if cls.__name__ in _UNSUPPORTED_STRATEGIES:
+            raise NotImplementedError(
+                f"{owner} does not support strategy {type(trainer.strategy).__name__}: "
+                + _UNSUPPORTED_STRATEGIES[cls.__name__]
+                + " It never acts on a shard: the matrix sign or stable rank of a shard is not that of the matrix."
+            )
     resolved = resolve_targets(pl_module, targets, split_qkv=split_qkv)
-    sharded = [t.param_name for t in resolved if is_sharded(t.param)]
-    if strategy in _SHARDED_STRATEGIES or sharded:
-        raise NotImplementedError(
-            f"{owner} does not support strategy {strategy} in this version: its parameters are shards"
-            f" ({sharded[:3] or 'flattened'}), and the matrix sign or stable rank of a shard is not that of"
-            " the matrix. Use a single device or DDP (`strategy='ddp'`)."
-        )
-    return resolved
+    distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    return resolved, WholeMatrixPlan(resolved, distributed=distributed)
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> Optional[Tensor]:
+    """Total 2-norm of the gradients of ``params`` over the whole model, the same on every process.
+
+    Under DDP gradients are already synchronised; DTensor (FSDP2) gradients are shards, whose norm
+    ``torch.nn.utils.get_total_norm`` reduces over their mesh. ``None`` when no parameter has a gradient.
+    """
+    plain: list[Tensor] = []
+    sharded: dict[tuple, list[Tensor]] = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if is_sharded(g):
+            sharded.setdefault((id(g.device_mesh), tuple(g.placements)), []).append(g)
+        else:
+            plain.append(g)
+    if not plain and not sharded:
+        return None
+    squares: list[Tensor] = []
+    if plain:
+        squares.append(torch.nn.utils.get_total_norm(plain).float().square())
+    for grads in sharded.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        norm = norm.full_tensor() if is_sharded(norm) else norm
+        squares.append(norm.float().square().to(squares[0].device if squares else norm.device))
+    return torch.stack(squares).sum().sqrt()
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
@@ -90,6 +137,7 @@ class TargetedCallback(Callback):
     def __init__(self) -> None:
         super().__init__()
         self._targets: list[TargetMatrix] = []
+        self._plan: Optional[WholeMatrixPlan] = None
         self._last_step = 0
 
     @property
@@ -98,7 +146,14 @@ class TargetedCallback(Callback):
         return [t.name for t in self._targets]
 
     def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._targets = resolve_for_trainer(trainer, pl_module, self.targets, self.split_qkv, type(self).__name__)
+        self._targets, self._plan = resolve_for_trainer(
+            trainer, pl_module, self.targets, self.split_qkv, type(self).__name__
+        )
+
+    def _require_plan(self, method: str) -> WholeMatrixPlan:
+        if self._plan is None:
+            raise RuntimeError(f"{type(self).__name__}.{method}() needs resolved targets: call it after the Trainer's setup")
+        return self._plan
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -20,7 +20,8 @@ from lightning_msign.callbacks._common import (
 )
 from lightning_msign.functional.msign import BACKENDS, msign_restore
 from lightning_msign.functional.spectral import stable_rank
-from lightning_msign.targets import group_by_shape, validate_targets
+from lightning_msign.distributed import Block
+from lightning_msign.targets import validate_targets
 
 
 class MSignCallback(TargetedCallback):
@@ -52,6 +53,12 @@ class MSignCallback(TargetedCallback):
     NaN/Inf is skipped (warned, counted) and a result that is not finite is never written; a zero
     matrix is left as is. Matrices of one shape are processed in one batched call.
 
+With several processes the work is spread (:mod:`lightning_msign.distributed`): under DDP each
+process signs about ``1 / world`` of the targets and broadcasts the results, so every process holds
+bit-identical weights, equal to a single process's; under FSDP2 (``ModelParallelStrategy`` with
+``fully_shard``) each whole matrix is gathered on one process, signed there and cut back into its
+shards. A shard is never signed.
+
     Args:
         period: optimizer steps between applications (the paper's ``P``; default 100). Applications
             happen after optimizer steps ``P, 2P, ...``.
@@ -68,7 +75,8 @@ class MSignCallback(TargetedCallback):
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, when ``targets`` match no
             matrix of the model (the message lists the matrices that exist).
-        NotImplementedError: at ``setup``, for sharded strategies (FSDP, DeepSpeed, FSDP2).
+        NotImplementedError: at ``setup``, for FSDP1 (``FSDPStrategy``) and DeepSpeed (see README,
+            "Distributed training"); DDP and FSDP2 (``ModelParallelStrategy``) are supported.
 
     Logged metrics (at application steps, straight to the Trainer's loggers whatever
     ``log_every_n_steps`` is, at the step index of that batch's ``train/loss``):
@@ -138,46 +146,58 @@ class MSignCallback(TargetedCallback):
         """Apply MSign to every target now; returns the metrics of this application.
 
         Called by the callback after optimizer steps ``period, 2 * period, ...``; public so that a
-        manual-optimization loop or a test can apply it directly (after ``setup``).
+        manual-optimization loop or a test can apply it directly (after ``setup``). In a run with
+        several processes every process must call it (the matrices are spread over them).
         """
-        if not self._targets:
-            raise RuntimeError("MSignCallback.apply() needs resolved targets: call it after the Trainer's setup")
+        plan = self._require_plan("apply")
         device = device or self._targets[0].param.device
         synchronize(device)
         start = time.perf_counter()
+        # Row per target: [written (0/1), stable rank before, stable rank after].
+        table = plan.run(self._sign_blocks, result_size=3)
+        synchronize(device)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+
+        self._applications += 1
         metrics: dict[str, float] = {}
-        skipped: list[str] = []
-        for group in group_by_shape(self._targets).values():
-            mats = [t.matrix() for t in group]
-            X = torch.stack(mats).float() if mats[0].dtype != torch.float64 else torch.stack(mats)  # (G, m, n)
+        skipped = [t.name for t, row in zip(self._targets, table) if row[0] != 1]
+        if skipped:
+            self._skipped_nonfinite += len(skipped)
+            rank_zero_warn(f"MSignCallback skipped {len(skipped)} matrices holding NaN/Inf: {skipped[:5]}")
+        if self.log_stable_rank and len(skipped) < len(self._targets):
+            written = [(t.name, row) for t, row in zip(self._targets, table.tolist()) if row[0] == 1]
+            for name, row in written:
+                metrics[f"msign/srank_before/{name}"] = row[1]
+                metrics[f"msign/srank_after/{name}"] = row[2]
+            metrics["msign/srank_before_min"] = min(row[1] for _, row in written)
+            metrics["msign/srank_after_min"] = min(row[2] for _, row in written)
+        metrics["msign/applications"] = float(self._applications)
+        metrics["msign/time_ms"] = elapsed_ms
+        metrics["msign/skipped_nonfinite"] = float(self._skipped_nonfinite)
+        return metrics
+
+    def _sign_blocks(self, blocks: list[Block]) -> dict[int, torch.Tensor]:
+        """Sign the whole matrices this process owns, batched by shape; never writes a non-finite value."""
+        results: dict[int, torch.Tensor] = {}
+        groups: dict[tuple, list[Block]] = {}
+        for b in blocks:
+            groups.setdefault((tuple(b.matrix.shape), b.matrix.dtype), []).append(b)
+        for group in groups.values():
+            X = torch.stack([b.matrix for b in group])  # (G, m, n)
+            X = X.float() if X.dtype != torch.float64 else X
             finite = torch.isfinite(X).flatten(1).all(dim=1)  # (G,)
             X = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
             new = msign_restore(X, backend=self.backend, steps=self.steps)  # (G, m, n), ||new_i||_F = ||X_i||_F
             ok = finite & torch.isfinite(new).flatten(1).all(dim=1)
             if self.log_stable_rank:
-                before, after = stable_rank(X).tolist(), stable_rank(new).tolist()
-            for i, (t, mat, good) in enumerate(zip(group, mats, ok.tolist())):
-                if not good:
-                    skipped.append(t.name)
-                    continue
-                mat.copy_(new[i])
-                if self.log_stable_rank:
-                    metrics[f"msign/srank_before/{t.name}"] = before[i]
-                    metrics[f"msign/srank_after/{t.name}"] = after[i]
-        synchronize(device)
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-
-        self._applications += 1
-        if skipped:
-            self._skipped_nonfinite += len(skipped)
-            rank_zero_warn(f"MSignCallback skipped {len(skipped)} matrices holding NaN/Inf: {skipped[:5]}")
-        if self.log_stable_rank and len(skipped) < len(self._targets):
-            metrics["msign/srank_before_min"] = min(v for k, v in metrics.items() if k.startswith("msign/srank_before/"))
-            metrics["msign/srank_after_min"] = min(v for k, v in metrics.items() if k.startswith("msign/srank_after/"))
-        metrics["msign/applications"] = float(self._applications)
-        metrics["msign/time_ms"] = elapsed_ms
-        metrics["msign/skipped_nonfinite"] = float(self._skipped_nonfinite)
-        return metrics
+                before, after = stable_rank(X), stable_rank(new)
+            else:
+                before = after = torch.zeros(len(group), device=X.device)
+            for i, (b, good) in enumerate(zip(group, ok.tolist())):
+                if good:
+                    b.matrix.copy_(new[i])
+                results[b.index] = torch.stack([ok[i].to(before.dtype), before[i], after[i]])
+        return results
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -17,10 +18,12 @@ from lightning_msign.callbacks._common import (
     check_choice,
     TargetedCallback,
     check_positive_int,
+    global_grad_norm,
     log_to_loggers,
     synchronize,
 )
 from lightning_msign.functional.smoothing import SMOOTHINGS, pss_rank, pss_smooth, smooth_singular_values
+from lightning_msign.distributed import Block
 from lightning_msign.functional.spectral import spectral_norm_estimate
 from lightning_msign.targets import validate_targets
 
@@ -63,8 +66,12 @@ class PSSCallback(TargetedCallback):
     LR schedule and ``global_step`` still advance); ``"smooth_and_skip"`` does both. A non-finite norm is
     warned about, logged and counted, never enters the average, never triggers smoothing, and with
     ``skip_nonfinite`` (default) its optimizer step is skipped the same way, so it cannot write NaN/Inf
-    into the weights. The trigger decision is made identical on every process
-    (``reduce_boolean_decision``).
+    into the weights.
+
+    With several processes (DDP, FSDP2) the gradient norm is the global one: DDP has synchronised the
+    gradients, and FSDP2's gradient shards are reduced over their mesh. The trigger decision is made
+    identical on every process (``reduce_boolean_decision``), and a protection smooths each whole
+    matrix on one process and shares the result, as :class:`~lightning_msign.MSignCallback` does.
 
     Args:
         tau: trigger threshold on :math:`\mu_t`, > 1 (paper: 2.5).
@@ -85,7 +92,8 @@ class PSSCallback(TargetedCallback):
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, when ``targets`` match no matrix.
-        NotImplementedError: at ``setup``, for sharded strategies (FSDP, DeepSpeed, FSDP2).
+        NotImplementedError: at ``setup``, for FSDP1 (``FSDPStrategy``) and DeepSpeed; DDP and FSDP2
+            (``ModelParallelStrategy``) are supported.
 
     Logged metrics (straight to the Trainer's loggers, at the step index of the batch's ``train/loss``):
         ``pss/grad_norm``, ``pss/ratio``, ``pss/ewma``, ``pss/triggered`` (0 or 1), ``pss/triggers``
@@ -153,7 +161,7 @@ class PSSCallback(TargetedCallback):
         self._nonfinite = 0
         self._cooldown_until = 0
         self._last_step = -1
-        self.trigger_steps: list[int] = []  # optimizer steps (1-based) that triggered, this process
+        self.trigger_steps: list[int] = []  # optimizer steps (1-based) that triggered (restored on resume)
 
     @property
     @override
@@ -184,9 +192,10 @@ class PSSCallback(TargetedCallback):
         self._last_step = trainer.global_step
         step = trainer.global_step + 1  # the optimizer step about to be taken
         params = [p for p in pl_module.parameters() if p.grad is not None]
-        if not params:
+        total = global_grad_norm(params)
+        if total is None:
             return
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        norm = float(total)
         metrics: dict[str, float] = {"pss/grad_norm": norm}
 
         if not math.isfinite(norm):
@@ -237,37 +246,51 @@ class PSSCallback(TargetedCallback):
 
     @torch.no_grad()
     def protect(self, device: Optional[torch.device] = None) -> dict[str, float]:
-        """Smooth every target now; returns the metrics of this protection (public for manual loops)."""
-        if not self._targets:
-            raise RuntimeError("PSSCallback.protect() needs resolved targets: call it after the Trainer's setup")
+        """Smooth every target now; returns the metrics of this protection (public for manual loops).
+
+        In a run with several processes every process must call it: each whole matrix is smoothed by
+        one process and the result shared (:mod:`lightning_msign.distributed`).
+        """
+        plan = self._require_plan("protect")
         device = device or self._targets[0].param.device
         synchronize(device)
         start = time.perf_counter()
+        # Row per target: [written (0/1), sigma_1 before, sigma_1 after, k].
+        table = plan.run(self._smooth_blocks, result_size=4)
+        synchronize(device)
         metrics: dict[str, float] = {}
-        for i, t in enumerate(self._targets):
-            W = t.matrix()
+        for t, (written, before, after, k) in zip(self._targets, table.tolist()):
+            if written != 1:
+                continue
+            metrics[f"pss/sigma1_before/{t.name}"] = before
+            metrics[f"pss/sigma1_after/{t.name}"] = after
+            metrics[f"pss/rank/{t.name}"] = k
+        metrics["pss/time_ms"] = (time.perf_counter() - start) * 1e3
+        return metrics
+
+    def _smooth_blocks(self, blocks: list[Block]) -> dict[int, torch.Tensor]:
+        results: dict[int, torch.Tensor] = {}
+        for b in blocks:
+            W = b.matrix
             X = W.float() if W.dtype != torch.float64 else W
             if not bool(torch.isfinite(X).all()):
-                rank_zero_warn(f"PSSCallback: {t.name} holds NaN/Inf; left as it is.")
+                warnings.warn(f"PSSCallback: {b.target.name} holds NaN/Inf; left as it is.", RuntimeWarning)
                 continue
             if self.rank == "stable":
                 sigma_1, _ = spectral_norm_estimate(X, num_iters=20)
                 k = pss_rank(X, sigma_1, self.max_rank)
             else:
                 k = min(self.rank, *X.shape)
+            # The seed depends only on the trigger count and the target's place: the same on every process.
             new, sigma, smoothed = pss_smooth(
-                X, k, self.smoothing, self.smoothing_kwargs, power_iters=self.power_iters, seed=self._triggers * 7919 + i
+                X, k, self.smoothing, self.smoothing_kwargs, power_iters=self.power_iters, seed=self._triggers * 7919 + b.index
             )
             if not bool(torch.isfinite(new).all()):
-                rank_zero_warn(f"PSSCallback: smoothing {t.name} gave non-finite values; left as it is.")
+                warnings.warn(f"PSSCallback: smoothing {b.target.name} gave non-finite values; left as it is.", RuntimeWarning)
                 continue
             W.copy_(new)
-            metrics[f"pss/sigma1_before/{t.name}"] = float(sigma[0])
-            metrics[f"pss/sigma1_after/{t.name}"] = float(smoothed[0])
-            metrics[f"pss/rank/{t.name}"] = float(k)
-        synchronize(device)
-        metrics["pss/time_ms"] = (time.perf_counter() - start) * 1e3
-        return metrics
+            results[b.index] = torch.tensor([1.0, float(sigma[0]), float(smoothed[0]), float(k)])
+        return results
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -277,6 +300,7 @@ class PSSCallback(TargetedCallback):
             "nonfinite": self._nonfinite,
             "cooldown_until": self._cooldown_until,
             "last_step": self._last_step,
+            "trigger_steps": list(self.trigger_steps),
         }
 
     @override
@@ -287,3 +311,4 @@ class PSSCallback(TargetedCallback):
         self._nonfinite = int(state_dict.get("nonfinite", 0))
         self._cooldown_until = int(state_dict.get("cooldown_until", 0))
         self._last_step = int(state_dict.get("last_step", -1))
+        self.trigger_steps = [int(s) for s in state_dict.get("trigger_steps", [])]

@@ -1,0 +1,306 @@
+"""Whole-matrix operations on replicated and sharded parameters, spread over the processes of a run.
+
+The matrix sign, the stable rank and the dominant singular directions of a weight are properties of
+the *whole* matrix: the sign of a shard is not a shard of the sign (an O(1) error). This module runs a
+per-matrix computation so that
+
+* every matrix is computed exactly once per replica group, by one *owner* process, on the whole
+  matrix; owners are assigned by a deterministic greedy balance of the cost ``m * n * min(m, n)``
+  (largest first, to the least-loaded process), so each process computes about ``1 / world`` of the
+  work and every process knows, without communication, who owns what;
+* **replicated** parameters (one process, or DDP: every process holds the whole weight) need no
+  gathering; after the computation each owner broadcasts the new values of its parameters, so all
+  processes hold bit-identical weights;
+* **sharded** parameters (``DTensor`` with one ``Shard(d)`` placement and ``Replicate()`` on any other
+  mesh dimension: FSDP2's ``fully_shard``, HSDP) are gathered whole onto their owner (one
+  ``gather`` per owner over the shard group), computed there, and the owner's result is cut into the
+  same shards and sent back (one ``scatter`` per owner); each process writes its own shard;
+* small per-matrix results (stable ranks, power-iteration vectors, flags) are summed into a table
+  that every process receives (one ``all_reduce``), so callbacks hold identical state on all ranks.
+
+Collectives are issued in the same order on every process of a group, whatever the data, so a
+callback that runs the plan at the same optimizer steps on every process cannot deadlock. Nothing
+here imports Lightning.
+
+Not supported (``NotImplementedError`` naming the parameter): DTensors with a ``Partial`` placement
+or sharded on more than one mesh dimension (tensor parallelism combined with FSDP).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_msign.targets import TargetMatrix
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+
+
+@dataclass
+class Block:
+    """One target handed to a computation: its index in the plan's target list and its whole matrix.
+
+    ``matrix`` is a 2D view into the whole parameter as the owner holds it (the parameter itself when
+    it is replicated, a gathered copy when it is sharded): writing into it (``copy_``) changes the
+    weight once the plan writes back.
+    """
+
+    index: int
+    target: TargetMatrix
+    matrix: Tensor
+
+
+Compute = Callable[[list[Block]], dict[int, Tensor]]
+
+
+@dataclass
+class _Unit:
+    """One parameter and the targets inside it (a fused QKV weight holds up to three)."""
+
+    param: Tensor
+    blocks: list[tuple[int, TargetMatrix]]
+    sharded: bool
+    shard_dim: int = 0
+    group: Optional[object] = None  # a ProcessGroup, or None for a single process
+    owner: int = 0  # rank in ``group``
+    cost: float = 0.0
+
+
+@dataclass
+class _Group:
+    """The units that share one process group and dtype: their collectives are issued together."""
+
+    group: Optional[object]
+    dtype: torch.dtype
+    device: torch.device
+    units: list[_Unit] = field(default_factory=list)
+
+
+def _cost(shape: Sequence[int]) -> float:
+    m, n = shape[0], math.prod(shape[1:])
+    return float(m) * n * min(m, n)
+
+
+def _shard_layout(param: Tensor, name: str) -> tuple[int, object]:
+    """``(tensor dim, process group)`` of a DTensor sharded on one mesh dimension, replicated on the rest."""
+    shard_dims = [(i, p.dim) for i, p in enumerate(param.placements) if isinstance(p, Shard)]
+    others = [p for p in param.placements if not isinstance(p, (Shard, Replicate))]
+    if others or len(shard_dims) > 1:
+        raise NotImplementedError(
+            f"Parameter {name!r} is a DTensor with placements {tuple(param.placements)}: only one Shard(d) placement"
+            " (FSDP2 / HSDP) plus Replicate() is supported; whole-matrix gathering across several sharded mesh"
+            " dimensions (tensor parallelism with FSDP) or of a Partial() tensor is not implemented."
+        )
+    if not shard_dims:
+        return -1, None
+    mesh_dim, tensor_dim = shard_dims[0]
+    return tensor_dim, param.device_mesh.get_group(mesh_dim)
+
+
+def _local(param: Tensor) -> Tensor:
+    """The tensor this process stores for ``param`` (its shard for a DTensor), detached, sharing storage."""
+    if DTensor is not None and isinstance(param, DTensor):
+        return param.to_local().detach()
+    return param.detach()
+
+
+def _chunk_sizes(length: int, parts: int) -> list[int]:
+    """Sizes of ``torch.chunk(length, parts)`` padded with empty chunks: DTensor's ``Shard`` layout."""
+    size = -(-length // parts)
+    return [max(0, min(size, length - i * size)) for i in range(parts)]
+
+
+class WholeMatrixPlan:
+    """Who computes which target matrix, and the collectives that move whole matrices to and from it.
+
+    Args:
+        targets: the targets, in an order that is the same on every process (resolution order).
+        distributed: whether the run has several processes (``trainer.world_size > 1`` and
+            ``torch.distributed`` initialized). ``False``: everything is computed locally, in place.
+
+    Raises:
+        NotImplementedError: a sharded parameter with a layout that cannot be gathered whole.
+    """
+
+    def __init__(self, targets: Sequence[TargetMatrix], distributed: bool) -> None:
+        self.targets = list(targets)
+        self.distributed = bool(distributed and dist.is_available() and dist.is_initialized())
+        units: dict[int, _Unit] = {}
+        for i, t in enumerate(self.targets):
+            unit = units.get(id(t.param))
+            if unit is None:
+                unit = units[id(t.param)] = self._unit(t)
+            unit.blocks.append((i, t))
+        self._groups: list[_Group] = []
+        by_key: dict[tuple, _Group] = {}
+        for unit in units.values():
+            local = _local(unit.param)
+            key = (id(unit.group), unit.param.dtype)
+            if key not in by_key:
+                by_key[key] = _Group(unit.group, unit.param.dtype, local.device)
+                self._groups.append(by_key[key])
+            by_key[key].units.append(unit)
+        for g in self._groups:
+            self._assign_owners(g)
+
+    def _unit(self, t: TargetMatrix) -> _Unit:
+        p = t.param
+        if DTensor is not None and isinstance(p, DTensor):
+            dim, group = _shard_layout(p, t.param_name)
+            if dim >= 0 and self.distributed:
+                return _Unit(p, [], sharded=True, shard_dim=dim, group=group, cost=_cost(p.shape))
+            return _Unit(p, [], sharded=False, group=dist.group.WORLD if self.distributed else None, cost=_cost(p.shape))
+        return _Unit(p, [], sharded=False, group=dist.group.WORLD if self.distributed else None, cost=_cost(p.shape))
+
+    @staticmethod
+    def _assign_owners(g: _Group) -> None:
+        world = dist.get_world_size(g.group) if g.group is not None else 1
+        load = [0.0] * world
+        order = sorted(range(len(g.units)), key=lambda i: (-g.units[i].cost, i))
+        for i in order:
+            owner = min(range(world), key=lambda r: (load[r], r))
+            g.units[i].owner = owner
+            load[owner] += g.units[i].cost
+
+    # ----------------------------------------------------------------------------------------- info
+    def owners(self) -> dict[str, int]:
+        """Target name -> rank (in its process group) of the process that computes it."""
+        return {t.name: u.owner for g in self._groups for u in g.units for _, t in u.blocks}
+
+    def local_share(self) -> float:
+        """Fraction of the total cost this process computes (1.0 on a single process)."""
+        total = mine = 0.0
+        for g in self._groups:
+            rank = dist.get_rank(g.group) if g.group is not None else 0
+            for u in g.units:
+                total += u.cost
+                mine += u.cost if u.owner == rank else 0.0
+        return mine / total if total else 1.0
+
+    # ------------------------------------------------------------------------------------------ run
+    @torch.no_grad()
+    def run(self, compute: Compute, result_size: int = 0, write: bool = True) -> Tensor:
+        """Run ``compute`` on whole matrices, on their owners; write back and share the results.
+
+        Args:
+            compute: called on each process with the :class:`Block` s it owns (possibly none); may write
+                into ``block.matrix``; returns ``{block.index: 1-D tensor of <= result_size values}``.
+            result_size: length of each target's result row.
+            write: send changed weights back (``False`` for read-only computations: no weight traffic).
+
+        Returns:
+            ``(len(targets), result_size)`` float64 table of the results, identical on every process
+            (rows of targets that returned nothing are zero).
+        """
+        table = torch.zeros(len(self.targets), result_size, dtype=torch.float64)
+        for g in self._groups:
+            rank = dist.get_rank(g.group) if g.group is not None else 0
+            world = dist.get_world_size(g.group) if g.group is not None else 1
+            full = self._gather(g, rank, world)  # id(unit) -> whole parameter, for units this process owns
+            blocks: list[Block] = []
+            for u in g.units:
+                if u.owner != rank:
+                    continue
+                whole = full[id(u)]
+                for index, t in u.blocks:
+                    blocks.append(Block(index, t, t.matrix(whole)))
+            results = compute(blocks) if blocks else {}
+            if write:
+                self._write_back(g, rank, world, full)
+            rows = torch.zeros(len(self.targets), result_size, dtype=torch.float64, device=g.device)
+            for index, values in results.items():
+                values = values.detach().reshape(-1).to(device=g.device, dtype=torch.float64)
+                rows[index, : values.numel()] = values
+            if g.group is not None and result_size:
+                dist.all_reduce(rows, group=g.group)
+            table += rows.cpu()
+        return table
+
+    def _gather(self, g: _Group, rank: int, world: int) -> dict[int, Tensor]:
+        full: dict[int, Tensor] = {}
+        for u in g.units:
+            if not u.sharded and u.owner == rank:
+                full[id(u)] = _local(u.param)
+        if world == 1:  # a shard group of one process: the local shard is the whole matrix
+            full.update({id(u): _local(u.param) for u in g.units if u.sharded})
+            return full
+        if not any(u.sharded for u in g.units):
+            return full
+        for owner in range(world):
+            units = [u for u in g.units if u.sharded and u.owner == owner]
+            if not units:
+                continue
+            pieces = []
+            for u in units:
+                local = _local(u.param).movedim(u.shard_dim, 0)  # (rows here, ...)
+                rows = u.param.shape[u.shard_dim]
+                width = u.param.numel() // rows if rows else 0
+                pad = -(-rows // world) - local.shape[0]
+                flat = local.reshape(local.shape[0], width)
+                pieces.append(torch.nn.functional.pad(flat, (0, 0, 0, pad)).reshape(-1))
+            send = torch.cat(pieces)
+            recv = [torch.empty_like(send) for _ in range(world)] if rank == owner else None
+            dist.gather(send, recv, dst=dist.get_global_rank(g.group, owner), group=g.group)
+            if rank != owner:
+                continue
+            offset = 0
+            for u in units:
+                shape = u.param.shape
+                moved = (shape[u.shard_dim],) + tuple(s for d, s in enumerate(shape) if d != u.shard_dim)
+                chunk = -(-moved[0] // world)
+                width = math.prod(moved[1:])
+                parts = [
+                    buf[offset : offset + chunk * width].view(chunk, *moved[1:])[:size]
+                    for buf, size in zip(recv, _chunk_sizes(moved[0], world))
+                ]
+                offset += chunk * width
+                full[id(u)] = torch.cat(parts).movedim(0, u.shard_dim).contiguous()
+        return full
+
+    def _write_back(self, g: _Group, rank: int, world: int, full: dict[int, Tensor]) -> None:
+        if world == 1:  # the computation wrote into the parameters (or their only shard) in place
+            return
+        for owner in range(world):
+            replicated = [u for u in g.units if not u.sharded and u.owner == owner]
+            if replicated:
+                if rank == owner:
+                    buf = torch.cat([full[id(u)].reshape(-1) for u in replicated])
+                else:
+                    buf = torch.empty(sum(u.param.numel() for u in replicated), dtype=g.dtype, device=g.device)
+                dist.broadcast(buf, src=dist.get_global_rank(g.group, owner), group=g.group)
+                if rank != owner:
+                    offset = 0
+                    for u in replicated:
+                        dst = _local(u.param)
+                        dst.copy_(buf[offset : offset + dst.numel()].view_as(dst))
+                        offset += dst.numel()
+            sharded = [u for u in g.units if u.sharded and u.owner == owner]
+            if not sharded:
+                continue
+            sizes = [-(-u.param.shape[u.shard_dim] // world) * (u.param.numel() // u.param.shape[u.shard_dim]) for u in sharded]
+            recv = torch.empty(sum(sizes), dtype=g.dtype, device=g.device)
+            send = None
+            if rank == owner:
+                per_rank: list[list[Tensor]] = [[] for _ in range(world)]
+                for u, size in zip(sharded, sizes):
+                    moved = full[id(u)].movedim(u.shard_dim, 0)
+                    for r, part in enumerate(torch.split(moved, _chunk_sizes(moved.shape[0], world))):
+                        flat = part.reshape(-1)
+                        per_rank[r].append(torch.nn.functional.pad(flat, (0, size - flat.numel())))
+                send = [torch.cat(parts) for parts in per_rank]
+            dist.scatter(recv, send, src=dist.get_global_rank(g.group, owner), group=g.group)
+            offset = 0
+            for u, size in zip(sharded, sizes):
+                moved = _local(u.param).movedim(u.shard_dim, 0)
+                n = moved.numel()
+                moved.copy_(recv[offset : offset + n].view(moved.shape))
+                offset += size
