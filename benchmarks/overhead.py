@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Overhead benchmark of lightning_msign: what MSign and StableRankMonitor cost a training run.
 
-Two parts, one process, one thread setting (``torch.set_num_threads``) for both:
+Three parts, one thread setting (``torch.set_num_threads``) for all:
 
 1. **Training-step overhead.** One real ``lightning.Trainer`` per configuration (baseline, MSign with
    each backend, StableRankMonitor every step), each with its own ``LitGPTModule`` (same seed) on the
@@ -30,11 +30,19 @@ Two parts, one process, one thread setting (``torch.set_num_threads``) for both:
    ``svd_time / backend_time``, the relative Frobenius error against ``svd`` and the extreme singular
    values and stable rank of the output. Runs on the CPU, and also on the GPU when the run's device is CUDA.
 
+3. **Distributed**: time per ``MSignCallback.apply()`` (attention targets, svd and polar_express) on 1
+   process and on 2 processes (``torch.multiprocessing`` + gloo, 1 thread each): replicated weights as
+   under DDP (each process signs its share and broadcasts it) and FSDP2 ``fully_shard`` DTensor weights
+   (each whole matrix gathered on its owner, signed, scattered back); an application ends when the
+   slowest process is done. Reports the speed-up over 1 process and each process's compute time.
+
 Usage::
 
     python benchmarks/overhead.py --threads 1          # full (~8-10 min on 2 CPU cores)
     python benchmarks/overhead.py --quick              # smoke version (< 60 s), for CI
     python benchmarks/overhead.py --device cuda        # on a GPU machine
+    python benchmarks/overhead.py --threads 1 --skip-training --skip-backends \
+        --out benchmarks/results/overhead_distributed.json   # the distributed part only (~30 s)
 
 Writes JSON (``--out``, default ``benchmarks/results/overhead.json``; ``overhead_quick.json`` with
 ``--quick``) and the same markdown tables next to it (``.md``), and prints the tables. See
@@ -132,7 +140,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
         s = Settings(
             mode="full", model={"n_layer": 6, "n_embd": 256, "n_head": 4}, seq_len=256, batch_size=16,
             timing_period=5, warmup_steps=5, min_timed_steps=20, max_timed_steps=200, train_budget_s=450.0,
-            apply_repeats=2, micro_shapes=[(768, 768), (768, 3072)], micro_repeats=5, micro_warmup=1, dist_repeats=7,
+            apply_repeats=2, micro_shapes=[(768, 768), (768, 3072)], micro_repeats=5, micro_warmup=1, dist_repeats=15,
             **common,
         )
     if args.timing_period is not None:
@@ -887,7 +895,8 @@ def render_distributed(res: dict[str, Any]) -> list[str]:
         "",
         "## 3. Distributed: time per MSign application, 1 vs 2 processes (CPU, gloo)",
         "",
-        f"`MSignCallback.apply()` on the attention matrices of the model above (fresh init, restored before every "
+        f"`MSignCallback.apply()` on the attention matrices of a {s['model']['n_layer']} x {s['model']['n_embd']} "
+        f"LitGPT ({s['model']['n_head']} heads; fresh init, restored before every "
         f"call), 1 torch thread per process, median of {s['dist_repeats']} calls after a warm-up; an application "
         "ends when the slowest process is done. `ddp`: replicated weights, each process signs its share and "
         "broadcasts it; `fsdp2`: `fully_shard`ed DTensor weights, each whole matrix gathered on its owner, "
