@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import RecordingLogger, tiny_data, tiny_module  # noqa: E402
+from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
 from lightning_msign import MSignCallback, PSSCallback, StableRankMonitor  # noqa: E402
@@ -125,18 +125,8 @@ def main() -> None:
         monitor,
     ]
     trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_steps=args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=logger,
+        **trainer_kwargs(args.out, devices=2, strategy=strategy, max_steps=args.steps, logger=logger),
         callbacks=callbacks,
-        default_root_dir=args.out,
     )
     trainer.callbacks.append(Save(args.out, store, msign, pss, monitor, logger))
     trainer.fit(tiny_module(), tiny_data(num_workers=0))
