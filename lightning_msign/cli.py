@@ -1,10 +1,14 @@
 """Command line: ``lightning-msign fit --config recipes/debug.yaml`` (also ``python -m lightning_msign``).
 
+``lightning-msign report RUN_DIR [RUN_DIR ...] --out DIR`` draws logged runs side by side
+(:mod:`lightning_msign.report`); every other subcommand goes to ``LightningCLI``.
+
 A thin ``LightningCLI`` over :class:`~lightning_msign.litgpt_module.LitGPTModule` and
 :class:`~lightning_msign.data.ShakespeareDataModule`. The data module decides the vocabulary and the
 context length; both are linked into the model, so a recipe never repeats them.
 """
 
+import sys
 from typing import Optional
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -36,7 +40,10 @@ class MSignCLI(LightningCLI):
 
 
 def cli_main(args: Optional[ArgsType] = None) -> None:
-    """Run the ``lightning-msign`` command line (subcommands ``fit``, ``validate``, ``test``, ...).
+    """Run the ``lightning-msign`` command line (subcommands ``fit``, ``validate``, ``test``, ..., ``report``).
+
+    ``report`` (first argument) is handled by :func:`lightning_msign.report.report_main` before
+    ``LightningCLI`` sees the arguments; see ``lightning-msign report --help``.
 
     The model owns its optimizer and schedule (``LitGPTModule.configure_optimizers``), so the CLI's
     ``--optimizer``/``--lr_scheduler`` options are disabled. The resolved config is saved next to the
@@ -52,7 +59,13 @@ def cli_main(args: Optional[ArgsType] = None) -> None:
     Example::
 
         cli_main(["fit", "--config", "recipes/debug.yaml", "--trainer.max_steps", "10"])
+        cli_main(["report", "logs/csv/debug", "--out", "reports/debug"])
     """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
+        from lightning_msign.report import report_main
+
+        return report_main(list(argv[1:]))
     MSignCLI(
         LitGPTModule,
         ShakespeareDataModule,
