@@ -25,3 +25,21 @@ def test_overhead_quick_runs_and_writes_results(tmp_path):
     result = json.loads(out.read_text())
     assert result and out.with_suffix(".md").read_text().startswith("# lightning_msign overhead benchmark")
     assert "MSign P=100, backend svd" in proc.stdout and "svd_time / time" in proc.stdout
+
+
+@pytest.mark.slow
+def test_stability_quick_runs_and_writes_results(tmp_path):
+    env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--quick", "--out", str(tmp_path / "stab")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "stab" / "stability.json").read_text())
+    cells = {(c["method"], c["lr"]) for c in result["cells"]}
+    assert cells == {(m, lr) for m in ("baseline", "msign_attn_p10") for lr in (0.003, 0.1)}
+    for c in result["cells"]:  # every cell trained to the end or stopped at a recorded divergence step
+        assert c["steps_done"] == 40 or c["diverged_step"] is not None
+        assert (tmp_path / "stab" / "runs" / c["name"] / "version_0" / "metrics.csv").exists()
+    assert set(result["analysis"]["per_method"]) == {"baseline", "msign_attn_p10"}
+    assert "| baseline |" in (tmp_path / "stab" / "stability.md").read_text()

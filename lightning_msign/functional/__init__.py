@@ -1,5 +1,6 @@
 """Pure tensor math of lightning_msign: no Lightning import, usable in any training loop."""
 
+from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
 from lightning_msign.functional.msign import BACKENDS, msign, msign_restore
 from lightning_msign.functional.smoothing import (
     SMOOTHINGS,
@@ -22,6 +23,8 @@ __all__ = [
     "BACKENDS",
     "SMOOTHINGS",
     "initial_vector",
+    "jacobian_alignment",
+    "jacobian_top_singular",
     "msign",
     "msign_restore",
     "pss_rank",

@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Stability benchmark of lightning_msign: which learning rates train, with and without the suite.
+
+A learning-rate sweep x methods x seeds of real Lightning runs made of the project's own parts
+(``LitGPTModule``, ``ShakespeareDataModule``, the callbacks): what users run, not a copy. The default
+setup is the probe of ../shared/SPEC.md: LitGPT 12 layers, width 64, 4 heads, no positional encoding,
+pre-LayerNorm, byte-level Shakespeare, batch 16 x 128, AdamW (0.9, 0.95), weight decay 0.1, gradient
+clipping 1.0, 100 warm-up steps and a linear decay to lr / 10, ``32-true``. Options change the setup
+(``--no-clip``, ``--precision bf16-mixed``, ``--steps``, ``--model``) to look for settings where the
+baseline really diverges.
+
+Methods (``--methods``; each one adds to the baseline only what its name says):
+
+``baseline``            nothing
+``msign_attn``          ``MSignCallback(period=100, targets="attention")`` (exact SVD)
+``msign_all2d``         ``MSignCallback(period=100, targets="all_2d")``
+``msign_attn_p10``      ``MSignCallback(period=10, targets="attention", backend="polar_express")``
+``msign_qk_p10``        ``MSignCallback(period=10, targets="qk", backend="polar_express")``
+``pss``                 ``PSSCallback(tau=2.5, targets="qk")``
+``msign_pss``           ``msign_attn`` + ``pss``
+``qk_norm``             LitGPT ``norm_qk=True`` (the known fix)
+``z_loss``              ``LitGPTModule(z_loss=1e-4)`` (the known output-logit fix)
+
+Every run also has ``StableRankMonitor`` (attention, every ``--diag-every`` steps) and, when available,
+``DiagnosticsMonitor`` (attention-logit and output-logit magnitude), logging to a CSVLogger under
+``--out/runs/<cell>``. A run *diverges* at the first step whose training loss is NaN/Inf, or whose mean
+training loss over the last ``--diverge-window`` steps (default 50) is above ``--diverge-loss`` (default:
+the loss at initialisation, ln 256 = 5.55, plus 1: a spike it does not recover from), and is stopped there.
+
+Per cell: diverged (step), final validation loss, min stable rank, max attention logit, max gradient
+norm, wall time. Per method: Wortsman et al.'s LR sensitivity ``mean_lr[min(final(lr), loss_at_init) -
+best_final]``, the largest LR that trains stably (no divergence, final loss within ``--stable-margin``
+of the method's best), and at each LR the share of the baseline's gap to its best LR that the method
+closes.
+
+Usage::
+
+    python benchmarks/stability.py --quick                 # CI smoke test, ~2 min
+    python benchmarks/stability.py --jobs 2                 # the full sweep (hours on 2 CPU cores)
+    python benchmarks/stability.py --lrs 0.01 0.1 --methods baseline qk_norm --seeds 0 --steps 1000
+
+Writes ``--out`` (default ``benchmarks/results/stability``): ``stability.json``, ``stability.md`` and
+the runs' CSV logs; the figures are drawn by ``lightning-msign report`` from those logs when the
+command exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "stability"
+LOSS_AT_INIT = math.log(256)  # byte-level tokens, uniform prediction
+
+METHODS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "msign_attn": {"msign": {"period": 100, "targets": "attention"}},
+    "msign_all2d": {"msign": {"period": 100, "targets": "all_2d"}},
+    "msign_attn_p10": {"msign": {"period": 10, "targets": "attention", "backend": "polar_express"}},
+    "msign_qk_p10": {"msign": {"period": 10, "targets": "qk", "backend": "polar_express"}},
+    "pss": {"pss": {"tau": 2.5, "targets": "qk"}},
+    "msign_pss": {"msign": {"period": 100, "targets": "attention"}, "pss": {"tau": 2.5, "targets": "qk"}},
+    "qk_norm": {"model": {"norm_qk": True}},
+    "z_loss": {"module": {"z_loss": 1e-4}},
+}
+
+MODEL_12x64 = {"n_layer": 12, "n_embd": 64, "n_head": 4, "rotary_percentage": 0.0, "parallel_residual": False,
+               "bias": False}
+MODEL_QUICK = {"n_layer": 2, "n_embd": 32, "n_head": 2, "rotary_percentage": 0.0, "parallel_residual": False,
+               "bias": False}
+
+
+# --------------------------------------------------------------------------- one cell (own process)
+def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one (method, lr, seed) cell and return its summary; runs in a fresh process."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_msign import LitGPTModule, MSignCallback, PSSCallback, ShakespeareDataModule, StableRankMonitor
+
+    method = METHODS[spec["method"]]
+
+    class Divergence(Callback):
+        """Stops the run at the first non-finite loss or a loss above the limit; records the maxima."""
+
+        def __init__(self) -> None:
+            self.step: Optional[int] = None
+            self.max_grad_norm = 0.0
+            self.recent: list[float] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads))
+            self.max_grad_norm = max(self.max_grad_norm, norm) if math.isfinite(norm) else float("inf")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+            self.recent = (self.recent + [loss])[-spec["diverge_window"]:]
+            too_high = len(self.recent) == spec["diverge_window"] and sum(self.recent) / len(self.recent) > spec["diverge_loss"]
+            if self.step is None and (not math.isfinite(loss) or too_high):
+                self.step = trainer.global_step
+                trainer.should_stop = True
+
+    pl.seed_everything(spec["seed"], verbose=False)
+    model_config = {**spec["model"], **method.get("model", {})}
+    module = LitGPTModule(
+        model_config, vocab_size=256, block_size=spec["seq_len"], lr=spec["lr"], weight_decay=0.1,
+        betas=(0.9, 0.95), warmup_steps=spec["warmup"], lr_decay="linear", min_lr_ratio=0.1,
+        max_steps=spec["steps"], **method.get("module", {}),
+    )
+    data = ShakespeareDataModule(tokenizer="byte", seq_len=spec["seq_len"], batch_size=spec["batch_size"],
+                                 seed=spec["seed"])
+    divergence = Divergence()
+    callbacks: list[Any] = [divergence]
+    if "pss" in method:
+        callbacks.append(PSSCallback(**method["pss"]))
+    if "msign" in method:
+        callbacks.append(MSignCallback(**method["msign"]))
+    callbacks.append(StableRankMonitor(targets="attention", every_n_steps=spec["diag_every"], log_grad_norm=True))
+    try:
+        from lightning_msign import DiagnosticsMonitor
+
+        callbacks.append(DiagnosticsMonitor(every_n_steps=spec["diag_every"], jacobian=spec["jacobian"]))
+    except ImportError:  # an older checkout without the diagnostics callback
+        pass
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, precision=spec["precision"], max_steps=spec["steps"],
+        gradient_clip_val=spec["clip"], val_check_interval=spec["val_every"], limit_val_batches=spec["val_batches"],
+        num_sanity_val_steps=0, log_every_n_steps=spec["log_every"], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        logger=CSVLogger(spec["log_dir"], name=spec["name"], version=0),
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, data)
+    wall = time.perf_counter() - t0
+    if divergence.step is None:
+        val = trainer.validate(module, data, verbose=False)[0]["val/loss"]
+    else:
+        val = float("nan")
+    return {**{k: spec[k] for k in ("name", "method", "lr", "seed")}, "diverged_step": divergence.step,
+            "final_val_loss": float(val), "max_grad_norm": divergence.max_grad_norm, "wall_s": wall,
+            "steps_done": trainer.global_step, "log_dir": str(Path(spec["log_dir"]) / spec["name"] / "version_0")}
+
+
+def summarize_logs(cell: dict[str, Any]) -> dict[str, Any]:
+    """Min stable rank, max attention logit and the last training losses from the cell's CSV log."""
+    import csv
+
+    path = Path(cell["log_dir"]) / "metrics.csv"
+    out = {"min_srank": None, "max_attn_logit": None, "max_output_logit": None, "final_train_loss": None}
+    if not path.exists():
+        return out
+    srank, attn, outl, train = [], [], [], []
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            for key, acc in (("srank/min", srank), ("diag/attn_logit_max", attn), ("diag/output_logit_max", outl),
+                             ("train/loss", train)):
+                value = row.get(key)
+                if value not in (None, ""):
+                    acc.append(float(value))
+    finite = [x for x in train if math.isfinite(x)]
+    out["min_srank"] = min(srank) if srank else None
+    out["max_attn_logit"] = max(attn) if attn else None
+    out["max_output_logit"] = max(outl) if outl else None
+    out["final_train_loss"] = sum(finite[-20:]) / len(finite[-20:]) if finite else None
+    return out
+
+
+# --------------------------------------------------------------------------- analysis
+def analyse(cells: list[dict[str, Any]], margin: float) -> dict[str, Any]:
+    methods = sorted({c["method"] for c in cells}, key=list(METHODS).index)
+    lrs = sorted({c["lr"] for c in cells})
+
+    def final(c: dict[str, Any]) -> float:
+        return c["final_val_loss"] if c["diverged_step"] is None and math.isfinite(c["final_val_loss"]) else LOSS_AT_INIT
+
+    table: dict[str, dict[float, list[float]]] = {m: {lr: [] for lr in lrs} for m in methods}
+    for c in cells:
+        table[c["method"]][c["lr"]].append(final(c))
+    mean = {m: {lr: (sum(v) / len(v) if v else float("nan")) for lr, v in table[m].items()} for m in methods}
+    base = mean.get("baseline")
+    per_method = {}
+    for m in methods:
+        curve = {lr: v for lr, v in mean[m].items() if math.isfinite(v)}
+        best = min(curve.values())
+        sensitivity = sum(min(v, LOSS_AT_INIT) - best for v in curve.values()) / len(curve)
+        stable = [lr for lr in lrs if all(
+            c["diverged_step"] is None and final(c) <= best + margin for c in cells if c["method"] == m and c["lr"] == lr
+        ) and table[m][lr]]
+        gap_closed = {}
+        if base:
+            base_best = min(v for v in base.values() if math.isfinite(v))
+            for lr in lrs:
+                gap = base.get(lr, float("nan")) - base_best
+                if math.isfinite(gap) and gap > margin and math.isfinite(mean[m][lr]):
+                    gap_closed[lr] = (base[lr] - mean[m][lr]) / gap
+        per_method[m] = {"best_final_loss": best, "lr_sensitivity": sensitivity,
+                         "largest_stable_lr": max(stable) if stable else None, "gap_closed": gap_closed,
+                         "mean_final_loss": mean[m]}
+    return {"methods": methods, "lrs": lrs, "per_method": per_method}
+
+
+def render(res: dict[str, Any]) -> str:
+    a = res["analysis"]
+    lrs = a["lrs"]
+    lines = [
+        "# lightning_msign stability benchmark",
+        "",
+        f"Machine: {res['machine']}. Wall time {res['wall_time_s']:.0f} s. Command: `{res['command']}`",
+        "",
+        f"Setup: {json.dumps(res['settings']['model'])}, batch {res['settings']['batch_size']} x "
+        f"{res['settings']['seq_len']}, {res['settings']['steps']} steps, clip {res['settings']['clip']}, "
+        f"{res['settings']['precision']}, warm-up {res['settings']['warmup']}, seeds {res['settings']['seeds']}.",
+        "",
+        "## Final validation loss (mean over seeds; a diverged run counts as ln 256 = 5.55)",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | LR sensitivity | largest stable LR |",
+        "|---|" + "---:|" * len(lrs) + "---:|---:|",
+    ]
+    for m in a["methods"]:
+        pm = a["per_method"][m]
+        cells = " | ".join(f"{pm['mean_final_loss'][lr]:.3f}" if math.isfinite(pm["mean_final_loss"][lr]) else "-"
+                           for lr in lrs)
+        stable = f"{pm['largest_stable_lr']:g}" if pm["largest_stable_lr"] else "none"
+        lines.append(f"| {m} | {cells} | {pm['lr_sensitivity']:.3f} | {stable} |")
+    if "baseline" in a["per_method"]:
+        gaps = sorted({lr for pm in a["per_method"].values() for lr in pm["gap_closed"]})
+        if gaps:
+            lines += ["", "## Share of the baseline's loss gap (to its best LR) closed", "",
+                      "| method | " + " | ".join(f"lr {lr:g}" for lr in gaps) + " |", "|---|" + "---:|" * len(gaps)]
+            for m in a["methods"]:
+                g = a["per_method"][m]["gap_closed"]
+                lines.append(f"| {m} | " + " | ".join(f"{g[lr]:.0%}" if lr in g else "-" for lr in gaps) + " |")
+    lines += ["", "## Cells", "", "| method | lr | seed | diverged at | final val | final train | min srank "
+              "| max attn logit | max out logit | max grad norm | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(x: Any, fmt: str) -> str:
+        return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+    for c in res["cells"]:
+        lines.append(
+            f"| {c['method']} | {c['lr']:g} | {c['seed']} | {c['diverged_step'] if c['diverged_step'] is not None else '-'} "
+            f"| {f(c['final_val_loss'], '.3f')} | {f(c['final_train_loss'], '.3f')} | {f(c['min_srank'], '.2f')} "
+            f"| {f(c['max_attn_logit'], '.3g')} | {f(c['max_output_logit'], '.3g')} | {f(c['max_grad_norm'], '.3g')} "
+            f"| {c['wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- driver
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 LRs, 2 methods, 40 steps")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--model", type=json.loads, default=None, help="litgpt Config fields as JSON (default 12x64)")
+    parser.add_argument("--no-clip", action="store_true", help="no gradient clipping (default: clip at 1.0)")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--diverge-loss", type=float, default=LOSS_AT_INIT + 1.0)
+    parser.add_argument("--diverge-window", type=int, default=50, help="steps averaged by the divergence test")
+    parser.add_argument("--stable-margin", type=float, default=0.1, help="'stable': final loss within this of the best")
+    parser.add_argument("--diag-every", type=int, default=25)
+    parser.add_argument("--jacobian", action="store_true", help="also log Jacobian alignment (costly)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, one process and thread each")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cell", type=json.loads, default=None, help=argparse.SUPPRESS)  # internal: run one cell
+    args = parser.parse_args(argv)
+
+    if args.cell is not None:  # child process: one cell, result as the last line of stdout
+        print(json.dumps(run_cell(args.cell)))
+        return 0
+
+    if args.quick:
+        args.lrs, args.methods, args.seeds = [0.003, 0.1], ["baseline", "msign_attn_p10"], [0]
+        args.steps, args.warmup, args.batch_size, args.seq_len, args.diag_every = 40, 5, 8, 64, 10
+        args.diverge_window = 10
+        args.model = args.model or MODEL_QUICK
+    out = args.out or (RESULTS.parent / "stability_quick" if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"model": args.model or MODEL_12x64, "steps": args.steps, "warmup": args.warmup,
+                "batch_size": args.batch_size, "seq_len": args.seq_len, "clip": None if args.no_clip else 1.0,
+                "precision": args.precision, "seeds": args.seeds, "lrs": args.lrs, "methods": args.methods}
+    specs = []
+    for method in args.methods:
+        for lr in args.lrs:
+            for seed in args.seeds:
+                specs.append({
+                    "name": f"{method}_lr{lr:g}_s{seed}", "method": method, "lr": lr, "seed": seed,
+                    "model": settings["model"], "steps": args.steps, "warmup": args.warmup,
+                    "batch_size": args.batch_size, "seq_len": args.seq_len, "clip": settings["clip"],
+                    "precision": args.precision, "diverge_loss": args.diverge_loss,
+                    "diverge_window": args.diverge_window, "diag_every": args.diag_every,
+                    "jacobian": args.jacobian, "val_every": min(args.steps, 250), "val_batches": 20,
+                    "log_every": 1, "threads": 1, "log_dir": str(out / "runs"),
+                })
+
+    def launch(spec: dict[str, Any]) -> dict[str, Any]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(spec)], capture_output=True, text=True,
+                              env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cell {spec['name']} failed:\n{proc.stderr[-4000:]}")
+        cell = json.loads(proc.stdout.strip().splitlines()[-1])
+        cell.update(summarize_logs(cell))
+        print(f"  {cell['name']}: val {cell['final_val_loss']:.3f}, diverged {cell['diverged_step']}, "
+              f"{cell['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        return cell
+
+    wall0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        cells = list(pool.map(launch, specs))
+    res = {
+        "settings": settings,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/stability.py", *(sys.argv[1:] if argv is None else argv)]),
+        "cells": cells,
+        "analysis": analyse(cells, args.stable_margin),
+        "wall_time_s": time.perf_counter() - wall0,
+    }
+    (out / "stability.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = render(res)
+    (out / "stability.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
