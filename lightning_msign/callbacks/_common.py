@@ -48,6 +48,15 @@ def check_bool(value: Any, argument: str) -> bool:
     return value
 
 
+def refuse_strategies(trainer: pl.Trainer, owner: str, reasons: dict[str, str], suffix: str = "") -> None:
+    """Raise ``NotImplementedError`` naming the strategy when it (or a base class) is a key of ``reasons``."""
+    for cls in type(trainer.strategy).__mro__:
+        if cls.__name__ in reasons:
+            raise NotImplementedError(
+                f"{owner} does not support strategy {type(trainer.strategy).__name__}: " + reasons[cls.__name__] + suffix
+            )
+
+
 def resolve_for_trainer(
     trainer: pl.Trainer, pl_module: pl.LightningModule, targets: TargetsArg, split_qkv: bool, owner: str
 ) -> tuple[list[TargetMatrix], WholeMatrixPlan]:
@@ -61,13 +70,10 @@ def resolve_for_trainer(
         NotImplementedError: FSDP1 (``FSDPStrategy``), DeepSpeed, or a DTensor layout that cannot be
             gathered whole; the message names the strategy or parameter.
     """
-    for cls in type(trainer.strategy).__mro__:
-        if cls.__name__ in _UNSUPPORTED_STRATEGIES:
-            raise NotImplementedError(
-                f"{owner} does not support strategy {type(trainer.strategy).__name__}: "
-                + _UNSUPPORTED_STRATEGIES[cls.__name__]
-                + " It never acts on a shard: the matrix sign or stable rank of a shard is not that of the matrix."
-            )
+    refuse_strategies(
+        trainer, owner, _UNSUPPORTED_STRATEGIES,
+        " It never acts on a shard: the matrix sign or stable rank of a shard is not that of the matrix.",
+    )
     resolved = resolve_targets(pl_module, targets, split_qkv=split_qkv)
     distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     return resolved, WholeMatrixPlan(resolved, distributed=distributed)

@@ -21,6 +21,7 @@ from lightning_msign.callbacks._common import (
     check_bool,
     check_positive_int,
     log_to_loggers,
+    refuse_strategies,
     synchronize,
 )
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
@@ -216,12 +217,7 @@ class DiagnosticsMonitor(TargetedCallback):
     @override
     def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # No weight matrices are targeted: resolution finds the GPT (at setup, and again at fit start).
-        for cls in type(trainer.strategy).__mro__:
-            if cls.__name__ in _UNSUPPORTED_STRATEGIES:
-                raise NotImplementedError(
-                    f"DiagnosticsMonitor does not support strategy {type(trainer.strategy).__name__}: "
-                    + _UNSUPPORTED_STRATEGIES[cls.__name__]
-                )
+        refuse_strategies(trainer, "DiagnosticsMonitor", _UNSUPPORTED_STRATEGIES)
         self._gpt = find_gpt(pl_module, self.model_attr, need_litgpt_attention=self.attention_logits)
 
     @override
