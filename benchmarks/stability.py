@@ -263,6 +263,26 @@ def render(res: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- driver
+def machine_line() -> str:
+    """CPU model, usable cores, torch / lightning / litgpt versions: where the figures come from."""
+    import lightning
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    from importlib.metadata import version
+
+    return (f"{cpu}, {usable} usable cores, {gpu}, torch {torch.__version__}, lightning {lightning.__version__}, "
+            f"litgpt {version('litgpt')}, Python {platform.python_version()}")
+
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 LRs, 2 methods, 40 steps")
@@ -331,7 +351,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cells = list(pool.map(launch, specs))
     res = {
         "settings": settings,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "machine": machine_line(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/stability.py", *(sys.argv[1:] if argv is None else argv)]),
         "cells": cells,
