@@ -16,7 +16,8 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``msign_all2d``         ``MSignCallback(period=100, targets="all_2d")``
 ``msign_attn_p10``      ``MSignCallback(period=10, targets="attention", backend="polar_express")``
 ``msign_qk_p10``        ``MSignCallback(period=10, targets="qk", backend="polar_express")``
-``pss``                 ``PSSCallback(tau=2.5, targets="qk")``
+``pss``                 ``PSSCallback(tau=2.5, targets="qk")`` (detector armed after 100 steps)
+``pss_early``           the same armed after 20 steps, inside the LR warm-up, when high-LR runs fail
 ``msign_pss``           ``msign_attn`` + ``pss``
 ``qk_norm``             LitGPT ``norm_qk=True`` (the known fix)
 ``z_loss``              ``LitGPTModule(z_loss=1e-4)`` (the known output-logit fix)
@@ -70,6 +71,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "msign_attn_p10": {"msign": {"period": 10, "targets": "attention", "backend": "polar_express"}},
     "msign_qk_p10": {"msign": {"period": 10, "targets": "qk", "backend": "polar_express"}},
     "pss": {"pss": {"tau": 2.5, "targets": "qk"}},
+    "pss_early": {"pss": {"tau": 2.5, "targets": "qk", "warmup_steps": 20}},
     "msign_pss": {"msign": {"period": 100, "targets": "attention"}, "pss": {"tau": 2.5, "targets": "qk"}},
     "qk_norm": {"model": {"norm_qk": True}},
     "z_loss": {"module": {"z_loss": 1e-4}},
