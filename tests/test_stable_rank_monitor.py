@@ -133,3 +133,13 @@ def test_vectors_are_saved_and_restored():
     assert other._last_step == 7 and torch.equal(other._vectors["a"], torch.ones(3))
     other.load_state_dict({})  # an older checkpoint without the keys still loads
     assert other._last_step == 0 and other._vectors == {}
+
+
+@pytest.mark.parametrize("monitor_cls", ["StableRankMonitor", "DiagnosticsMonitor"])
+def test_monitors_warn_when_nothing_will_be_logged(tmp_path, monitor_cls):
+    import lightning_msign
+
+    monitor = getattr(lightning_msign, monitor_cls)()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=1), callbacks=[monitor])  # logger=False
+    with pytest.warns(UserWarning, match=f"{monitor_cls}: the Trainer has no logger"):
+        trainer.fit(tiny_module(), tiny_data())

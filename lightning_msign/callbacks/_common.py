@@ -8,6 +8,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -139,6 +140,7 @@ class TargetedCallback(Callback):
 
     targets: list[str]
     split_qkv: bool
+    _warn_without_logger = False  # monitors, whose only output is what they log, set this
 
     def __init__(self) -> None:
         super().__init__()
@@ -169,6 +171,8 @@ class TargetedCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve(trainer, pl_module)
+        if self._warn_without_logger and not trainer.loggers:
+            rank_zero_warn(f"{type(self).__name__}: the Trainer has no logger, so nothing will be recorded.")
 
     def _optimizer_step_due(self, trainer: pl.Trainer, every: int) -> bool:
         """In ``on_train_batch_end``: True once per optimizer step whose number is a multiple of ``every``.

@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from litgpt.model import CausalSelfAttention, apply_rope, apply_rope_interleave
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -171,6 +170,8 @@ class DiagnosticsMonitor(TargetedCallback):
         trainer = Trainer(callbacks=[StableRankMonitor(every_n_steps=10), DiagnosticsMonitor(every_n_steps=50)])
     """
 
+    _warn_without_logger = True  # a monitor that only logs
+
     def __init__(
         self,
         every_n_steps: int = 50,
@@ -219,12 +220,6 @@ class DiagnosticsMonitor(TargetedCallback):
         # No weight matrices are targeted: resolution finds the GPT (at setup, and again at fit start).
         refuse_strategies(trainer, "DiagnosticsMonitor", _UNSUPPORTED_STRATEGIES)
         self._gpt = find_gpt(pl_module, self.model_attr, need_litgpt_attention=self.attention_logits)
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if not trainer.loggers:
-            rank_zero_warn("DiagnosticsMonitor: the Trainer has no logger, so nothing will be recorded.")
 
     @override
     def on_train_batch_end(

@@ -8,7 +8,6 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import MeanMetric, MinMetric
 from typing_extensions import override
 
@@ -83,6 +82,8 @@ class StableRankMonitor(TargetedCallback):
         trainer = Trainer(callbacks=[StableRankMonitor(targets="attention", every_n_steps=10)])
     """
 
+    _warn_without_logger = True  # a monitor that only logs
+
     def __init__(
         self,
         targets: Union[str, list[str]] = "all_2d",
@@ -113,12 +114,6 @@ class StableRankMonitor(TargetedCallback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(targets=self.targets, every_n_steps=self.every_n_steps, mode=self.mode)
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if not trainer.loggers:
-            rank_zero_warn("StableRankMonitor: the Trainer has no logger, so nothing will be recorded.")
 
     @override
     def on_before_optimizer_step(
