@@ -813,7 +813,7 @@ def _dist_worker(rank: int, world: int, port: int, layout: str, cfg: dict[str, A
     torch.set_num_threads(cfg["threads"])
     try:
         from lightning_msign import LitGPTModule, MSignCallback, resolve_targets
-        from lightning_msign.distributed import WholeMatrixPlan
+        from lightning_msign.distributed import WholeMatrixPlan, _local
 
         torch.manual_seed(cfg["seed"])
         module = LitGPTModule(dict(cfg["model"]), vocab_size=256, block_size=cfg["seq_len"])
@@ -826,7 +826,7 @@ def _dist_worker(rank: int, world: int, port: int, layout: str, cfg: dict[str, A
                 fully_shard(block, mesh=mesh)
             fully_shard(module.model, mesh=mesh)
         params = [p for p in module.parameters() if p.ndim >= 2]
-        local = [p.to_local().detach() if hasattr(p, "to_local") else p.detach() for p in params]
+        local = [_local(p) for p in params]
         snapshot = [x.clone() for x in local]
         rows = []
         for backend in cfg["backends"]:
@@ -865,6 +865,7 @@ def _dist_worker(rank: int, world: int, port: int, layout: str, cfg: dict[str, A
 def run_distributed_part(s: Settings) -> list[dict[str, Any]]:
     """Time per MSign application (attention) on 1 process vs 2 processes, replicated (DDP) and FSDP2."""
     import torch.multiprocessing as mp
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
     cfg = {"model": s.model, "seq_len": s.seq_len, "seed": s.seed, "threads": 1, "repeats": s.dist_repeats,
            "backends": ["svd", "polar_express"]}
@@ -872,7 +873,7 @@ def run_distributed_part(s: Settings) -> list[dict[str, Any]]:
     for world, layout in ((1, "single"), (2, "ddp"), (2, "fsdp2")):
         print(f"  distributed: {world} process(es), {layout}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="lightning_msign_dist_") as tmp:
-            port = 20000 + (os.getpid() * 7 + world * 31 + len(layout)) % 20000
+            port = find_free_network_port()  # a fixed or pid-derived port can be taken by another job
             mp.spawn(_dist_worker, args=(world, port, layout, cfg, tmp), nprocs=world)
             ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
         for i, backend in enumerate(cfg["backends"]):

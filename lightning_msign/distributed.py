@@ -153,13 +153,12 @@ class WholeMatrixPlan:
             self._assign_owners(g)
 
     def _unit(self, t: TargetMatrix) -> _Unit:
-        p = t.param
+        p, cost = t.param, _cost(t.param.shape)
         if DTensor is not None and isinstance(p, DTensor):
-            dim, group = _shard_layout(p, t.param_name)
+            dim, group = _shard_layout(p, t.param_name)  # raises for layouts that cannot be gathered whole
             if dim >= 0 and self.distributed:
-                return _Unit(p, [], sharded=True, shard_dim=dim, group=group, cost=_cost(p.shape))
-            return _Unit(p, [], sharded=False, group=dist.group.WORLD if self.distributed else None, cost=_cost(p.shape))
-        return _Unit(p, [], sharded=False, group=dist.group.WORLD if self.distributed else None, cost=_cost(p.shape))
+                return _Unit(p, [], sharded=True, shard_dim=dim, group=group, cost=cost)
+        return _Unit(p, [], sharded=False, group=dist.group.WORLD if self.distributed else None, cost=cost)
 
     @staticmethod
     def _assign_owners(g: _Group) -> None:

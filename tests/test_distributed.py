@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 from conftest import tiny_module
 from lightning_msign import MSignCallback, PSSCallback
@@ -170,7 +171,7 @@ def _plan_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_plan_gathers_uneven_shards_whole(tmp_path):
-    port = 29000 + os.getpid() % 2000
+    port = find_free_network_port()
     mp.spawn(_plan_worker, args=(2, port, str(tmp_path)), nprocs=2)
     recs = [torch.load(tmp_path / f"plan{r}.pt", weights_only=False) for r in (0, 1)]
     assert torch.equal(recs[0]["table"], recs[1]["table"])  # every process receives every result

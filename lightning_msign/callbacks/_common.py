@@ -76,8 +76,7 @@ def resolve_for_trainer(
         " It never acts on a shard: the matrix sign or stable rank of a shard is not that of the matrix.",
     )
     resolved = resolve_targets(pl_module, targets, split_qkv=split_qkv)
-    distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-    return resolved, WholeMatrixPlan(resolved, distributed=distributed)
+    return resolved, WholeMatrixPlan(resolved, distributed=trainer.world_size > 1)
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> Optional[Tensor]:

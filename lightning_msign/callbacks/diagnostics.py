@@ -121,8 +121,8 @@ class DiagnosticsMonitor(TargetedCallback):
     0.9-1.0 s for a training step (forward, backward, clipping, AdamW) of the recipe's 8 x 256 batch in
     float32 and 0.61-0.65 s in ``bf16-mixed``: a call with the defaults (no Jacobians) takes 85-95 ms,
     0.3% of training time at ``every_n_steps=50``. Each Jacobian step adds ~0.35 s (~58 ms per block,
-    three quarters of it the JVP): 20 steps took 7.2-7.6 s (timed with the earlier power iteration,
-    which makes the same JVP + VJP products; Lanczos adds only vector updates), about 10 training steps,
+    three quarters of it the JVP): 20 Lanczos steps took 8.2 s (84 ms without Jacobians, 551 ms with one
+    step, in the same run of the script), about 9 float32 training steps,
     so use ``every_n_steps`` of several hundred with ``jacobian=True``. The first call of a process
     pays ~0.4 s more (``torch.func`` warm-up).
 
