@@ -19,6 +19,9 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``pss``                 ``PSSCallback(tau=2.5, targets="qk")`` (detector armed after 100 steps)
 ``pss_early``           the same armed after 20 steps, inside the LR warm-up, when high-LR runs fail
 ``msign_pss``           ``msign_attn`` + ``pss``
+``msign_qk_p1``         ``MSignCallback(period=1, targets="qk", backend="polar_express")``
+``msign_qk_p10_cap``    ``msign_qk_p10`` with ``norm="cap_init"`` (Frobenius norm capped at its initial value)
+``qk_cap_p10``          control: the same norm cap every 10 steps *without* the sign (benchmark-only callback)
 ``qk_norm``             LitGPT ``norm_qk=True`` (the known fix)
 ``z_loss``              ``LitGPTModule(z_loss=1e-4)`` (the known output-logit fix)
 
@@ -73,14 +76,47 @@ METHODS: dict[str, dict[str, Any]] = {
     "pss": {"pss": {"tau": 2.5, "targets": "qk"}},
     "pss_early": {"pss": {"tau": 2.5, "targets": "qk", "warmup_steps": 20}},
     "msign_pss": {"msign": {"period": 100, "targets": "attention"}, "pss": {"tau": 2.5, "targets": "qk"}},
+    "msign_qk_p1": {"msign": {"period": 1, "targets": "qk", "backend": "polar_express"}},
+    "msign_qk_p10_cap": {"msign": {"period": 10, "targets": "qk", "backend": "polar_express", "norm": "cap_init"}},
+    "qk_cap_p10": {"cap": {"period": 10, "targets": "qk"}},
     "qk_norm": {"model": {"norm_qk": True}},
     "z_loss": {"module": {"z_loss": 1e-4}},
 }
+
+# The full sweep's methods: the issue's list, MSign at P=100 (SVD) and at P=10 (polar express). `pss_early` is
+# a variant for the no-clipping searches.
+SWEEP_METHODS = ["baseline", "msign_attn", "msign_all2d", "msign_attn_p10", "msign_qk_p10", "pss", "msign_pss",
+                 "qk_norm", "z_loss"]
 
 MODEL_12x64 = {"n_layer": 12, "n_embd": 64, "n_head": 4, "rotary_percentage": 0.0, "parallel_residual": False,
                "bias": False}
 MODEL_QUICK = {"n_layer": 2, "n_embd": 32, "n_head": 2, "rotary_percentage": 0.0, "parallel_residual": False,
                "bias": False}
+
+
+def _norm_cap_callback(period: int, targets: str) -> Any:
+    """Control for ``msign_qk_p10_cap``: every ``period`` steps scale each target down to its Frobenius norm
+    at fit start (never up), with no change of its spectrum's shape. Single process only."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_msign.targets import resolve_targets
+
+    class NormCap(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.targets = resolve_targets(pl_module, targets)
+            self.ref = [float(t.matrix().float().norm()) for t in self.targets]
+
+        @torch.no_grad()
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step % period == 0:
+                for t, ref in zip(self.targets, self.ref):
+                    W = t.matrix()
+                    norm = float(W.float().norm())
+                    if math.isfinite(norm) and norm > ref:
+                        W.mul_(ref / norm)
+
+    return NormCap()
 
 
 # --------------------------------------------------------------------------- one cell (own process)
@@ -133,6 +169,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks.append(PSSCallback(**method["pss"]))
     if "msign" in method:
         callbacks.append(MSignCallback(**method["msign"]))
+    if "cap" in method:
+        callbacks.append(_norm_cap_callback(**method["cap"]))
     callbacks.append(StableRankMonitor(targets="attention", every_n_steps=spec["diag_every"], log_grad_norm=True))
     try:
         from lightning_msign import DiagnosticsMonitor
@@ -141,7 +179,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     except ImportError:  # an older checkout without the diagnostics callback
         pass
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, precision=spec["precision"], max_steps=spec["steps"],
+        accelerator=spec.get("accelerator", "cpu"), devices=1, precision=spec["precision"], max_steps=spec["steps"],
         gradient_clip_val=spec["clip"], val_check_interval=spec["val_every"], limit_val_batches=spec["val_batches"],
         num_sanity_val_steps=0, log_every_n_steps=spec["log_every"], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
@@ -200,10 +238,11 @@ def analyse(cells: list[dict[str, Any]], margin: float) -> dict[str, Any]:
     for m in methods:
         curve = {lr: v for lr, v in mean[m].items() if math.isfinite(v)}
         best = min(curve.values())
-        sensitivity = sum(min(v, LOSS_AT_INIT) - best for v in curve.values()) / len(curve)
+        complete = len(curve) == len(lrs)  # sensitivity and largest stable LR need the whole sweep
+        sensitivity = sum(min(v, LOSS_AT_INIT) - best for v in curve.values()) / len(curve) if complete else None
         stable = [lr for lr in lrs if all(
             c["diverged_step"] is None and final(c) <= best + margin for c in cells if c["method"] == m and c["lr"] == lr
-        ) and table[m][lr]]
+        ) and table[m][lr]] if complete else []
         gap_closed = {}
         if base:
             base_best = min(v for v in base.values() if math.isfinite(v))
@@ -238,8 +277,12 @@ def render(res: dict[str, Any]) -> str:
         pm = a["per_method"][m]
         cells = " | ".join(f"{pm['mean_final_loss'][lr]:.3f}" if math.isfinite(pm["mean_final_loss"][lr]) else "-"
                            for lr in lrs)
-        stable = f"{pm['largest_stable_lr']:g}" if pm["largest_stable_lr"] else "none"
-        lines.append(f"| {m} | {cells} | {pm['lr_sensitivity']:.3f} | {stable} |")
+        if pm["lr_sensitivity"] is None:  # not run at every LR of the table
+            sens = stable = "-"
+        else:
+            sens = f"{pm['lr_sensitivity']:.3f}"
+            stable = f"{pm['largest_stable_lr']:g}" if pm["largest_stable_lr"] else "none"
+        lines.append(f"| {m} | {cells} | {sens} | {stable} |")
     if "baseline" in a["per_method"]:
         gaps = sorted({lr for pm in a["per_method"].values() for lr in pm["gap_closed"]})
         if gaps:
@@ -262,6 +305,60 @@ def render(res: dict[str, Any]) -> str:
             f"| {c['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- figures
+def draw_figures(res: dict[str, Any], out: Path) -> list[Path]:
+    """``lr_sweep.png`` (final loss against LR per method) and one ``lightning-msign report`` per LR.
+
+    The per-LR reports put the first seed of every method side by side (loss, gradient norm, min
+    stable rank, attention logits, MSign and PSS marks) under ``figures/lr<LR>/``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_msign.report import load_run, render_report
+
+    a, cells = res["analysis"], res["cells"]
+    if not cells:
+        return []
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    figures = []
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    markers = "osD^v<>phX*"
+    for i, m in enumerate(a["methods"]):
+        lrs = [lr for lr in a["lrs"] if math.isfinite(a["per_method"][m]["mean_final_loss"][lr])]
+        ys = [a["per_method"][m]["mean_final_loss"][lr] for lr in lrs]
+        line, = ax.plot(lrs, ys, marker=markers[i % len(markers)], label=m, lw=2.2 if m == "baseline" else 1.4,
+                        color="black" if m == "baseline" else None)
+        for c in cells:  # every seed as a small dot; diverged runs drawn at ln 256
+            if c["method"] == m:
+                y = c["final_val_loss"] if c["diverged_step"] is None and math.isfinite(c["final_val_loss"]) else LOSS_AT_INIT
+                ax.plot([c["lr"]], [y], ".", color=line.get_color(), alpha=0.5, ms=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (mean over seeds)")
+    st = res["settings"]
+    ax.set_title(f"{st['steps']} steps, clip {st['clip']}, {st['precision']}, seeds {st['seeds']}", fontsize=9)
+    ax.axhline(LOSS_AT_INIT, color="grey", ls=":", lw=1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = fig_dir / "lr_sweep.png"
+    fig.savefig(path)
+    plt.close(fig)
+    figures.append(path)
+    first_seed = min(c["seed"] for c in cells)
+    for lr in a["lrs"]:
+        runs = [load_run(c["log_dir"], label=c["method"]) for m in a["methods"] for c in cells
+                if c["method"] == m and c["lr"] == lr and c["seed"] == first_seed and Path(c["log_dir"]).exists()]
+        if runs:
+            png, _ = render_report(runs, fig_dir / f"lr{lr:g}", title=f"lr {lr:g}, seed {first_seed}")
+            figures.append(png)
+    return figures
 
 
 # --------------------------------------------------------------------------- driver
@@ -289,10 +386,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 LRs, 2 methods, 40 steps")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=SWEEP_METHODS, choices=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--model", type=json.loads, default=None, help="litgpt Config fields as JSON (default 12x64)")
@@ -304,6 +401,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--diag-every", type=int, default=25)
     parser.add_argument("--jacobian", action="store_true", help="also log Jacobian alignment (costly)")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, one process and thread each")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every cell (cpu, gpu, auto)")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="train nothing: tabulate the cells already saved under --out (others are left out)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="train every cell again (default: reuse a cell whose saved result has the same spec)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cell", type=json.loads, default=None, help=argparse.SUPPRESS)  # internal: run one cell
     args = parser.parse_args(argv)
@@ -323,9 +425,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "clip": None if args.no_clip else 1.0,
                 "precision": args.precision, "seeds": args.seeds, "lrs": args.lrs, "methods": args.methods}
     specs = []
-    for method in args.methods:
+    for seed in args.seeds:  # seed-major: an interrupted sweep has whole seeds (cells are saved as they end)
         for lr in args.lrs:
-            for seed in args.seeds:
+            for method in args.methods:
                 specs.append({
                     "name": f"{method}_lr{lr:g}_s{seed}", "method": method, "lr": lr, "seed": seed,
                     "model": settings["model"], "steps": args.steps, "warmup": args.warmup,
@@ -333,24 +435,42 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "precision": args.precision, "diverge_loss": args.diverge_loss,
                     "diverge_window": args.diverge_window, "diag_every": args.diag_every,
                     "jacobian": args.jacobian, "val_every": min(args.steps, 250), "val_batches": 20,
-                    "log_every": 1, "threads": 1, "log_dir": str(out / "runs"),
+                    "log_every": 1, "threads": 1, "log_dir": str(out / "runs"), "accelerator": args.accelerator,
                 })
 
+    cell_dir = out / "cells"
+    cell_dir.mkdir(exist_ok=True)
+
     def launch(spec: dict[str, Any]) -> dict[str, Any]:
+        saved = cell_dir / f"{spec['name']}.json"
+        if saved.exists() and not args.rerun:
+            previous = json.loads(saved.read_text())
+            if previous.get("spec") == spec:
+                print(f"  {spec['name']}: reused {saved}", file=sys.stderr, flush=True)
+                return previous["cell"]
+        if args.reuse_only:
+            return {**{k: spec[k] for k in ("name", "method", "lr", "seed")}, "missing": True}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(spec)], capture_output=True, text=True,
                               env=env, cwd=ROOT)
-        if proc.returncode != 0:
-            raise RuntimeError(f"cell {spec['name']} failed:\n{proc.stderr[-4000:]}")
+        if proc.returncode != 0:  # recorded and reported; the other cells go on
+            print(f"  {spec['name']}: FAILED\n{proc.stderr[-4000:]}", file=sys.stderr, flush=True)
+            return {**{k: spec[k] for k in ("name", "method", "lr", "seed")}, "error": proc.stderr[-4000:]}
         cell = json.loads(proc.stdout.strip().splitlines()[-1])
         cell.update(summarize_logs(cell))
+        saved.write_text(json.dumps({"spec": spec, "cell": cell}, indent=1) + "\n")
         print(f"  {cell['name']}: val {cell['final_val_loss']:.3f}, diverged {cell['diverged_step']}, "
               f"{cell['wall_s']:.0f} s", file=sys.stderr, flush=True)
         return cell
 
     wall0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        cells = list(pool.map(launch, specs))
+        results = list(pool.map(launch, specs))
+    failed = [c for c in results if "error" in c]
+    cells = [c for c in results if "error" not in c and "missing" not in c]
+    if not cells:
+        print(f"no cell results under {out}", file=sys.stderr)
+        return 1
     res = {
         "settings": settings,
         "machine": machine_line(),
@@ -360,10 +480,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         "analysis": analyse(cells, args.stable_margin),
         "wall_time_s": time.perf_counter() - wall0,
     }
+    if failed:
+        res["failed_cells"] = failed
     (out / "stability.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = render(res)
+    figures = draw_figures(res, out)
+    md = render(res) + "".join(f"\n![{f.parent.name if f.stem == 'report' else f.stem}]({f.relative_to(out).as_posix()})\n" for f in figures)
     (out / "stability.md").write_text(md)
     print(md)
+    if failed:
+        print(f"{len(failed)} cell(s) failed: {', '.join(c['name'] for c in failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -42,4 +42,16 @@ def test_stability_quick_runs_and_writes_results(tmp_path):
         assert c["steps_done"] == 40 or c["diverged_step"] is not None
         assert (tmp_path / "stab" / "runs" / c["name"] / "version_0" / "metrics.csv").exists()
     assert set(result["analysis"]["per_method"]) == {"baseline", "msign_attn_p10"}
-    assert "| baseline |" in (tmp_path / "stab" / "stability.md").read_text()
+    md = (tmp_path / "stab" / "stability.md").read_text()
+    assert "| baseline |" in md and "![lr_sweep](figures/lr_sweep.png)" in md
+    for figure in ("lr_sweep.png", "lr0.1/report.png", "lr0.1/report.html", "lr0.003/report.png"):
+        assert (tmp_path / "stab" / "figures" / figure).stat().st_size > 1000, figure
+
+    # Saved cells are reused, not retrained: a tabulation-only run gives back the same analysis.
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--quick", "--reuse-only",
+         "--out", str(tmp_path / "stab")], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count(": reused ") == 4
+    assert json.loads((tmp_path / "stab" / "stability.json").read_text())["analysis"] == result["analysis"]

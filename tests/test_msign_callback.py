@@ -147,6 +147,52 @@ def test_counters_resume_from_checkpoint(tmp_path):
     assert resumed.applied_at == [4, 6] and resumed.applications == 3
 
 
+class CapCheck(MSignCallback):
+    """Records the target norms at fit start and after every application."""
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self.start_norms = [t.matrix().double().norm().item() for t in self._targets]
+        self.after: list[list[float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step % self.period == 0:
+            self.after.append([t.matrix().double().norm().item() for t in self._targets])
+            s = torch.linalg.svdvals(self._targets[0].matrix().double())
+            assert (s.max() - s.min()) / s.max() < 1e-4  # still the sign
+
+
+def test_norm_cap_init_bounds_frobenius_norms_and_survives_resume(tmp_path):
+    def fit(norm, max_steps=6, ckpt_path=None, callbacks=()):
+        seed_everything(0)
+        cb = CapCheck(period=3, targets="qk", norm=norm)
+        trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, enable_checkpointing=bool(callbacks)),
+                          callbacks=[cb, *callbacks])
+        trainer.fit(tiny_module(lr=0.3, warmup_steps=1), tiny_data(), ckpt_path=ckpt_path)
+        return cb
+
+    keep = fit("keep")
+    assert keep._ref_norms is None and len(keep.after) == 2
+    assert any(a > r * 1.01 for a, r in zip(keep.after[-1], keep.start_norms))  # the cap has work to do
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    cap = fit("cap_init", callbacks=[ckpt])
+    assert cap._ref_norms == pytest.approx(cap.start_norms, rel=1e-6)
+    assert len(cap.after) == 2
+    for norms in cap.after:
+        assert all(a <= r * (1 + 1e-5) for a, r in zip(norms, cap._ref_norms))
+    assert cap.state_dict()["ref_norms"] == cap._ref_norms
+
+    # Step 2 precedes the first application: the weights there have grown past the reference norms.
+    resumed = fit("cap_init", ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert any(a > r * 1.01 for a, r in zip(resumed.start_norms, cap._ref_norms))
+    assert resumed._ref_norms == cap._ref_norms  # from the checkpoint, not the step-2 weights
+    assert len(resumed.after) == 2
+    for got, want in zip(resumed.after, cap.after):  # exact resume: the same applications as uninterrupted
+        assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_logs_reach_csv_logger_whatever_log_every_n_steps(tmp_path):
     seed_everything(0)
     logger = CSVLogger(tmp_path, name="csv")
@@ -171,6 +217,7 @@ def test_logs_reach_csv_logger_whatever_log_every_n_steps(tmp_path):
         ({"targets": []}, "targets"),
         ({"targets": "qk", "split_qkv": False}, "split_qkv"),
         ({"split_qkv": "yes"}, "split_qkv"),
+        ({"norm": "init"}, "norm"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, match):

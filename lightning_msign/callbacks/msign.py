@@ -71,6 +71,11 @@ shards. A shard is never signed.
         split_qkv: sign fused Q/K/V blocks separately.
         log_stable_rank: at each application, log the exact stable rank of every target before and
             after (costs one extra singular-value computation per target and application).
+        norm: the Frobenius norm of the result. ``"keep"`` (the paper): that of ``W``. ``"cap_init"``:
+            ``min(||W||_F, ||W_0||_F)``, where ``W_0`` is the matrix at the start of the first fit (kept
+            in the checkpoint): the sign and a norm cap. The Frobenius-keeping rescale cannot stop
+            the *magnitude* of Q and K from growing, which is what drives attention-logit growth at
+            high learning rates on the README's measured setup; the cap does. Not in the paper.
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, when ``targets`` match no
@@ -103,6 +108,7 @@ shards. A shard is never signed.
         steps: Optional[int] = None,
         split_qkv: bool = True,
         log_stable_rank: bool = True,
+        norm: Literal["keep", "cap_init"] = "keep",
     ) -> None:
         super().__init__()
         self.period = check_positive_int(period, "period")
@@ -113,8 +119,10 @@ shards. A shard is never signed.
         self.split_qkv = check_bool(split_qkv, "split_qkv")
         self.targets = validate_targets(targets, split_qkv)
         self.log_stable_rank = check_bool(log_stable_rank, "log_stable_rank")
+        self.norm = check_choice(norm, "norm", ("keep", "cap_init"))
 
         self._applications = 0
+        self._ref_norms: Optional[list[float]] = None  # norm="cap_init": Frobenius norms at the first fit start
         self._skipped_nonfinite = 0
 
     @property
@@ -130,9 +138,23 @@ shards. A shard is never signed.
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self.norm == "cap_init":
+            if self._ref_norms is None:  # a fresh run; on resume they come from the checkpoint
+                table = self._require_plan("on_fit_start").run(self._frobenius_norms, result_size=1, write=False)
+                self._ref_norms = table[:, 0].tolist()
+            elif len(self._ref_norms) != len(self._targets):
+                raise ValueError(
+                    f"MSignCallback(norm='cap_init') restored {len(self._ref_norms)} reference norms for "
+                    f"{len(self._targets)} target matrices: the targets changed since the checkpoint"
+                )
         rank_zero_info(
             f"MSignCallback: {len(self._targets)} matrices, every {self.period} optimizer steps, backend {self.backend!r}"
+            + (", Frobenius norms capped at their value at fit start" if self.norm == "cap_init" else "")
         )
+
+    @staticmethod
+    def _frobenius_norms(blocks: list[Block]) -> dict[int, torch.Tensor]:
+        return {b.index: torch.linalg.matrix_norm(b.matrix.double()).reshape(1) for b in blocks}
 
     @override
     def on_train_batch_end(
@@ -188,6 +210,11 @@ shards. A shard is never signed.
             finite = torch.isfinite(X).flatten(1).all(dim=1)  # (G,)
             X = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
             new = msign_restore(X, backend=self.backend, steps=self.steps)  # (G, m, n), ||new_i||_F = ||X_i||_F
+            if self.norm == "cap_init":  # ||new_i||_F = min(||X_i||_F, reference norm)
+                ref = torch.tensor([self._ref_norms[b.index] for b in group], dtype=X.dtype, device=X.device)
+                current = torch.linalg.matrix_norm(X)
+                new = new * torch.where(current > ref, ref / current.clamp_min(torch.finfo(X.dtype).tiny),
+                                        torch.ones_like(current))[:, None, None]
             ok = finite & torch.isfinite(new).flatten(1).all(dim=1)
             if self.log_stable_rank:
                 before, after = stable_rank(X), stable_rank(new)
@@ -205,6 +232,7 @@ shards. A shard is never signed.
             "last_step": self._last_step,
             "applications": self._applications,
             "skipped_nonfinite": self._skipped_nonfinite,
+            "ref_norms": self._ref_norms,
         }
 
     @override
@@ -212,3 +240,5 @@ shards. A shard is never signed.
         self._last_step = int(state_dict.get("last_step", 0))
         self._applications = int(state_dict.get("applications", 0))
         self._skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
+        ref = state_dict.get("ref_norms")
+        self._ref_norms = None if ref is None else [float(x) for x in ref]
