@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stability import LOSS_AT_INIT, MODEL_12x64, machine_line  # noqa: E402  (the sibling benchmark)
+from stability import MODEL_12x64, MODEL_QUICK, machine_line  # noqa: E402  (the sibling benchmark)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "pss_recovery"
@@ -107,7 +107,7 @@ def _train(args: argparse.Namespace, name: str, extra: list[Any], stop_at: int, 
 
     pl.seed_everything(args.seed, verbose=False)
     module = LitGPTModule(
-        MODEL_12x64, vocab_size=256, block_size=args.seq_len, lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95),
+        args.model, vocab_size=256, block_size=args.seq_len, lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95),
         warmup_steps=args.warmup, lr_decay="linear", min_lr_ratio=0.1, max_steps=args.steps,
     )
     data = ShakespeareDataModule(tokenizer="byte", seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
@@ -140,6 +140,8 @@ def _mean(losses: dict[int, float], lo: int, hi: int) -> float:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 variants (~1 min)")
+    parser.add_argument("--model", type=json.loads, default=None, help="litgpt Config fields as JSON (default 12x64)")
     parser.add_argument("--lr", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000, help="max_steps of the LR schedule")
@@ -163,6 +165,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)!r}")
 
+    if args.quick:
+        args.model = args.model or MODEL_QUICK
+        args.lr, args.warmup, args.steps, args.until, args.after_onset = 3.0, 10, 200, 80, 10
+        args.batch_size, args.seq_len, args.variants = 8, 64, ["control", "pss_qk_skip"]
+    args.model = args.model or MODEL_12x64
     import torch
 
     torch.set_num_threads(args.threads)
@@ -240,7 +247,7 @@ def render(res: dict[str, Any]) -> str:
     lines = [
         "# lightning_msign PSS recovery benchmark", "",
         f"Machine: {res['machine']}. Wall time {res['wall_time_s']:.0f} s. Command: `{res['command']}`", "",
-        f"Failing run: 12x64 LitGPT, lr {s['lr']:g}, {s['precision']}, no clipping, warm-up {s['warmup']}, seed "
+        f"Failing run: LitGPT {json.dumps(s['model'])}, lr {s['lr']:g}, {s['precision']}, no clipping, warm-up {s['warmup']}, seed "
         f"{s['seed']}. Loss spike onset at step {f['onset']} (mean of the next {s['window']} steps "
         f"{f['loss_after_onset']:.2f}; max gradient norm {f['max_grad_norm']:.3g}). Resumed from the checkpoint at step "
         f"{f['resume_step']} (mean training loss before it {f['loss_before']:.3f}) to step {s['until']}.", "",

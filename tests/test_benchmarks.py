@@ -55,3 +55,26 @@ def test_stability_quick_runs_and_writes_results(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count(": reused ") == 4
     assert json.loads((tmp_path / "stab" / "stability.json").read_text())["analysis"] == result["analysis"]
+
+
+@pytest.mark.slow
+def test_pss_recovery_quick_resumes_exactly_and_writes_results(tmp_path):
+    env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "rec"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pss_recovery.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "pss_recovery.json").read_text())
+    failing, variants = res["failing"], {v["variant"]: v for v in res["variants"]}
+    assert set(variants) == {"control", "pss_qk_skip"}
+    assert failing["onset"] is not None and failing["resume_step"] <= failing["onset"] - 5
+    # The control adds nothing to the resumed run: it must fail again exactly where the run failed.
+    assert variants["control"]["spiked_at"] == failing["onset"]
+    assert variants["control"]["triggers"] is None and len(variants["pss_qk_skip"]["triggers"]) >= 1
+    for v in variants.values():
+        steps = [int(s) for s in v["losses"]]
+        assert steps == list(range(failing["resume_step"], 80))
+    assert (out / "figures" / "report.png").stat().st_size > 1000
+    assert not (out / "checkpoints").exists()
