@@ -159,7 +159,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     module = LitGPTModule(
         model_config, vocab_size=256, block_size=spec["seq_len"], lr=spec["lr"], weight_decay=0.1,
         betas=(0.9, 0.95), warmup_steps=spec["warmup"], lr_decay="linear", min_lr_ratio=0.1,
-        max_steps=spec["steps"], **method.get("module", {}),
+        max_steps=spec["steps"], **{**spec.get("module", {}), **method.get("module", {})},
     )
     data = ShakespeareDataModule(tokenizer="byte", seq_len=spec["seq_len"], batch_size=spec["batch_size"],
                                  seed=spec["seed"])
@@ -171,7 +171,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks.append(MSignCallback(**method["msign"]))
     if "cap" in method:
         callbacks.append(_norm_cap_callback(**method["cap"]))
-    callbacks.append(StableRankMonitor(targets="attention", every_n_steps=spec["diag_every"], log_grad_norm=True))
+    callbacks.append(StableRankMonitor(targets="attention", every_n_steps=spec["diag_every"], log_grad_norm=True,
+                                       log_norms=spec.get("log_norms", False)))
     try:
         from lightning_msign import DiagnosticsMonitor
 
@@ -206,8 +207,13 @@ def summarize_logs(cell: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return out
     srank, attn, outl, train = [], [], [], []
+    qk_fro: list[float] = []  # with --log-norms: Frobenius norms of the Q and K blocks, first logged row first
     with path.open() as fh:
         for row in csv.DictReader(fh):
+            norms = [float(v) for k, v in row.items()
+                     if k.startswith("fro_norm/") and k.endswith((".q", ".k")) and v not in (None, "")]
+            if norms:
+                qk_fro.append(max(norms))
             for key, acc in (("srank/min", srank), ("diag/attn_logit_max", attn), ("diag/output_logit_max", outl),
                              ("train/loss", train)):
                 value = row.get(key)
@@ -218,6 +224,8 @@ def summarize_logs(cell: dict[str, Any]) -> dict[str, Any]:
     out["max_attn_logit"] = max(attn) if attn else None
     out["max_output_logit"] = max(outl) if outl else None
     out["final_train_loss"] = sum(finite[-20:]) / len(finite[-20:]) if finite else None
+    if qk_fro:
+        out["qk_fro_norm_first"], out["qk_fro_norm_max"] = qk_fro[0], max(qk_fro)
     return out
 
 
@@ -262,11 +270,14 @@ def render(res: dict[str, Any]) -> str:
     lines = [
         "# lightning_msign stability benchmark",
         "",
-        f"Machine: {res['machine']}. Wall time {res['wall_time_s']:.0f} s. Command: `{res['command']}`",
+        f"Machine: {res['machine']}. Wall time of this command {res['wall_time_s']:.0f} s; the {len(res['cells'])} cells "
+        f"trained for {sum(c['wall_s'] for c in res['cells']) / 60:.0f} min in all (one thread each; saved cells are "
+        f"reused, see `cells/`). Command: `{res['command']}`",
         "",
         f"Setup: {json.dumps(res['settings']['model'])}, batch {res['settings']['batch_size']} x "
         f"{res['settings']['seq_len']}, {res['settings']['steps']} steps, clip {res['settings']['clip']}, "
-        f"{res['settings']['precision']}, warm-up {res['settings']['warmup']}, seeds {res['settings']['seeds']}.",
+        f"{res['settings']['precision']}, warm-up {res['settings']['warmup']}, seeds {res['settings']['seeds']}"
+        + (f", module {json.dumps(res['settings']['module'])}." if res["settings"].get("module") else "."),
         "",
         "## Final validation loss (mean over seeds; a diverged run counts as ln 256 = 5.55)",
         "",
@@ -304,6 +315,13 @@ def render(res: dict[str, Any]) -> str:
             f"| {f(c['max_attn_logit'], '.3g')} | {f(c['max_output_logit'], '.3g')} | {f(c['max_grad_norm'], '.3g')} "
             f"| {c['wall_s']:.0f} |"
         )
+    if any("qk_fro_norm_max" in c for c in res["cells"]):
+        lines += ["", "## Q and K weight norms (largest Frobenius norm of a Q or K block)", "",
+                  "| method | lr | seed | at the first log | max | growth |", "|---|---:|---:|---:|---:|---:|"]
+        for c in res["cells"]:
+            if "qk_fro_norm_max" in c:
+                lines.append(f"| {c['method']} | {c['lr']:g} | {c['seed']} | {c['qk_fro_norm_first']:.2f} "
+                             f"| {c['qk_fro_norm_max']:.2f} | {c['qk_fro_norm_max'] / c['qk_fro_norm_first']:.1f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -393,6 +411,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--model", type=json.loads, default=None, help="litgpt Config fields as JSON (default 12x64)")
+    parser.add_argument("--module", type=json.loads, default={},
+                        help="extra LitGPTModule arguments as JSON (e.g. the muP-style knobs lr_mult_2d, zero_init_query)")
     parser.add_argument("--no-clip", action="store_true", help="no gradient clipping (default: clip at 1.0)")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--diverge-loss", type=float, default=LOSS_AT_INIT + 1.0)
@@ -400,6 +420,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--stable-margin", type=float, default=0.1, help="'stable': final loss within this of the best")
     parser.add_argument("--diag-every", type=int, default=25)
     parser.add_argument("--jacobian", action="store_true", help="also log Jacobian alignment (costly)")
+    parser.add_argument("--log-norms", action="store_true",
+                        help="also log Frobenius / spectral norms of the attention matrices (table: Q/K norm growth)")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, one process and thread each")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every cell (cpu, gpu, auto)")
     parser.add_argument("--reuse-only", action="store_true",
@@ -423,7 +445,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": args.model or MODEL_12x64, "steps": args.steps, "warmup": args.warmup,
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "clip": None if args.no_clip else 1.0,
-                "precision": args.precision, "seeds": args.seeds, "lrs": args.lrs, "methods": args.methods}
+                "precision": args.precision, "seeds": args.seeds, "lrs": args.lrs, "methods": args.methods,
+                "module": args.module}
     specs = []
     for seed in args.seeds:  # seed-major: an interrupted sweep has whole seeds (cells are saved as they end)
         for lr in args.lrs:
@@ -437,6 +460,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "jacobian": args.jacobian, "val_every": min(args.steps, 250), "val_batches": 20,
                     "log_every": 1, "threads": 1, "log_dir": str(out / "runs"), "accelerator": args.accelerator,
                 })
+                if args.module:  # only when given, so that cells saved before these options still match
+                    specs[-1]["module"] = args.module
+                if args.log_norms:
+                    specs[-1]["log_norms"] = True
 
     cell_dir = out / "cells"
     cell_dir.mkdir(exist_ok=True)

@@ -566,7 +566,8 @@ def _draw(runs, labels, colors, summaries, panels, panel_titles, title) -> bytes
         # Bands of their own for the event lanes: MSign ticks at the bottom, PSS triggers at the top.
         bottom = len(runs) * lane if any(x["msign_steps"] for x in summaries) else 0.0
         top = len(runs) * lane if any(x["pss_trigger_steps"] for x in summaries) else 0.0
-        ylim = _widen(ax.get_ylim(), bottom, top, log)
+        data_lim = ax.get_ylim()
+        ylim = _widen(data_lim, bottom, top, log)
 
         # Events, drawn in axes coordinates along y so that they do not move the y limits.
         trans = ax.get_xaxis_transform()
@@ -580,6 +581,9 @@ def _draw(runs, labels, colors, summaries, panels, panel_titles, title) -> bytes
             if summary["first_nonfinite_loss_step"] is not None:
                 ax.axvline(summary["first_nonfinite_loss_step"], color=color, ls="--", lw=1.4)
         ax.set_ylim(ylim)
+        if not log and bottom:  # no tick labels in the MSign lane below the data (a stable rank of -10)
+            ax.set_yticks([t for t in ax.get_yticks() if data_lim[0] <= t <= ylim[1]])
+            ax.set_ylim(ylim)
         if log:  # plain numbers (0.5, 2, 1e+06), and minor labels only when less than a decade is shown
             decades = math.log10(ylim[1] / ylim[0])
             ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))

@@ -65,6 +65,31 @@ def test_exact_mode_and_summaries_only(tmp_path):
     assert logger.values("srank/min")[-1] == pytest.approx(exact, rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["exact", "power"])
+def test_norms_are_the_matrices_frobenius_and_spectral_norms(tmp_path, mode):
+    seed_everything(0)
+    logger = RecordingLogger()
+    monitor = StableRankMonitor(targets="attention", mode=mode, power_iters=30, log_norms=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=logger), callbacks=[monitor])
+    trainer.fit(tiny_module(), tiny_data())
+    last = logger.records[-1][1]
+    fro, spectral = [], []
+    for t in monitor._targets:
+        W = t.matrix().double()
+        fro.append(W.norm().item())
+        spectral.append(torch.linalg.matrix_norm(W, ord=2).item())
+        assert last[f"fro_norm/{t.name}"] == pytest.approx(fro[-1], rel=1e-5), t.name
+        # exact, or a power-iteration estimate of sigma_1 (a lower bound; 30 warm-started iterations)
+        assert spectral[-1] * 0.98 <= last[f"spectral_norm/{t.name}"] <= spectral[-1] * (1 + 1e-4), t.name
+    assert last["fro_norm/max"] == pytest.approx(max(fro), rel=1e-5)
+    assert last["spectral_norm/max"] == pytest.approx(max(spectral), rel=2e-2)
+    without = RecordingLogger()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=without),
+                      callbacks=[StableRankMonitor(targets="attention", mode=mode)])
+    trainer.fit(tiny_module(), tiny_data())
+    assert not any(k.startswith(("fro_norm/", "spectral_norm/")) for _, m in without.records for k in m)
+
+
 def test_after_msign_the_monitor_sees_restored_matrices(tmp_path):
     seed_everything(0)
     logger = RecordingLogger()
@@ -116,6 +141,7 @@ def test_csv_tensorboard_and_wandb_loggers_receive_the_keys(tmp_path, monkeypatc
         ({"warmup_iters": -1}, "warmup_iters"),
         ({"targets": "mlps"}, "targets"),
         ({"log_grad_norm": 1}, "log_grad_norm"),
+        ({"log_norms": "yes"}, "log_norms"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, match):

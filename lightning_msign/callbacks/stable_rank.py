@@ -62,6 +62,10 @@ class StableRankMonitor(TargetedCallback):
         log_per_matrix: log ``srank/<name>`` for every target (else only the summaries).
         log_grad_norm: log the total gradient norm (after accumulation and AMP unscaling, before
             clipping) on the same steps.
+        log_norms: also log each target's Frobenius norm and spectral norm
+            (:math:`\|W\|_F / \sqrt{\operatorname{srank}}`, from the same estimate). They tell the two
+            ways an attention logit :math:`q \cdot k` can grow apart: a collapsing stable rank at a fixed
+            Frobenius norm (what MSign undoes) or a growing Frobenius norm (which MSign keeps).
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, when ``targets`` match no
@@ -72,7 +76,9 @@ class StableRankMonitor(TargetedCallback):
     Logged metrics (straight to the Trainer's loggers on the steps this callback computes them,
     whatever ``log_every_n_steps`` is, at the step index of that batch's ``train/loss``):
         ``srank/<name>`` per target, ``srank/min`` and ``srank/mean`` over targets (aggregated with
-        torchmetrics), ``grad_norm/total`` (the global norm under DDP and FSDP2).
+        torchmetrics), ``grad_norm/total`` (the global norm under DDP and FSDP2); with ``log_norms``,
+        ``fro_norm/<name>``, ``spectral_norm/<name>`` and their maxima ``fro_norm/max``,
+        ``spectral_norm/max``.
 
     Example::
 
@@ -94,6 +100,7 @@ class StableRankMonitor(TargetedCallback):
         split_qkv: bool = True,
         log_per_matrix: bool = True,
         log_grad_norm: bool = True,
+        log_norms: bool = False,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
@@ -104,6 +111,7 @@ class StableRankMonitor(TargetedCallback):
         self.targets = validate_targets(targets, split_qkv)
         self.log_per_matrix = check_bool(log_per_matrix, "log_per_matrix")
         self.log_grad_norm = check_bool(log_grad_norm, "log_grad_norm")
+        self.log_norms = check_bool(log_norms, "log_norms")
 
         self._vectors: dict[str, Tensor] = {}
         # Values are already identical on every process: no synchronisation (and no collective) on compute.
@@ -133,6 +141,7 @@ class StableRankMonitor(TargetedCallback):
         if not self._optimizer_step_due(trainer, self.every_n_steps):
             return
         values = self.compute()
+        fro = self._fro_norms
         sranks = torch.stack(list(values.values()))
         self._min.update(sranks)
         self._mean.update(sranks)
@@ -141,6 +150,13 @@ class StableRankMonitor(TargetedCallback):
         self._mean.reset()
         if self.log_per_matrix:
             metrics.update({f"srank/{name}": v for name, v in values.items()})
+        if self.log_norms:
+            spectral = {name: fro[name] / values[name].clamp_min(1.0).sqrt() for name in values}
+            metrics["fro_norm/max"] = torch.stack(list(fro.values())).max()
+            metrics["spectral_norm/max"] = torch.stack(list(spectral.values())).max()
+            if self.log_per_matrix:
+                metrics.update({f"fro_norm/{name}": v for name, v in fro.items()})
+                metrics.update({f"spectral_norm/{name}": v for name, v in spectral.items()})
         log_to_loggers(trainer, metrics, step=trainer.global_step - 1)
 
     @torch.no_grad()
@@ -151,21 +167,25 @@ class StableRankMonitor(TargetedCallback):
         power-iteration vectors) are shared, so every process must call it.
         """
         plan = self._require_plan("compute")
-        width = 1 if self.mode == "exact" else 1 + max(t.shape[1] for t in self._targets)
+        # Row per target: [stable rank, Frobenius norm, power vector (power mode)].
+        width = 2 if self.mode == "exact" else 2 + max(t.shape[1] for t in self._targets)
         table = plan.run(self._stable_ranks, result_size=width, write=False)
         out: dict[str, Tensor] = {}
+        self._fro_norms: dict[str, Tensor] = {}
         for t, row in zip(self._targets, table):
             out[t.name] = row[0].float()
+            self._fro_norms[t.name] = row[1].float()
             if self.mode == "power":
-                self._vectors[t.name] = row[1 : 1 + t.shape[1]].float()
+                self._vectors[t.name] = row[2 : 2 + t.shape[1]].float()
         return out
 
     def _stable_ranks(self, blocks: list[Block]) -> dict[int, Tensor]:
         results: dict[int, Tensor] = {}
         for b in blocks:
             W = b.matrix
+            fro = torch.linalg.matrix_norm(W.float() if W.dtype != torch.float64 else W).reshape(1)
             if self.mode == "exact":
-                results[b.index] = stable_rank(W).reshape(1)
+                results[b.index] = torch.cat([stable_rank(W).reshape(1).to(fro.dtype), fro])
                 continue
             v = self._vectors.get(b.target.name)
             if v is None or v.shape[-1] != W.shape[-1]:
@@ -173,7 +193,7 @@ class StableRankMonitor(TargetedCallback):
             else:
                 v, iters = v.to(W.device), self.power_iters
             srank, v = stable_rank_estimate(W, v, iters)
-            results[b.index] = torch.cat([srank.reshape(1).to(v.dtype), v.reshape(-1)])
+            results[b.index] = torch.cat([srank.reshape(1).to(v.dtype), fro.to(v.dtype), v.reshape(-1)])
         return results
 
     @override
