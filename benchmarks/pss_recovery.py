@@ -159,12 +159,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--margin", type=float, default=0.05, help="'descending': final loss this below the start")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the table from --out's saved JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     for name in ("lr", "tau", "spike", "margin"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)!r}")
 
+    if args.render_only:
+        res = json.loads((args.out / "pss_recovery.json").read_text())
+        figure = args.out / "figures" / "report.png"
+        md = render(res) + ("\n![report](figures/report.png)\n" if figure.exists() else "")
+        (args.out / "pss_recovery.md").write_text(md)
+        print(md)
+        return 0
     if args.quick:
         args.model = args.model or MODEL_QUICK
         args.lr, args.warmup, args.steps, args.until, args.after_onset = 3.0, 10, 200, 80, 10
@@ -242,8 +250,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def back_at(r: dict[str, Any], level: float, window: int) -> Optional[int]:
+    """First step after the variant's spike from which the mean loss of ``window`` steps is back below ``level``."""
+    losses = {int(k): v for k, v in r["losses"].items()}
+    start = r["spiked_at"] if r["spiked_at"] is not None else min(losses)
+    for step in range(start, max(losses) - window + 2):
+        vals = [losses[s] for s in range(step, step + window) if s in losses]
+        if len(vals) == window and all(math.isfinite(v) for v in vals) and sum(vals) / window < level:
+            return step
+    return None
+
+
 def render(res: dict[str, Any]) -> str:
     f, s = res["failing"], res["settings"]
+    level = f["loss_before"] + s["spike"] / 2
     lines = [
         "# lightning_msign PSS recovery benchmark", "",
         f"Machine: {res['machine']}. Wall time {res['wall_time_s']:.0f} s. Command: `{res['command']}`", "",
@@ -251,13 +271,15 @@ def render(res: dict[str, Any]) -> str:
         f"{s['seed']}. Loss spike onset at step {f['onset']} (mean of the next {s['window']} steps "
         f"{f['loss_after_onset']:.2f}; max gradient norm {f['max_grad_norm']:.3g}). Resumed from the checkpoint at step "
         f"{f['resume_step']} (mean training loss before it {f['loss_before']:.3f}) to step {s['until']}.", "",
-        "| variant | spiked at | reached step | final train loss | worst 20-step loss | PSS triggers "
-        "| max grad norm | resumed descending | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| variant | spiked at | back below before + spike/2 from | reached step | final train loss "
+        "| worst 20-step loss | PSS triggers | max grad norm | resumed descending | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in res["variants"]:
         trig = "-" if r["triggers"] is None else str(len(r["triggers"]))
-        lines.append(f"| {r['variant']} | {r['spiked_at'] if r['spiked_at'] is not None else '-'} | {r['last_step']} "
+        back = back_at(r, level, s["window"])
+        lines.append(f"| {r['variant']} | {r['spiked_at'] if r['spiked_at'] is not None else '-'} "
+                     f"| {back if back is not None else 'never'} | {r['last_step']} "
                      f"| {r['final_train_loss']:.3f} | {r['worst_window_loss']:.3f} | {trig} | {r['max_grad_norm']:.3g} "
                      f"| {'yes' if r['descending'] else 'no'} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -78,3 +78,7 @@ def test_pss_recovery_quick_resumes_exactly_and_writes_results(tmp_path):
         assert steps == list(range(failing["resume_step"], 80))
     assert (out / "figures" / "report.png").stat().st_size > 1000
     assert not (out / "checkpoints").exists()
+    md = (out / "pss_recovery.md").read_text()
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pss_recovery.py"), "--render-only", "--out",
+                            str(out)], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert again.returncode == 0 and (out / "pss_recovery.md").read_text() == md  # the table is the JSON's

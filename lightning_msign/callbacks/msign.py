@@ -73,9 +73,10 @@ shards. A shard is never signed.
             after (costs one extra singular-value computation per target and application).
         norm: the Frobenius norm of the result. ``"keep"`` (the paper): that of ``W``. ``"cap_init"``:
             ``min(||W||_F, ||W_0||_F)``, where ``W_0`` is the matrix at the start of the first fit (kept
-            in the checkpoint): the sign and a norm cap. The Frobenius-keeping rescale cannot stop
-            the *magnitude* of Q and K from growing, which is what drives attention-logit growth at
-            high learning rates on the README's measured setup; the cap does. Not in the paper.
+            in the checkpoint): the sign and a norm cap. Not in the paper; an experiment on why MSign
+            leaves attention logits growing (the Frobenius-keeping rescale keeps the norm that Adam
+            grows). Measured (README, "Measured stability"), a cap every 10 steps did *not* help:
+            between applications Adam regrows the norm, and the cap hurt the loss.
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, when ``targets`` match no
