@@ -33,9 +33,10 @@ the loss at initialisation, ln 256 = 5.55, plus 1: a spike it does not recover f
 
 Per cell: diverged (step), final validation loss, min stable rank, max attention logit, max gradient
 norm, wall time. Per method: Wortsman et al.'s LR sensitivity ``mean_lr[min(final(lr), loss_at_init) -
-best_final]``, the largest LR that trains stably (no divergence, final loss within ``--stable-margin``
-of the method's best), and at each LR the share of the baseline's gap to its best LR that the method
-closes.
+best_final]``, the largest LR that trains stably (every seed: no divergence and a final loss within
+``--stable-margin`` of the best mean final loss of any method in the sweep, so that a method that is
+uniformly poor does not count as stable), the largest LR without a divergence, and at each LR the share
+of the baseline's gap to its best LR that the method closes.
 
 Usage::
 
@@ -242,15 +243,17 @@ def analyse(cells: list[dict[str, Any]], margin: float) -> dict[str, Any]:
         table[c["method"]][c["lr"]].append(final(c))
     mean = {m: {lr: (sum(v) / len(v) if v else float("nan")) for lr, v in table[m].items()} for m in methods}
     base = mean.get("baseline")
+    best_overall = min((v for m in methods for v in mean[m].values() if math.isfinite(v)), default=float("nan"))
     per_method = {}
     for m in methods:
         curve = {lr: v for lr, v in mean[m].items() if math.isfinite(v)}
         best = min(curve.values())
         complete = len(curve) == len(lrs)  # sensitivity and largest stable LR need the whole sweep
         sensitivity = sum(min(v, LOSS_AT_INIT) - best for v in curve.values()) / len(curve) if complete else None
-        stable = [lr for lr in lrs if all(
-            c["diverged_step"] is None and final(c) <= best + margin for c in cells if c["method"] == m and c["lr"] == lr
-        ) and table[m][lr]] if complete else []
+        at = {lr: [c for c in cells if c["method"] == m and c["lr"] == lr] for lr in lrs}
+        stable = [lr for lr in lrs if at[lr] and all(
+            c["diverged_step"] is None and final(c) <= best_overall + margin for c in at[lr])] if complete else []
+        no_divergence = [lr for lr in lrs if at[lr] and all(c["diverged_step"] is None for c in at[lr])]
         gap_closed = {}
         if base:
             base_best = min(v for v in base.values() if math.isfinite(v))
@@ -259,9 +262,12 @@ def analyse(cells: list[dict[str, Any]], margin: float) -> dict[str, Any]:
                 if math.isfinite(gap) and gap > margin and math.isfinite(mean[m][lr]):
                     gap_closed[lr] = (base[lr] - mean[m][lr]) / gap
         per_method[m] = {"best_final_loss": best, "lr_sensitivity": sensitivity,
-                         "largest_stable_lr": max(stable) if stable else None, "gap_closed": gap_closed,
+                         "largest_stable_lr": max(stable) if stable else None,
+                         "largest_lr_without_divergence": max(no_divergence) if complete and no_divergence else None,
+                         "gap_closed": gap_closed,
                          "mean_final_loss": mean[m]}
-    return {"methods": methods, "lrs": lrs, "per_method": per_method}
+    return {"methods": methods, "lrs": lrs, "best_final_loss": best_overall, "stable_margin": margin,
+            "per_method": per_method}
 
 
 def render(res: dict[str, Any]) -> str:
@@ -281,25 +287,28 @@ def render(res: dict[str, Any]) -> str:
         "",
         "## Final validation loss (mean over seeds; a diverged run counts as ln 256 = 5.55)",
         "",
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | LR sensitivity | largest stable LR |",
-        "|---|" + "---:|" * len(lrs) + "---:|---:|",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs)
+        + f" | LR sensitivity | largest LR within {a['stable_margin']:g} of the best ({a['best_final_loss']:.3f}) "
+        "| largest LR without divergence |",
+        "|---|" + "---:|" * len(lrs) + "---:|---:|---:|",
     ]
     for m in a["methods"]:
         pm = a["per_method"][m]
         cells = " | ".join(f"{pm['mean_final_loss'][lr]:.3f}" if math.isfinite(pm["mean_final_loss"][lr]) else "-"
                            for lr in lrs)
         if pm["lr_sensitivity"] is None:  # not run at every LR of the table
-            sens = stable = "-"
+            sens = stable = no_div = "-"
         else:
             sens = f"{pm['lr_sensitivity']:.3f}"
             stable = f"{pm['largest_stable_lr']:g}" if pm["largest_stable_lr"] else "none"
-        lines.append(f"| {m} | {cells} | {sens} | {stable} |")
+            no_div = f"{pm['largest_lr_without_divergence']:g}" if pm["largest_lr_without_divergence"] else "none"
+        lines.append(f"| {m} | {cells} | {sens} | {stable} | {no_div} |")
     if "baseline" in a["per_method"]:
         gaps = sorted({lr for pm in a["per_method"].values() for lr in pm["gap_closed"]})
         if gaps:
             lines += ["", "## Share of the baseline's loss gap (to its best LR) closed", "",
                       "| method | " + " | ".join(f"lr {lr:g}" for lr in gaps) + " |", "|---|" + "---:|" * len(gaps)]
-            for m in a["methods"]:
+            for m in [m for m in a["methods"] if m != "baseline"]:
                 g = a["per_method"][m]["gap_closed"]
                 lines.append(f"| {m} | " + " | ".join(f"{g[lr]:.0%}" if lr in g else "-" for lr in gaps) + " |")
     lines += ["", "## Cells", "", "| method | lr | seed | diverged at | final val | final train | min srank "
