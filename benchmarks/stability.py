@@ -360,7 +360,7 @@ def draw_figures(res: dict[str, Any], out: Path) -> list[Path]:
         lrs = [lr for lr in a["lrs"] if math.isfinite(a["per_method"][m]["mean_final_loss"][lr])]
         ys = [a["per_method"][m]["mean_final_loss"][lr] for lr in lrs]
         line, = ax.plot(lrs, ys, marker=markers[i % len(markers)], label=m, lw=2.2 if m == "baseline" else 1.4,
-                        color="black" if m == "baseline" else None)
+                        color="black" if m == "baseline" else plt.cm.tab20(i % 20))
         for c in cells:  # every seed as a small dot; diverged runs drawn at ln 256
             if c["method"] == m:
                 y = c["final_val_loss"] if c["diverged_step"] is None and math.isfinite(c["final_val_loss"]) else LOSS_AT_INIT
@@ -370,7 +370,8 @@ def draw_figures(res: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel("final validation loss (mean over seeds)")
     st = res["settings"]
     ax.set_title(f"{st['steps']} steps, clip {st['clip']}, {st['precision']}, seeds {st['seeds']}", fontsize=9)
-    ax.axhline(LOSS_AT_INIT, color="grey", ls=":", lw=1)
+    if any(c["diverged_step"] is not None for c in cells):  # diverged runs are drawn at ln 256
+        ax.axhline(LOSS_AT_INIT, color="grey", ls=":", lw=1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
