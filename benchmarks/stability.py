@@ -482,7 +482,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         saved = cell_dir / f"{spec['name']}.json"
         if saved.exists() and not args.rerun:
             previous = json.loads(saved.read_text())
-            if previous.get("spec") == spec:
+            same = {k: v for k, v in previous.get("spec", {}).items() if k != "log_dir"} == \
+                {k: v for k, v in spec.items() if k != "log_dir"}  # a clone elsewhere reuses them too
+            if same:
                 print(f"  {spec['name']}: reused {saved}", file=sys.stderr, flush=True)
                 return previous["cell"]
         if args.reuse_only:
