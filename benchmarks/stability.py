@@ -40,13 +40,17 @@ of the baseline's gap to its best LR that the method closes.
 
 Usage::
 
-    python benchmarks/stability.py --quick                 # CI smoke test, ~2 min
-    python benchmarks/stability.py --jobs 2                 # the full sweep (hours on 2 CPU cores)
-    python benchmarks/stability.py --lrs 0.01 0.1 --methods baseline qk_norm --seeds 0 --steps 1000
+    python benchmarks/stability.py --quick                 # CI smoke test, ~1 min
+    python benchmarks/stability.py --jobs 2                 # the full sweep: 90 runs, ~3.5 CPU hours
+    python benchmarks/stability.py --lrs 0.1 --methods msign_qk_p1 --jobs 1     # more cells, same folder
+    python benchmarks/stability.py --reuse-only --methods baseline qk_norm msign_qk_p1   # tabulate saved cells
+    python benchmarks/stability.py --lrs 0.3 1.0 --methods baseline --seeds 0 --no-clip --precision bf16-mixed
 
-Writes ``--out`` (default ``benchmarks/results/stability``): ``stability.json``, ``stability.md`` and
-the runs' CSV logs; the figures are drawn by ``lightning-msign report`` from those logs when the
-command exists.
+Each finished cell is saved in ``--out/cells/<cell>.json`` with its spec: a run that is interrupted,
+or extended with more methods or LRs, trains only what is not saved yet (``--rerun`` trains all
+again; ``--reuse-only`` trains nothing). Writes ``--out`` (default ``benchmarks/results/stability``):
+``stability.json``, ``stability.md``, the runs' CSV logs (``runs/``) and the figures (``figures/``:
+``lr_sweep.png``, final loss against LR, and one ``lightning-msign report`` per LR).
 """
 
 from __future__ import annotations
