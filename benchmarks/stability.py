@@ -308,7 +308,7 @@ def render(res: dict[str, Any]) -> str:
             no_div = f"{pm['largest_lr_without_divergence']:g}" if pm["largest_lr_without_divergence"] else "none"
         lines.append(f"| {m} | {cells} | {sens} | {stable} | {no_div} |")
     if "baseline" in a["per_method"]:
-        gaps = sorted({lr for pm in a["per_method"].values() for lr in pm["gap_closed"]})
+        gaps = sorted({lr for m, pm in a["per_method"].items() if m != "baseline" for lr in pm["gap_closed"]})
         if gaps:
             lines += ["", "## Share of the baseline's loss gap (to its best LR) closed", "",
                       "| method | " + " | ".join(f"lr {lr:g}" for lr in gaps) + " |", "|---|" + "---:|" * len(gaps)]
