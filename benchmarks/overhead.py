@@ -804,12 +804,13 @@ def run_backend_part(s: Settings) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- report
 # --------------------------------------------------------------------------- part 3: distributed
-def _dist_worker(rank: int, world: int, port: int, layout: str, cfg: dict[str, Any], out_dir: str) -> None:
+def _dist_worker(rank: int, world: int, layout: str, cfg: dict[str, Any], out_dir: str) -> None:
     """One process of the distributed part: time ``MSignCallback.apply()`` on a (sharded) LitGPT model."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A FileStore in the run's temporary folder: no port to find, and no store server on rank 0 whose exit
+    # could abort the other process in destroy_process_group.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     torch.set_num_threads(cfg["threads"])
     try:
         from lightning_msign import LitGPTModule, MSignCallback, resolve_targets
@@ -865,7 +866,6 @@ def _dist_worker(rank: int, world: int, port: int, layout: str, cfg: dict[str, A
 def run_distributed_part(s: Settings) -> list[dict[str, Any]]:
     """Time per MSign application (attention) on 1 process vs 2 processes, replicated (DDP) and FSDP2."""
     import torch.multiprocessing as mp
-    from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
     cfg = {"model": s.model, "seq_len": s.seq_len, "seed": s.seed, "threads": 1, "repeats": s.dist_repeats,
            "backends": ["svd", "polar_express"]}
@@ -873,8 +873,7 @@ def run_distributed_part(s: Settings) -> list[dict[str, Any]]:
     for world, layout in ((1, "single"), (2, "ddp"), (2, "fsdp2")):
         print(f"  distributed: {world} process(es), {layout}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="lightning_msign_dist_") as tmp:
-            port = find_free_network_port()  # a fixed or pid-derived port can be taken by another job
-            mp.spawn(_dist_worker, args=(world, port, layout, cfg, tmp), nprocs=world)
+            mp.spawn(_dist_worker, args=(world, layout, cfg, tmp), nprocs=world)
             ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
         for i, backend in enumerate(cfg["backends"]):
             per_rank = [r[i] for r in ranks]
