@@ -140,8 +140,7 @@ class StableRankMonitor(TargetedCallback):
     ) -> None:
         if not self._optimizer_step_due(trainer, self.every_n_steps):
             return
-        values = self.compute()
-        fro = self._fro_norms
+        values, fro = self._measure()
         sranks = torch.stack(list(values.values()))
         self._min.update(sranks)
         self._mean.update(sranks)
@@ -159,31 +158,37 @@ class StableRankMonitor(TargetedCallback):
                 metrics.update({f"spectral_norm/{name}": v for name, v in spectral.items()})
         log_to_loggers(trainer, metrics, step=trainer.global_step - 1)
 
-    @torch.no_grad()
     def compute(self) -> dict[str, Tensor]:
         """Stable rank of every target now, as 0-dim float32 tensors (CPU), identical on every process.
 
         With several processes each whole matrix is computed by one process and the values (and the
         power-iteration vectors) are shared, so every process must call it.
         """
+        return self._measure()[0]
+
+    @torch.no_grad()
+    def _measure(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Stable ranks and, with ``log_norms``, Frobenius norms (else empty) of every target."""
         plan = self._require_plan("compute")
-        # Row per target: [stable rank, Frobenius norm, power vector (power mode)].
+        # Row per target: [stable rank, Frobenius norm (0 without log_norms), power vector (power mode)].
         width = 2 if self.mode == "exact" else 2 + max(t.shape[1] for t in self._targets)
         table = plan.run(self._stable_ranks, result_size=width, write=False)
-        out: dict[str, Tensor] = {}
-        self._fro_norms: dict[str, Tensor] = {}
+        sranks: dict[str, Tensor] = {}
+        fro: dict[str, Tensor] = {}
         for t, row in zip(self._targets, table):
-            out[t.name] = row[0].float()
-            self._fro_norms[t.name] = row[1].float()
+            sranks[t.name] = row[0].float()
+            if self.log_norms:
+                fro[t.name] = row[1].float()
             if self.mode == "power":
                 self._vectors[t.name] = row[2 : 2 + t.shape[1]].float()
-        return out
+        return sranks, fro
 
     def _stable_ranks(self, blocks: list[Block]) -> dict[int, Tensor]:
         results: dict[int, Tensor] = {}
         for b in blocks:
             W = b.matrix
-            fro = torch.linalg.matrix_norm(W.float() if W.dtype != torch.float64 else W).reshape(1)
+            fro = (torch.linalg.matrix_norm(W.float() if W.dtype != torch.float64 else W).reshape(1) if self.log_norms
+                   else torch.zeros(1, device=W.device))
             if self.mode == "exact":
                 results[b.index] = torch.cat([stable_rank(W).reshape(1).to(fro.dtype), fro])
                 continue
