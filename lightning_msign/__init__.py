@@ -1,34 +1,40 @@
-"""lightning_msign: Lightning callbacks that watch and repair the weight spectra of transformers.
+"""lightning_msign: watch and repair the weight spectra of transformers, in any PyTorch training loop.
 
 Public API:
 
-- :class:`MSignCallback`: periodic matrix-sign restoration of stable rank (arXiv 2602.01734).
-- :class:`PSSCallback`: gradient-spike-triggered smoothing of dominant singular values (arXiv 2602.01308).
-- :class:`StableRankMonitor`: per-step stable rank of weight matrices and the gradient norm.
-- :class:`DiagnosticsMonitor`: attention-logit and output-logit magnitudes and the alignment of adjacent
-  blocks' Jacobians, to tell which failure mode a run is in.
-- :class:`LitGPTModule`: a LightningModule around ``litgpt.GPT`` with the options of the papers'
-  failure setups; :class:`ShakespeareDataModule`: the shipped corpus (or any text), no network.
-- :mod:`lightning_msign.functional`: the math on plain tensors (matrix sign backends, stable rank,
-  power iteration); :mod:`lightning_msign.targets`: which matrices a callback acts on.
+- Guards, usable in any loop (plain PyTorch, Fabric, Lightning): :class:`MSign` (periodic matrix-sign
+  restoration of stable rank, arXiv 2602.01734), :class:`PSS` (gradient-spike-triggered smoothing of
+  dominant singular values, arXiv 2602.01308), :class:`StableRank` (stable rank and gradient norm).
+- Lightning callbacks over them: :class:`MSignCallback`, :class:`PSSCallback`, :class:`StableRankMonitor`,
+  and :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment).
+- :class:`LitGPTModule` and :class:`ShakespeareDataModule`: the embedded default model and corpus.
+- :mod:`lightning_msign.functional`: the math on plain tensors; :mod:`lightning_msign.targets` and
+  :mod:`lightning_msign.layouts`: which matrices, and how fused weights split.
 """
 
 from lightning_msign import functional
 from lightning_msign.callbacks import DiagnosticsMonitor, MSignCallback, PSSCallback, StableRankMonitor
 from lightning_msign.data import ShakespeareDataModule
+from lightning_msign.guards import MSign, PSS, StableRank
+from lightning_msign.layouts import Layout, parse_layout
 from lightning_msign.litgpt_module import LitGPTModule
 from lightning_msign.targets import TargetMatrix, resolve_targets
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PSS",
     "DiagnosticsMonitor",
+    "Layout",
     "LitGPTModule",
+    "MSign",
     "MSignCallback",
     "PSSCallback",
     "ShakespeareDataModule",
+    "StableRank",
     "StableRankMonitor",
     "TargetMatrix",
     "functional",
+    "parse_layout",
     "resolve_targets",
 ]

@@ -28,16 +28,19 @@ or sharded on more than one mesh dimension (tensor parallelism combined with FSD
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_msign.targets import TargetMatrix
+if TYPE_CHECKING:
+    from lightning_msign.targets import TargetMatrix
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -45,21 +48,155 @@ except ImportError:  # pragma: no cover - torch without DTensor
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 
-@dataclass
-class Block:
-    """One target handed to a computation: its index in the plan's target list and its whole matrix.
+def is_sharded(tensor: Tensor) -> bool:
+    """True for a tensor that holds only a shard of the logical one (a ``DTensor``: FSDP2, HSDP)."""
+    return DTensor is not None and (isinstance(tensor, DTensor) or isinstance(getattr(tensor, "data", None), DTensor))
 
-    ``matrix`` is a 2D view into the whole parameter as the owner holds it (the parameter itself when
-    it is replicated, a gathered copy when it is sharded): writing into it (``copy_``) changes the
-    weight once the plan writes back.
+
+def local_tensor(param: Tensor) -> Tensor:
+    """The tensor this process stores for ``param`` (its shard for a DTensor), detached, sharing storage."""
+    if DTensor is not None and isinstance(param, DTensor):
+        return param.tolocal_tensor().detach()
+    return param.detach()
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> Optional[Tensor]:
+    """Total 2-norm of the gradients of ``params`` over the whole model, the same on every process.
+
+    Under DDP gradients are already synchronised; DTensor (FSDP2) gradients are shards, whose norm
+    ``torch.nn.utils.get_total_norm`` reduces over their mesh. ``None`` when no parameter has a gradient.
+    """
+    plain: list[Tensor] = []
+    sharded: dict[tuple, list[Tensor]] = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if is_sharded(g):
+            sharded.setdefault((id(g.device_mesh), tuple(g.placements)), []).append(g)
+        else:
+            plain.append(g)
+    if not plain and not sharded:
+        return None
+    squares: list[Tensor] = []
+    if plain:
+        squares.append(torch.nn.utils.get_total_norm(plain).float().square())
+    for grads in sharded.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        norm = norm.full_tensor() if is_sharded(norm) else norm
+        squares.append(norm.float().square().to(squares[0].device if squares else norm.device))
+    return torch.stack(squares).sum().sqrt()
+
+
+def any_process(flag: bool, device: Optional[torch.device] = None) -> bool:
+    """``flag`` OR-ed over every process (one ``all_reduce``), so a decision is identical on all of them."""
+    if not is_distributed():
+        return bool(flag)
+    backend = dist.get_backend()
+    dev = device if device is not None and backend != "gloo" else torch.device("cpu")
+    if backend == "nccl" and (device is None or device.type != "cuda"):
+        dev = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([1.0 if flag else 0.0], device=dev)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+class MatrixResult:
+    """Base of the per-matrix results a computation returns (subclasses are dataclasses).
+
+    Fields annotated ``float``, ``int`` or ``bool`` hold one value; fields annotated ``Tensor`` hold a
+    vector whose length :meth:`vector_length` gives for a target (default: the matrix's columns, the
+    length of a right singular vector). The plan packs results into one float64 buffer to share them
+    between processes and unpacks them into instances again, so every process holds the same results.
+    """
+
+    @classmethod
+    def vector_length(cls, field_name: str, target: "TargetMatrix") -> int:
+        return target.shape[1]
+
+    @classmethod
+    def _fields(cls, target: "TargetMatrix") -> list[tuple[str, str, int]]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            hint = hints[f.name]
+            if hint in (float, int, bool):
+                out.append((f.name, hint.__name__, 1))
+            elif hint is Tensor or hint == Optional[Tensor]:
+                out.append((f.name, "tensor", cls.vector_length(f.name, target)))
+            else:
+                raise TypeError(f"{cls.__name__}.{f.name}: a MatrixResult field must be float, int, bool or Tensor")
+        return out
+
+    @classmethod
+    def width(cls, target: "TargetMatrix") -> int:
+        """Slots of one packed result (one more for the 'present' flag)."""
+        return 1 + sum(n for _, _, n in cls._fields(target))
+
+    def pack(self, target: "TargetMatrix") -> Tensor:
+        parts = [torch.ones(1, dtype=torch.float64)]
+        for name, kind, n in self._fields(target):
+            value = getattr(self, name)
+            if kind == "tensor":
+                vec = value.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+                if vec.numel() != n:
+                    raise ValueError(f"{type(self).__name__}.{name} has {vec.numel()} values, expected {n}")
+                parts.append(vec)
+            else:
+                parts.append(torch.tensor([float(value)], dtype=torch.float64))
+        return torch.cat(parts)
+
+    @classmethod
+    def unpack(cls, flat: Tensor, target: "TargetMatrix") -> Optional["MatrixResult"]:
+        if flat[0] != 1:
+            return None
+        values, offset = {}, 1
+        for name, kind, n in cls._fields(target):
+            chunk = flat[offset : offset + n]
+            offset += n
+            if kind == "tensor":
+                values[name] = chunk.float()
+            elif kind == "bool":
+                values[name] = bool(chunk[0] != 0)
+            elif kind == "int":
+                values[name] = int(round(float(chunk[0])))
+            else:
+                values[name] = float(chunk[0])
+        return cls(**values)  # type: ignore[call-arg]
+
+
+R = TypeVar("R", bound=MatrixResult)
+
+
+@dataclass
+class OwnedMatrix:
+    """One target handed to a computation on its owner: its index, and the whole parameter it lives in.
+
+    ``whole`` is the whole parameter as the owner holds it (the parameter's own data when it is
+    replicated, a gathered copy when it is sharded). Read with :attr:`matrix`, write with :meth:`write`:
+    the plan sends what was written back to every process.
     """
 
     index: int
-    target: TargetMatrix
-    matrix: Tensor
+    target: "TargetMatrix"
+    whole: Tensor
+
+    @property
+    def matrix(self) -> Tensor:
+        """The 2D matrix (a view into ``whole`` where the layout allows, else a copy)."""
+        return self.target.matrix(self.whole)
+
+    def write(self, value: Tensor) -> None:
+        """Write the 2D ``value`` into the matrix's place in ``whole``."""
+        self.target.write(value.to(self.whole.dtype), self.whole)
 
 
-Compute = Callable[[list[Block]], dict[int, Tensor]]
+Compute = Callable[[list[OwnedMatrix]], "dict[int, MatrixResult]"]
 
 
 @dataclass
@@ -67,7 +204,7 @@ class _Unit:
     """One parameter and the targets inside it (a fused QKV weight holds up to three)."""
 
     param: Tensor
-    blocks: list[tuple[int, TargetMatrix]]
+    blocks: list[tuple[int, "TargetMatrix"]]
     sharded: bool
     shard_dim: int = 0
     group: Optional[object] = None  # a ProcessGroup, or None for a single process
@@ -106,13 +243,6 @@ def _shard_layout(param: Tensor, name: str) -> tuple[int, object]:
     return tensor_dim, param.device_mesh.get_group(mesh_dim)
 
 
-def _local(param: Tensor) -> Tensor:
-    """The tensor this process stores for ``param`` (its shard for a DTensor), detached, sharing storage."""
-    if DTensor is not None and isinstance(param, DTensor):
-        return param.to_local().detach()
-    return param.detach()
-
-
 def _chunk_sizes(length: int, parts: int) -> list[int]:
     """Sizes of ``torch.chunk(length, parts)`` padded with empty chunks: DTensor's ``Shard`` layout."""
     size = -(-length // parts)
@@ -131,7 +261,7 @@ class WholeMatrixPlan:
         NotImplementedError: a sharded parameter with a layout that cannot be gathered whole.
     """
 
-    def __init__(self, targets: Sequence[TargetMatrix], distributed: bool) -> None:
+    def __init__(self, targets: Sequence["TargetMatrix"], distributed: bool) -> None:
         self.targets = list(targets)
         self.distributed = bool(distributed and dist.is_available() and dist.is_initialized())
         units: dict[int, _Unit] = {}
@@ -143,7 +273,7 @@ class WholeMatrixPlan:
         self._groups: list[_Group] = []
         by_key: dict[tuple, _Group] = {}
         for unit in units.values():
-            local = _local(unit.param)
+            local = local_tensor(unit.param)
             key = (id(unit.group), unit.param.dtype)
             if key not in by_key:
                 by_key[key] = _Group(unit.group, unit.param.dtype, local.device)
@@ -152,7 +282,7 @@ class WholeMatrixPlan:
         for g in self._groups:
             self._assign_owners(g)
 
-    def _unit(self, t: TargetMatrix) -> _Unit:
+    def _unit(self, t: "TargetMatrix") -> _Unit:
         p, cost = t.param, _cost(t.param.shape)
         if DTensor is not None and isinstance(p, DTensor):
             dim, group = _shard_layout(p, t.param_name)  # raises for layouts that cannot be gathered whole
@@ -187,50 +317,66 @@ class WholeMatrixPlan:
 
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
-    def run(self, compute: Compute, result_size: int = 0, write: bool = True) -> Tensor:
+    def run(self, compute: Compute, result: Optional[type[R]] = None, write: bool = True) -> dict[str, R]:
         """Run ``compute`` on whole matrices, on their owners; write back and share the results.
 
         Args:
-            compute: called on each process with the :class:`Block` s it owns (possibly none); may write
-                into ``block.matrix``; returns ``{block.index: 1-D tensor of <= result_size values}``.
-            result_size: length of each target's result row.
+            compute: called on each process with the :class:`OwnedMatrix` es it owns (possibly none); may
+                write them (:meth:`OwnedMatrix.write`); returns ``{owned.index: result}`` with results of
+                type ``result`` (a :class:`MatrixResult` dataclass), for some or all of them.
+            result: the result type (``None``: the computation returns nothing to share).
             write: send changed weights back (``False`` for read-only computations: no weight traffic).
 
         Returns:
-            ``(len(targets), result_size)`` float64 table of the results, identical on every process
-            (rows of targets that returned nothing are zero).
+            ``{target name: result}`` in target order, for the targets that returned one; identical on
+            every process.
         """
-        table = torch.zeros(len(self.targets), result_size, dtype=torch.float64)
+        packed: dict[int, Tensor] = {}
         for g in self._groups:
             rank = dist.get_rank(g.group) if g.group is not None else 0
-            world = dist.get_world_size(g.group) if g.group is not None else 1
-            full = self._gather(g, rank, world)  # id(unit) -> whole parameter, for units this process owns
-            blocks: list[Block] = []
-            for u in g.units:
-                if u.owner != rank:
-                    continue
-                whole = full[id(u)]
-                for index, t in u.blocks:
-                    blocks.append(Block(index, t, t.matrix(whole)))
-            results = compute(blocks) if blocks else {}
+            full = self._gather(g, rank, dist.get_world_size(g.group) if g.group is not None else 1)
+            owned = [
+                OwnedMatrix(index, t, full[id(u)]) for u in g.units if u.owner == rank for index, t in u.blocks
+            ]
+            results = compute(owned) if owned else {}
             if write:
-                self._write_back(g, rank, world, full)
-            rows = torch.zeros(len(self.targets), result_size, dtype=torch.float64, device=g.device)
-            for index, values in results.items():
-                values = values.detach().reshape(-1).to(device=g.device, dtype=torch.float64)
-                rows[index, : values.numel()] = values
-            if g.group is not None and result_size:
-                dist.all_reduce(rows, group=g.group)
-            table += rows.cpu()
-        return table
+                self._write_back(g, rank, dist.get_world_size(g.group) if g.group is not None else 1, full)
+            if result is None:
+                continue
+            indices = [index for u in g.units for index, _ in u.blocks]
+            widths = [result.width(self.targets[i]) for i in indices]
+            buf = torch.zeros(sum(widths), dtype=torch.float64)
+            offset = 0
+            for index, width in zip(indices, widths):
+                if index in results:
+                    buf[offset : offset + width] = results[index].pack(self.targets[index])
+                offset += width
+            if g.group is not None:
+                device = g.device if dist.get_backend(g.group) != "gloo" else torch.device("cpu")
+                moved = buf.to(device)
+                dist.all_reduce(moved, group=g.group)
+                buf = moved.cpu()
+            offset = 0
+            for index, width in zip(indices, widths):
+                packed[index] = buf[offset : offset + width]
+                offset += width
+        if result is None:
+            return {}
+        out: dict[str, R] = {}
+        for index, t in enumerate(self.targets):
+            if index in packed:
+                value = result.unpack(packed[index], t)
+                if value is not None:
+                    out[t.name] = value  # type: ignore[assignment]
+        return out
 
     def _gather(self, g: _Group, rank: int, world: int) -> dict[int, Tensor]:
         full: dict[int, Tensor] = {}
         for u in g.units:
             if not u.sharded and u.owner == rank:
-                full[id(u)] = _local(u.param)
+                full[id(u)] = local_tensor(u.param)
         if world == 1:  # a shard group of one process: the local shard is the whole matrix
-            full.update({id(u): _local(u.param) for u in g.units if u.sharded})
+            full.update({id(u): local_tensor(u.param) for u in g.units if u.sharded})
             return full
         if not any(u.sharded for u in g.units):
             return full
@@ -240,7 +386,7 @@ class WholeMatrixPlan:
                 continue
             pieces = []
             for u in units:
-                local = _local(u.param).movedim(u.shard_dim, 0)  # (rows here, ...)
+                local = local_tensor(u.param).movedim(u.shard_dim, 0)  # (rows here, ...)
                 rows = u.param.shape[u.shard_dim]
                 width = u.param.numel() // rows if rows else 0
                 pad = -(-rows // world) - local.shape[0]
@@ -279,7 +425,7 @@ class WholeMatrixPlan:
                 if rank != owner:
                     offset = 0
                     for u in replicated:
-                        dst = _local(u.param)
+                        dst = local_tensor(u.param)
                         dst.copy_(buf[offset : offset + dst.numel()].view_as(dst))
                         offset += dst.numel()
             sharded = [u for u in g.units if u.sharded and u.owner == owner]
@@ -299,7 +445,7 @@ class WholeMatrixPlan:
             dist.scatter(recv, send, src=dist.get_global_rank(g.group, owner), group=g.group)
             offset = 0
             for u, size in zip(sharded, sizes):
-                moved = _local(u.param).movedim(u.shard_dim, 0)
+                moved = local_tensor(u.param).movedim(u.shard_dim, 0)
                 n = moved.numel()
                 moved.copy_(recv[offset : offset + n].view(moved.shape))
                 offset += size

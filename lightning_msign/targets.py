@@ -1,12 +1,9 @@
-"""Which weight matrices a callback acts on: presets, name patterns, and fused-QKV row blocks.
+"""Which weight matrices a guard acts on: presets, name patterns, and the blocks of fused weights.
 
-A *target* is a 2D view of a parameter: the whole weight, or one row block of a fused projection.
-LitGPT stores an attention layer's query, key and value projections in one ``attn.qkv.weight`` whose
-rows are ``[Q | K | V]`` of sizes ``n_head * head_size``, ``n_query_groups * head_size`` and
-``n_query_groups * head_size`` (grouped-query aware); ``torch.nn.MultiheadAttention`` stores them in
-``in_proj_weight`` as three equal blocks, as nanoGPT's ``c_attn`` does. With ``split_qkv=True`` each
-block is its own target, named ``<parameter name>.q``, ``.k`` and ``.v`` (names that every
-logger accepts as metric keys).
+A *target* is one matrix: a 2D parameter, or a block of a fused one cut by its
+:class:`~lightning_msign.layouts.Layout` (read from the module that owns it, or declared by the user;
+never guessed from the shape). Blocks are named ``<parameter name>.<tag>`` (``.e<i>.<tag>`` inside a
+3D expert tensor), names that every logger accepts as metric keys.
 
 Presets (a ``targets`` string, or an element of a ``targets`` list):
 
@@ -15,22 +12,29 @@ Presets (a ``targets`` string, or an element of a ``targets`` list):
 ``"qk"``
     Query and key projections only (needs ``split_qkv=True`` when they are fused).
 ``"mlp"``
-    Every 2D weight of the feed-forward blocks (LitGPT ``mlp.*``, including mixture-of-experts
-    experts and routers; ``gate_proj``/``up_proj``/``down_proj``, ``fc1``/``fc2`` elsewhere).
+    Every matrix of the feed-forward blocks, mixture-of-experts experts included (each expert its own
+    matrix, fused ``[gate | up]`` split); not the router.
 ``"all_2d"``
-    Every 2D weight except token embeddings and the LM head (norm weights and biases are 1D and never
-    targets). To include those, add their names: ``["all_2d", "*lm_head.weight", "*wte.weight"]``.
+    Every matrix except token embeddings and the LM head: 2D weights and the matrices of 3D expert
+    tensors (norm weights and biases are 1D and never targets; convolution kernels are not 2D). To
+    include embeddings and head, add their names: ``["all_2d", "*lm_head.weight", "*wte.weight"]``.
 
 Any other string is a glob pattern on target names, where ``*`` matches any run of characters, ``?``
 one character and everything else (brackets included) is literal: ``"*.attn.proj.weight"``,
-``"*.h.0.attn.qkv.weight.k"``. A pattern on a fused parameter's name selects all of its blocks.
-Names are those of ``module.named_parameters()`` with ``torch.compile``'s ``_orig_mod.`` removed.
+``"*.h.0.attn.qkv.weight.k"``. A pattern on a fused parameter's name selects all of its blocks. Names
+are those of ``module.named_parameters()`` of the unwrapped module (``torch.compile``'s ``_orig_mod``,
+Fabric's ``_forward_module`` and DDP's ``module`` wrappers removed).
+
+A selection that includes a parameter which looks fused (its name, e.g. ``qkv``, ``c_attn``,
+``query_key_value``, or more than two dimensions) but whose layout no reader knows raises, naming the
+parameter and how to declare its layout; a preset that finds fewer matrices than the model's attention
+layers imply warns, naming what it missed.
 """
 
 from __future__ import annotations
 
-import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -38,8 +42,21 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lightning_msign.distributed import is_sharded
+from lightning_msign.layouts import (
+    LAYOUT_HELP,
+    TAG_ROLES,
+    Layout,
+    as_matrix,
+    block_view,
+    looks_fused,
+    read_layouts,
+    validate_layouts,
+)
+
 PRESETS: tuple[str, ...] = ("attention", "qk", "mlp", "all_2d")
 TargetsArg = Union[str, Sequence[str]]
+LayoutsArg = Optional[dict[str, str]]
 
 _ROLE_PRESETS: dict[str, frozenset[str]] = {
     "attention": frozenset({"q", "k", "v", "qkv", "attn_out"}),
@@ -52,61 +69,95 @@ _Q_NAMES = frozenset({"q_proj", "query", "wq", "q_lin"})
 _K_NAMES = frozenset({"k_proj", "key", "wk", "k_lin"})
 _V_NAMES = frozenset({"v_proj", "value", "wv", "v_lin"})
 _ATTN_OUT_NAMES = frozenset({"o_proj", "out_proj", "wo", "out_lin"})
-_MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3"})
-_MLP_PARENTS = frozenset({"mlp", "feed_forward", "ffn", "experts"})
+_MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3", "fc_1", "fc_2", "c_fc"})
+_MLP_PARENTS = frozenset({"mlp", "feed_forward", "ffn", "experts", "block_sparse_moe", "shared_experts"})
 _ATTN_PARENTS = ("attn", "attention", "self_attn")
+_ROUTER_NAMES = frozenset({"gate", "router"})
 
 
 @dataclass(frozen=True)
 class TargetMatrix:
-    """One matrix a callback acts on: a parameter, or a row block of it.
+    """One matrix a guard acts on: a parameter, or a block of a fused one.
 
     Attributes:
         name: display and logging name, e.g. ``model.transformer.h.0.attn.qkv.weight.q``.
-        param_name: name of the parameter (``torch.compile``'s ``_orig_mod.`` removed).
+        param_name: name of the parameter in the unwrapped module.
         param: the parameter itself.
-        rows: ``(start, stop)`` row range inside the parameter, or ``None`` for all of it.
-        role: ``"q"``, ``"k"``, ``"v"``, ``"qkv"`` (fused, unsplit), ``"attn_out"``, ``"mlp"``,
-            ``"embedding"``, ``"lm_head"`` or ``"other"``.
+        role: ``"q"``, ``"k"``, ``"v"``, ``"qkv"`` (fused, treated as one), ``"attn_out"``, ``"mlp"``,
+            ``"router"``, ``"embedding"``, ``"lm_head"`` or ``"other"``.
+        layout: how the parameter splits (``None``: it is one 2D matrix).
+        expert: index along the first dimension of a 3D expert tensor, else ``None``.
+        offset, size: the block's place along the layout's axis (within one head for interleaved layouts).
     """
 
     name: str
     param_name: str
     param: nn.Parameter
-    rows: tuple[int, int] | None
     role: str
+    layout: Optional[Layout] = None
+    expert: Optional[int] = None
+    offset: int = 0
+    size: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(rows, columns)`` of the whole matrix (also for a sharded parameter)."""
-        shape = tuple(self.param.shape)
-        rows = shape[0] if self.rows is None else self.rows[1] - self.rows[0]
-        return rows, math.prod(shape[1:])
+        """``(rows, columns)`` of the matrix (also for a sharded parameter)."""
+        rows, cols = self.matrix(torch.empty(self.param.shape, device="meta")).shape
+        return int(rows), int(cols)
 
-    def matrix(self, data: Optional[Tensor] = None) -> Tensor:
-        """The target as a 2D tensor sharing storage with the parameter (``param.data``) or with ``data``.
-
-        Parameters with more than two dimensions are viewed as ``(shape[0], -1)``. Writing into the
-        returned tensor (``copy_``) writes the weight. ``data`` is a tensor of the parameter's shape to
-        take the view of instead (for instance a whole copy gathered from shards); a sharded parameter
-        (``DTensor``) must be given one, its local shard is not the matrix.
-        """
+    def _data(self, data: Optional[Tensor]) -> Tensor:
         if data is None:
             if is_sharded(self.param):
                 raise ValueError(
                     f"Target {self.name!r} is a shard of a DTensor; pass the gathered whole parameter as `data`"
                 )
             data = self.param.data
-        if data.ndim > 2:
-            data = data.view(data.shape[0], -1)
-        if self.rows is not None:
-            data = data[self.rows[0] : self.rows[1]]
         return data
+
+    def view(self, data: Optional[Tensor] = None) -> Tensor:
+        """The target inside ``data`` (default: the parameter's own data) as a view sharing its storage."""
+        data = self._data(data)
+        if self.layout is None:
+            return data
+        return block_view(self.layout, data, self.expert, self.offset, self.size)
+
+    def matrix(self, data: Optional[Tensor] = None) -> Tensor:
+        """The target as a 2D tensor: a view where the layout allows, else a copy (interleaved heads).
+
+        ``data`` is a tensor of the parameter's shape to read from instead of the parameter (a whole copy
+        gathered from shards); a sharded parameter (``DTensor``) must be given one. Write with :meth:`write`.
+        """
+        view = self.view(data)
+        return view if self.layout is None else as_matrix(view, self.layout)
+
+    def write(self, value: Tensor, data: Optional[Tensor] = None) -> None:
+        """Write the 2D ``value`` (the shape of :meth:`matrix`) into the target inside ``data`` (or the parameter)."""
+        view = self.view(data)
+        view.copy_(value.reshape(view.shape) if value.shape != view.shape else value)
 
 
 def clean_name(name: str) -> str:
-    """Drop ``torch.compile``'s ``_orig_mod`` segments from a parameter or module name."""
+    """Drop wrapper segments (``torch.compile``'s ``_orig_mod``) from a parameter or module name."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The user's module inside Fabric's ``_FabricModule``, ``torch.compile``'s ``OptimizedModule`` and DDP.
+
+    Parameters are the same objects, so what a guard writes reaches the wrapped model; names lose the
+    wrappers' prefixes (``_forward_module.``, ``_orig_mod.``, ``module.``).
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if type(module).__name__ == "_FabricModule" and isinstance(getattr(module, "_original_module", None), nn.Module):
+            module = module._original_module
+        elif isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            module = module._orig_mod
+        elif isinstance(module, (DistributedDataParallel, DataParallel)):
+            module = module.module
+        else:
+            return module
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
@@ -114,74 +165,22 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(f"^{escaped}$")
 
 
-def _litgpt_qkv_sizes(attn: nn.Module) -> tuple[int, int, int] | None:
-    """Row sizes (q, k, v) of a LitGPT ``CausalSelfAttention``'s fused ``qkv``, duck-typed on its config."""
-    config = getattr(attn, "config", None)
-    qkv = getattr(attn, "qkv", None)
-    if config is None or not isinstance(getattr(qkv, "weight", None), Tensor):
-        return None
-    try:
-        hs, n_head, n_groups = int(config.head_size), int(config.n_head), int(config.n_query_groups)
-    except (AttributeError, TypeError):
-        return None
-    return n_head * hs, n_groups * hs, n_groups * hs
-
-
-def _split(name: str, sizes: Sequence[int], total: int) -> list[tuple[str, tuple[int, int], str]]:
-    if sum(sizes) != total:
-        raise ValueError(
-            f"Cannot split fused projection {name!r}: it has {total} rows but the model's config gives"
-            f" q/k/v blocks of {tuple(sizes)} rows. Pass `split_qkv=False` to treat it as one matrix."
-        )
-    out, start = [], 0
-    for tag, size in zip(("q", "k", "v"), sizes):
-        out.append((f"{name}.{tag}", (start, start + size), tag))
-        start += size
-    return out
-
-
-def catalog(module: nn.Module, split_qkv: bool = True) -> list[TargetMatrix]:
-    """Every matrix-shaped (ndim >= 2) parameter of ``module``, with its role, fused blocks split.
-
-    Args:
-        module: any ``nn.Module`` (a LightningModule, a ``litgpt.GPT``, a compiled module ...).
-        split_qkv: split fused query/key/value parameters into their row blocks.
-
-    Returns:
-        Targets in ``named_parameters()`` order.
-    """
-    roles: dict[int, str] = {}  # id(param) -> role
-    fused: dict[int, tuple[int, int, int]] = {}  # id(param) -> q/k/v row sizes
-    embedding_ids = set()
+def _name_roles(module: nn.Module) -> tuple[dict[int, str], set[int]]:
+    """Roles of weights told by their module's name (separate projections, MLPs, routers, heads)."""
+    roles: dict[int, str] = {}
+    embedding_ids: set[int] = set()
     for mod_name, mod in module.named_modules():
-        local = clean_name(mod_name).rsplit(".", 1)[-1]
         path = clean_name(mod_name).split(".")
+        local = path[-1]
         if isinstance(mod, nn.Embedding):
             embedding_ids.add(id(mod.weight))
             roles[id(mod.weight)] = "embedding"
-            continue
-        sizes = _litgpt_qkv_sizes(mod)
-        if sizes is not None:  # LitGPT CausalSelfAttention: fused qkv + proj
-            roles[id(mod.qkv.weight)] = "qkv"
-            fused[id(mod.qkv.weight)] = sizes
-            proj = getattr(mod, "proj", None)
-            if isinstance(getattr(proj, "weight", None), Tensor):
-                roles[id(proj.weight)] = "attn_out"
-            continue
-        if isinstance(mod, nn.MultiheadAttention):
-            if mod.in_proj_weight is not None:
-                roles[id(mod.in_proj_weight)] = "qkv"
-                e = mod.embed_dim
-                fused[id(mod.in_proj_weight)] = (e, e, e)
-            for tag, p in (("q", mod.q_proj_weight), ("k", mod.k_proj_weight), ("v", mod.v_proj_weight)):
-                if p is not None:
-                    roles[id(p)] = tag
-            roles[id(mod.out_proj.weight)] = "attn_out"
             continue
         weight = getattr(mod, "weight", None)
         if not isinstance(weight, Tensor) or weight.ndim < 2 or id(weight) in roles:
             continue
         in_attn = any(p.startswith(_ATTN_PARENTS) or p.endswith(_ATTN_PARENTS) for p in path[:-1])
+        in_mlp = any(p in _MLP_PARENTS for p in path[:-1])
         if local in _Q_NAMES:
             roles[id(weight)] = "q"
         elif local in _K_NAMES:
@@ -190,31 +189,92 @@ def catalog(module: nn.Module, split_qkv: bool = True) -> list[TargetMatrix]:
             roles[id(weight)] = "v"
         elif local in _ATTN_OUT_NAMES or (in_attn and local in ("proj", "c_proj", "dense", "o")):
             roles[id(weight)] = "attn_out"
-        elif local == "c_attn" and weight.shape[0] % 3 == 0 and isinstance(mod, nn.Linear):
-            roles[id(weight)] = "qkv"  # nanoGPT: Linear(C, 3C), rows [q | k | v]
-            third = weight.shape[0] // 3
-            fused[id(weight)] = (third, third, third)
         elif local in ("lm_head", "output", "embed_out") or id(weight) in embedding_ids:
             roles[id(weight)] = "lm_head"
-        elif local in _MLP_NAMES or any(p in _MLP_PARENTS for p in path[:-1]):
+        elif (local in _ROUTER_NAMES and in_mlp) or "Router" in type(mod).__name__:
+            roles[id(weight)] = "router"
+        elif local in _MLP_NAMES or in_mlp:
             roles[id(weight)] = "mlp"
+        elif in_attn and local in ("qkv", "c_attn", "query_key_value", "qkv_proj", "Wqkv", "W_pack"):
+            roles[id(weight)] = "qkv"
+    return roles, embedding_ids
 
+
+@dataclass(frozen=True)
+class _Undetermined:
+    """A parameter that looks fused but whose layout is unknown: selecting it is an error."""
+
+    name: str
+    param: nn.Parameter
+    role: str
+    owner: str
+
+
+def _catalog(
+    module: nn.Module, split_qkv: bool, layouts: dict[str, Layout]
+) -> tuple[list[TargetMatrix], list[_Undetermined]]:
+    module = unwrap_module(module)
+    read = read_layouts(module)
+    roles, embedding_ids = _name_roles(module)
+    owners = {id(p): type(m).__name__ for m in module.modules() for p in m.parameters(recurse=False)}
+    declared = [(_glob_regex(pattern), pattern, layout) for pattern, layout in layouts.items()]
     out: list[TargetMatrix] = []
+    undetermined: list[_Undetermined] = []
     seen: set[int] = set()
     for raw_name, p in module.named_parameters():
         if p.ndim < 2 or id(p) in seen:  # tied weights are listed once
             continue
         seen.add(id(p))
         name = clean_name(raw_name)
-        role = roles.get(id(p), "other")
+        role, layout = read.get(id(p), (roles.get(id(p), "other"), None))
         if role == "other" and id(p) in embedding_ids:
             role = "embedding"
-        if role == "qkv" and split_qkv:
-            for block_name, rows, tag in _split(name, fused[id(p)], p.shape[0]):
-                out.append(TargetMatrix(block_name, name, p, rows, tag))
-        else:
-            out.append(TargetMatrix(name, name, p, None, role))
+        for rx, pattern, declared_layout in declared:
+            if rx.match(name):
+                layout = declared_layout
+                break
+        if layout is not None:
+            layout.check(tuple(p.shape), name)
+        elif looks_fused(name, p) and role not in ("embedding", "lm_head"):
+            undetermined.append(_Undetermined(name, p, role, owners.get(id(p), "?")))
+            continue
+        if layout is not None and role == "qkv" and not split_qkv and layout.blocks and not layout.experts:
+            layout = Layout("matrix", source="split_qkv=False")
+        out.extend(_expand(name, p, role, layout))
+    return out, undetermined
+
+
+def _expand(name: str, p: nn.Parameter, role: str, layout: Optional[Layout]) -> list[TargetMatrix]:
+    if layout is None or (layout.kind == "matrix" and not layout.experts):
+        return [TargetMatrix(name, name, p, role, layout)]
+    experts = range(p.shape[0]) if layout.experts else [None]
+    out = []
+    for e in experts:
+        prefix = name if e is None else f"{name}.e{e}"
+        if not layout.blocks:
+            out.append(TargetMatrix(prefix, name, p, role, layout, expert=e))
+            continue
+        offset = 0
+        for tag, size in layout.blocks:
+            out.append(TargetMatrix(f"{prefix}.{tag}", name, p, TAG_ROLES.get(tag, role), layout, e, offset, size))
+            offset += size
     return out
+
+
+def catalog(module: nn.Module, split_qkv: bool = True, layouts: LayoutsArg = None) -> list[TargetMatrix]:
+    """Every matrix of ``module`` whose layout is known, with its role, fused weights split.
+
+    Args:
+        module: any ``nn.Module`` (a LightningModule, a ``litgpt.GPT``, a Hugging Face model, a wrapped
+            or compiled module ...).
+        split_qkv: split fused query/key/value parameters into their blocks.
+        layouts: declared layouts, ``{glob on parameter names: layout string}``; they override read ones.
+
+    Returns:
+        Targets in ``named_parameters()`` order. Parameters that look fused but have no known layout
+        are left out (:func:`resolve_targets` raises when a selection includes one).
+    """
+    return _catalog(module, split_qkv, validate_layouts(layouts))[0]
 
 
 def _normalize_targets(targets: TargetsArg, argument: str = "targets") -> list[str]:
@@ -249,50 +309,105 @@ def validate_targets(targets: TargetsArg, split_qkv: bool = True, argument: str 
     return items
 
 
-def resolve_targets(module: nn.Module, targets: TargetsArg, split_qkv: bool = True) -> list[TargetMatrix]:
+def _selects(item: str, role: str, name: str, ndim_ok: bool) -> bool:
+    if item in _ROLE_PRESETS:
+        return role in _ROLE_PRESETS[item]
+    if item == "all_2d":
+        return ndim_ok and role not in _EXCLUDED_FROM_ALL_2D
+    rx = _glob_regex(item)
+    return bool(rx.match(name))
+
+
+def resolve_targets(
+    module: nn.Module, targets: TargetsArg, split_qkv: bool = True, layouts: LayoutsArg = None
+) -> list[TargetMatrix]:
     """The targets of ``module`` selected by presets and/or glob patterns (union, model order).
 
     Args:
         module: the model (any ``nn.Module``).
         targets: a preset name, a glob pattern, or a list mixing both (see the module docstring).
         split_qkv: act on Q, K and V blocks of fused projections separately.
+        layouts: declared layouts of fused parameters the readers do not know
+            (``{glob on parameter names: layout string}``, see :mod:`lightning_msign.layouts`).
 
     Raises:
-        ValueError: bad ``targets``, or a selection that matches no matrix; the message lists the
-            matrix-shaped parameters that exist.
+        ValueError: bad ``targets`` or ``layouts``; a declared layout that does not fit its parameter;
+            a selection that matches no matrix (the message lists the matrix-shaped parameters); a
+            selection that includes a fused-looking parameter whose layout is unknown (the message names
+            it and how to declare its layout).
     """
     items = validate_targets(targets, split_qkv)
-    entries = catalog(module, split_qkv=split_qkv)
+    entries, undetermined = _catalog(module, split_qkv, validate_layouts(layouts))
     selected: list[TargetMatrix] = []
     unmatched: list[str] = []
     for item in items:
-        if item in _ROLE_PRESETS:
-            hits = [t for t in entries if t.role in _ROLE_PRESETS[item]]
-        elif item == "all_2d":
-            hits = [t for t in entries if t.param.ndim == 2 and t.role not in _EXCLUDED_FROM_ALL_2D]
-        else:
-            rx = _glob_regex(item)
-            hits = [t for t in entries if rx.match(t.name) or rx.match(t.param_name)]
+        hits = [t for t in entries if _selects(item, t.role, t.name, True) or _selects(item, t.role, t.param_name, True)]
+        blocked = [u for u in undetermined if _selects(item, u.role, u.name, u.param.ndim == 2)]
+        if blocked:
+            u = blocked[0]
+            raise ValueError(
+                f"`targets` entry {item!r} selects parameter {u.name!r} of {u.owner} (shape {tuple(u.param.shape)}),"
+                f" which looks like a fused weight whose layout cannot be read from the model; signing or measuring"
+                f" it as one matrix would be wrong. For example {{{u.name!r}: 'rows:q=..,k=..,v=..'}}: "
+                + LAYOUT_HELP
+                + (f". Also undetermined: {[b.name for b in blocked[1:4]]}" if len(blocked) > 1 else "")
+            )
         if not hits:
             unmatched.append(item)
         selected.extend(hits)
     if unmatched:
         names = sorted({t.param_name for t in entries})
         raise ValueError(
-            f"`targets` entries {unmatched} match no matrix of {type(module).__name__}. Presets: {PRESETS};"
-            f" matrix-shaped parameters: {names}"
+            f"`targets` entries {unmatched} match no matrix of {type(unwrap_module(module)).__name__}. Presets:"
+            f" {PRESETS}; matrix-shaped parameters: {names}"
         )
     unique: dict[str, TargetMatrix] = {}
     for t in selected:
         unique.setdefault(t.name, t)
     order = {t.name: i for i, t in enumerate(entries)}
-    return sorted(unique.values(), key=lambda t: order[t.name])
+    result = sorted(unique.values(), key=lambda t: order[t.name])
+    _warn_missing_attention(unwrap_module(module), items, result)
+    return result
 
 
-def is_sharded(param: torch.Tensor) -> bool:
-    """True for a parameter that holds only a shard of the logical weight (DTensor / FSDP flat param)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - very old torch
-        DTensor = ()  # type: ignore[assignment]
-    return isinstance(param, DTensor) or isinstance(getattr(param, "data", None), DTensor)
+def _attention_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Outermost modules that are attention layers (class name ending in ``Attention``, or ``MultiheadAttention``)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, mod in module.named_modules():
+        cls = type(mod).__name__
+        if not (cls.endswith("Attention") or isinstance(mod, nn.MultiheadAttention)):
+            continue
+        if any(name.startswith(prefix + ".") for prefix, _ in found):
+            continue
+        if any(p.ndim >= 2 for p in mod.parameters()):
+            found.append((clean_name(name), mod))
+    return found
+
+
+def _warn_missing_attention(module: nn.Module, items: list[str], selected: list[TargetMatrix]) -> None:
+    wanted = {"attention": {"q", "k", "v", "attn_out"}, "qk": {"q", "k"}}
+    for preset, roles in wanted.items():
+        if preset not in items:
+            continue
+        by_param: dict[int, set[str]] = {}
+        for t in selected:
+            by_param.setdefault(id(t.param), set()).add("q" if t.role == "qkv" else t.role)
+            if t.role == "qkv":
+                by_param[id(t.param)].update({"q", "k", "v"})
+        missing = []
+        for name, attn in _attention_modules(module):
+            have: set[str] = set()
+            for p in attn.parameters():
+                have |= by_param.get(id(p), set())
+            lacking = sorted(roles - have)
+            if lacking:
+                missing.append(f"{name or '<root>'} ({type(attn).__name__}: no {', '.join(lacking)})")
+        if missing:
+            warnings.warn(
+                f"targets preset {preset!r} found {len(selected)} matrices, but {len(missing)} attention layers lack"
+                f" some of theirs: {missing[:4]}{' ...' if len(missing) > 4 else ''}. Their projections are not"
+                " recognised: select them with glob patterns, or declare the layout of a fused weight with"
+                " `layouts` (see lightning_msign.layouts).",
+                UserWarning,
+                stacklevel=3,
+            )

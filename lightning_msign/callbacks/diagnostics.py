@@ -15,32 +15,15 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msign.callbacks._common import (
-    TargetedCallback,
-    check_bool,
-    check_positive_int,
-    log_to_loggers,
-    refuse_strategies,
-    synchronize,
-)
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_msign._validation import check_bool, check_positive_int
+from lightning_msign.callbacks.base import log_to_loggers, refuse_strategies
+from lightning_msign.guards.base import synchronize
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
 
-# Strategies under which the GPT's blocks cannot be run outside the strategy's own wrapper.
-_UNSUPPORTED_STRATEGIES: dict[str, str] = {
-    "FSDPStrategy": (
-        "FSDP1 keeps the parameters as shards of flat buffers that only its root wrapper's forward gathers;"
-        " running the GPT's blocks on their own would compute with shards. Use FSDP2 (`ModelParallelStrategy`"
-        " with `fully_shard`, as LitGPTModule does) or DDP."
-    ),
-    "DeepSpeedStrategy": (
-        "DeepSpeed (ZeRO-3) partitions the parameters and gathers them only inside its engine's forward;"
-        " running the GPT's blocks on their own would compute with partitions. Use FSDP2"
-        " (`ModelParallelStrategy`) or DDP."
-    ),
-}
-
-
-class DiagnosticsMonitor(TargetedCallback):
+class DiagnosticsMonitor(Callback):
     r"""Log, every ``every_n_steps`` optimizer steps, the quantities that tell transformer failure modes apart.
 
     On the batch just trained on (cut to ``max_batch_size`` sequences of ``max_seq_len`` tokens) it runs
@@ -170,8 +153,6 @@ class DiagnosticsMonitor(TargetedCallback):
         trainer = Trainer(callbacks=[StableRankMonitor(every_n_steps=10), DiagnosticsMonitor(every_n_steps=50)])
     """
 
-    _warn_without_logger = True  # a monitor that only logs
-
     def __init__(
         self,
         every_n_steps: int = 50,
@@ -185,6 +166,7 @@ class DiagnosticsMonitor(TargetedCallback):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self._last_step = 0
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
         self.jacobian = check_bool(jacobian, "jacobian")
         self.jacobian_iters = check_positive_int(jacobian_iters, "jacobian_iters")
@@ -215,11 +197,27 @@ class DiagnosticsMonitor(TargetedCallback):
         """The GPT the diagnostics run on (known after ``setup``)."""
         return self._gpt
 
-    @override
     def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # No weight matrices are targeted: resolution finds the GPT (at setup, and again at fit start).
-        refuse_strategies(trainer, "DiagnosticsMonitor", _UNSUPPORTED_STRATEGIES)
+        refuse_strategies(trainer, "DiagnosticsMonitor")
         self._gpt = find_gpt(pl_module, self.model_attr, need_litgpt_attention=self.attention_logits)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and any(True for _ in pl_module.parameters()):
+            self._resolve(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resolve(trainer, pl_module)
+        if not trainer.loggers:
+            rank_zero_warn(f"{type(self).__name__}: the Trainer has no logger, so nothing will be recorded.")
+
+    def _optimizer_step_due(self, trainer: pl.Trainer, every: int) -> bool:
+        if trainer.global_step <= self._last_step:
+            return False
+        self._last_step = trainer.global_step
+        return trainer.global_step % every == 0
 
     @override
     def on_train_batch_end(

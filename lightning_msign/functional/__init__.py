@@ -1,9 +1,11 @@
 """Pure tensor math of lightning_msign: no Lightning import, usable in any training loop."""
 
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
-from lightning_msign.functional.msign import BACKENDS, msign, msign_restore
+from lightning_msign.functional.msign import BACKENDS, SignedBatch, msign, msign_restore, sign_and_restore
+from lightning_msign.functional.precision import as_compute, check_matrix, compute_dtype
 from lightning_msign.functional.smoothing import (
     SMOOTHINGS,
+    protection_seed,
     pss_rank,
     pss_smooth,
     smooth_conv,
@@ -15,11 +17,19 @@ from lightning_msign.functional.smoothing import (
 from lightning_msign.functional.spectral import (
     initial_vector,
     spectral_norm_estimate,
+    spectral_norm_from_stable_rank,
     stable_rank,
     stable_rank_estimate,
 )
 
 __all__ = [
+    "SignedBatch",
+    "as_compute",
+    "check_matrix",
+    "compute_dtype",
+    "protection_seed",
+    "sign_and_restore",
+    "spectral_norm_from_stable_rank",
     "BACKENDS",
     "SMOOTHINGS",
     "initial_vector",

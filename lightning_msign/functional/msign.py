@@ -30,10 +30,13 @@ matrix multiplications only (fast, shardable); on a CPU LAPACK's SVD is usually 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lightning_msign.functional.precision import check_matrix, compute_dtype
 
 Backend = Literal["svd", "polar_express", "newton_schulz"]
 BACKENDS: tuple[str, ...] = ("svd", "polar_express", "newton_schulz")
@@ -53,20 +56,6 @@ _POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = tuple(
     )
 ) + ((1.875, -1.25, 0.375),)
 _NEWTON_SCHULZ_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
-
-
-def _compute_dtype(W: Tensor) -> torch.dtype:
-    """Float32 at least; float64 stays float64."""
-    return torch.float64 if W.dtype == torch.float64 else torch.float32
-
-
-def _check_matrix(W: Tensor, name: str = "W") -> None:
-    if not isinstance(W, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(W).__name__}")
-    if W.ndim < 2:
-        raise ValueError(f"`{name}` must have at least 2 dimensions (..., m, n), got shape {tuple(W.shape)}")
-    if not (W.is_floating_point()):
-        raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {W.dtype}")
 
 
 # Polar Express steps of the fallback when LAPACK's SVD fails: 20 steps lift every sigma >= 2.2e-7 ||W||_F.
@@ -125,7 +114,7 @@ def msign(W: Tensor, backend: Backend = "svd", steps: int | None = None) -> Tens
     Raises:
         ValueError: unknown ``backend``, bad ``steps``, or a tensor with fewer than 2 dimensions.
     """
-    _check_matrix(W)
+    check_matrix(W)
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "svd":
@@ -136,7 +125,7 @@ def msign(W: Tensor, backend: Backend = "svd", steps: int | None = None) -> Tens
     elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int or None, got {steps!r}")
 
-    X = W.to(_compute_dtype(W))
+    X = W.to(compute_dtype(W))
     if backend == "svd":
         out = _msign_svd(X)
     elif backend == "polar_express":
@@ -160,10 +149,89 @@ def msign_restore(W: Tensor, backend: Backend = "svd", steps: int | None = None)
     Returns:
         A new tensor of the shape and dtype of ``W`` (computed in float32 at least).
     """
-    X = W.to(_compute_dtype(W))
+    X = W.to(compute_dtype(W))
     O = msign(X, backend=backend, steps=steps)
     w_norm = torch.linalg.matrix_norm(X, keepdim=True)  # (..., 1, 1)
     o_norm = torch.linalg.matrix_norm(O, keepdim=True)
     scale = torch.where(o_norm > 0, w_norm / o_norm.clamp_min(torch.finfo(X.dtype).tiny), torch.zeros_like(o_norm))
     out = torch.where(w_norm > 0, O * scale, X)
     return out.to(W.dtype)
+
+
+@dataclass
+class SignedBatch:
+    """What :func:`sign_and_restore` returns for a batch of ``G`` matrices.
+
+    Attributes:
+        matrices: ``(G, m, n)`` results in the compute dtype; rows that were not ``written`` hold the input.
+        written: ``(G,)`` bool, True where the input and the result are finite.
+        srank_before, srank_after: ``(G,)`` exact stable ranks of input and result (zeros when not asked for).
+    """
+
+    matrices: Tensor
+    written: Tensor
+    srank_before: Tensor
+    srank_after: Tensor
+
+
+def sign_and_restore(
+    X: Tensor, backend: Backend = "svd", steps: int | None = None, stable_ranks: bool = True
+) -> SignedBatch:
+    """The MSign update of a batch of matrices, never producing a non-finite result, with stable ranks.
+
+    Each finite ``X[i]`` becomes :func:`msign_restore` of it; a matrix holding NaN/Inf, or whose result is
+    not finite, is marked not ``written`` and returned unchanged. With ``stable_ranks`` the exact stable
+    ranks before and after are returned too. For the ``"svd"`` backend they come from the one singular
+    value decomposition that computes the sign (``srank_before = sum(s^2) / s_1^2``; after, every kept
+    singular value is equal, so ``srank_after`` is their count); polynomial backends pay for one
+    singular-value computation of each input and result.
+
+    Args:
+        X: ``(G, m, n)`` floating tensor (computed in float32 at least).
+        backend, steps: as in :func:`msign`.
+        stable_ranks: compute ``srank_before`` / ``srank_after``.
+    """
+    check_matrix(X, "X")
+    if X.ndim != 3:
+        raise ValueError(f"`X` must be a batch (G, m, n) of matrices, got shape {tuple(X.shape)}")
+    X = X.to(compute_dtype(X))
+    finite = torch.isfinite(X).flatten(1).all(dim=1)  # (G,)
+    safe = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
+    zeros = torch.zeros(X.shape[0], dtype=X.dtype, device=X.device)
+    before = after = zeros
+    if backend == "svd":
+        if steps is not None:
+            raise ValueError(f"`steps` must be None for backend 'svd' (it is exact), got {steps!r}")
+        sign, S = _msign_svd_with_values(safe)
+        if stable_ranks:
+            top = S[:, 0]
+            tol = top * (max(X.shape[-2:]) * torch.finfo(X.dtype).eps)
+            before = torch.where(top > 0, S.square().sum(-1) / top.square().clamp_min(torch.finfo(X.dtype).tiny), zeros)
+            after = (S > tol[:, None]).sum(-1).to(X.dtype)
+    else:
+        sign = msign(safe, backend=backend, steps=steps)
+    w_norm = torch.linalg.matrix_norm(safe, keepdim=True)  # (G, 1, 1)
+    o_norm = torch.linalg.matrix_norm(sign, keepdim=True)
+    scale = torch.where(o_norm > 0, w_norm / o_norm.clamp_min(torch.finfo(X.dtype).tiny), torch.zeros_like(o_norm))
+    new = torch.where(w_norm > 0, sign * scale, safe)
+    written = finite & torch.isfinite(new).flatten(1).all(dim=1)
+    new = torch.where(written[:, None, None], new, X)
+    if stable_ranks and backend != "svd":
+        from lightning_msign.functional.spectral import stable_rank
+
+        before, after = stable_rank(safe), stable_rank(torch.where(written[:, None, None], new, safe))
+    return SignedBatch(new, written, torch.where(written, before, zeros), torch.where(written, after, zeros))
+
+
+def _msign_svd_with_values(X: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U V^T, singular values)`` of a batch by one SVD (falls back as :func:`msign` does on LAPACK failure)."""
+    try:
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if X.dtype != torch.float64:
+            sign, S = _msign_svd_with_values(X.double())
+            return sign.to(X.dtype), S.to(X.dtype)
+        return _msign_svd(X), torch.linalg.svdvals(X)
+    tol = S.amax(dim=-1, keepdim=True) * (max(X.shape[-2:]) * torch.finfo(X.dtype).eps)
+    keep = (S > tol).to(X.dtype)
+    return (U * keep.unsqueeze(-2)) @ Vh, S

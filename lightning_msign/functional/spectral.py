@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_msign.functional.msign import _check_matrix, _compute_dtype
+from lightning_msign.functional.precision import check_matrix, compute_dtype
 
 
 def stable_rank(W: Tensor) -> Tensor:
@@ -29,8 +29,8 @@ def stable_rank(W: Tensor) -> Tensor:
     Returns:
         A float32 (float64 for float64 input) tensor of shape ``W.shape[:-2]``; 0 for a zero matrix.
     """
-    _check_matrix(W)
-    X = W.to(_compute_dtype(W))
+    check_matrix(W)
+    X = W.to(compute_dtype(W))
     fro2 = torch.linalg.matrix_norm(X).square()
     spec2 = torch.linalg.matrix_norm(X, ord=2).square()
     return torch.where(spec2 > 0, fro2 / spec2.clamp_min(torch.finfo(X.dtype).tiny), torch.zeros_like(fro2))
@@ -47,7 +47,7 @@ def initial_vector(W: Tensor, seed: int = 0) -> Tensor:
     vector for the same shape.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(*W.shape[:-2], W.shape[-1], generator=gen, dtype=_compute_dtype(W))
+    v = torch.randn(*W.shape[:-2], W.shape[-1], generator=gen, dtype=compute_dtype(W))
     return _normalize(v).to(W.device)
 
 
@@ -72,10 +72,10 @@ def spectral_norm_estimate(W: Tensor, v: Tensor | None = None, num_iters: int = 
     Raises:
         ValueError: ``num_iters < 1`` or a ``v`` whose shape does not fit ``W``.
     """
-    _check_matrix(W)
+    check_matrix(W)
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"`num_iters` must be a positive int, got {num_iters!r}")
-    X = W.to(_compute_dtype(W))
+    X = W.to(compute_dtype(W))
     expected = (*X.shape[:-2], X.shape[-1])
     if v is None:
         v = initial_vector(X)
@@ -102,3 +102,8 @@ def stable_rank_estimate(W: Tensor, v: Tensor | None = None, num_iters: int = 1)
     fro2 = torch.linalg.matrix_norm(W.to(sigma.dtype)).square()
     s2 = sigma.square()
     return torch.where(s2 > 0, fro2 / s2.clamp_min(torch.finfo(s2.dtype).tiny), torch.zeros_like(fro2)), v
+
+
+def spectral_norm_from_stable_rank(fro_norm: float, srank: float) -> float:
+    """``||W||_2 = ||W||_F / sqrt(srank(W))`` (0 for a zero matrix, whose stable rank is 0 here)."""
+    return fro_norm / srank**0.5 if srank > 0 else 0.0 if srank == 0 else float("nan")

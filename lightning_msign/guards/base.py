@@ -1,0 +1,149 @@
+"""What every guard shares: the module it is attached to, once-per-optimizer-step gating, state, timing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lightning_msign._validation import check_bool
+from lightning_msign.distributed import WholeMatrixPlan, is_distributed
+from lightning_msign.layouts import validate_layouts
+from lightning_msign.targets import LayoutsArg, TargetMatrix, TargetsArg, resolve_targets, unwrap_module, validate_targets
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so wall-clock timings of accelerator work are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Guard:
+    """Base of the loop-agnostic guards: attached to a module, acting at most once per optimizer step.
+
+    A guard is built with its configuration (``module`` optional), attached to the model with
+    :meth:`attach` (or by passing ``module``), and driven by the training loop: a plain PyTorch loop, a
+    Fabric loop, or a Lightning callback (:mod:`lightning_msign.callbacks` are thin adapters over the
+    guards). Steps are *optimizer* steps: pass ``step`` (the count of optimizer steps taken, e.g.
+    ``trainer.global_step``) or let the guard count calls; a call with a step it has already seen does
+    nothing, so gradient accumulation and resume are handled. :meth:`state_dict` holds plain values.
+
+    Under ``torch.distributed`` (DDP, FSDP2) every process must make the same calls: whole matrices are
+    computed on one process each and shared (:mod:`lightning_msign.distributed`).
+    """
+
+    def __init__(self) -> None:
+        self._module: Optional[nn.Module] = None
+        self._distributed = False
+        self._last_step = 0
+
+    # -------------------------------------------------------------------------------------- attaching
+    def attach(self, module: nn.Module, distributed: Optional[bool] = None) -> "Guard":
+        """Attach to ``module`` (wrappers of Fabric, ``torch.compile`` and DDP are looked through).
+
+        Args:
+            module: the model whose weights the guard reads and writes.
+            distributed: whether the run has several processes; default: ``torch.distributed`` is
+                initialised with more than one.
+
+        Returns:
+            The guard itself.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+        self._module = unwrap_module(module)
+        self._distributed = is_distributed() if distributed is None else bool(distributed)
+        self._on_attach(self._module)
+        return self
+
+    def _on_attach(self, module: nn.Module) -> None:
+        """Subclasses resolve what they act on here."""
+
+    @property
+    def module(self) -> Optional[nn.Module]:
+        """The (unwrapped) module the guard is attached to, or ``None``."""
+        return self._module
+
+    def _require_module(self, method: str) -> nn.Module:
+        if self._module is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{method}() needs a module: pass it to the constructor or call attach(module)"
+                " first (a Lightning callback attaches at the Trainer's setup)"
+            )
+        return self._module
+
+    # ---------------------------------------------------------------------------------------- gating
+    @property
+    def last_step(self) -> int:
+        """The last optimizer step the guard has seen (restored on resume)."""
+        return self._last_step
+
+    def _advance(self, step: Optional[int]) -> Optional[int]:
+        """The new step number, or ``None`` when ``step`` was already seen (another micro-batch of it)."""
+        step = self._last_step + 1 if step is None else int(step)
+        if step <= self._last_step:
+            return None
+        self._last_step = step
+        return step
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for checkpoints (exact resume)."""
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; missing keys keep their defaults (older checkpoints load)."""
+        self._last_step = int(state_dict.get("last_step", 0))
+
+    # ---------------------------------------------------------------------------------------- timing
+    @contextmanager
+    def _timed(self, device: torch.device) -> Iterator[list[float]]:
+        """Measure the wall time of the block, accelerator work included; yields ``[milliseconds]``."""
+        out = [0.0]
+        synchronize(device)
+        start = time.perf_counter()
+        yield out
+        synchronize(device)
+        out[0] = (time.perf_counter() - start) * 1e3
+
+
+class TargetedGuard(Guard):
+    """A guard acting on selected weight matrices (see :mod:`lightning_msign.targets`)."""
+
+    def __init__(self, targets: TargetsArg, split_qkv: bool, layouts: LayoutsArg) -> None:
+        super().__init__()
+        self.split_qkv = check_bool(split_qkv, "split_qkv")
+        self.targets = validate_targets(targets, split_qkv)
+        validate_layouts(layouts)
+        self.layouts = dict(layouts) if layouts else None
+        self._matrices: list[TargetMatrix] = []
+        self._plan: Optional[WholeMatrixPlan] = None
+
+    def _on_attach(self, module: nn.Module) -> None:
+        self._matrices = resolve_targets(module, self.targets, split_qkv=self.split_qkv, layouts=self.layouts)
+        self._plan = WholeMatrixPlan(self._matrices, distributed=self._distributed)
+
+    @property
+    def matrices(self) -> list[TargetMatrix]:
+        """The target matrices (known once attached)."""
+        return list(self._matrices)
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the target matrices (known once attached)."""
+        return [t.name for t in self._matrices]
+
+    @property
+    def plan(self) -> WholeMatrixPlan:
+        """Who computes which matrix (:class:`~lightning_msign.distributed.WholeMatrixPlan`)."""
+        if self._plan is None:
+            self._require_module("plan")
+            raise RuntimeError(f"{type(self).__name__} has no plan")  # pragma: no cover - attach sets it
+        return self._plan
+
+    def _device(self) -> torch.device:
+        return self._matrices[0].param.device if self._matrices else torch.device("cpu")

@@ -1,0 +1,31 @@
+"""Every metric key the package logs (one registry: the guards, callbacks and the report import it)."""
+
+MSIGN_APPLICATIONS = "msign/applications"
+MSIGN_TIME_MS = "msign/time_ms"
+MSIGN_SKIPPED_NONFINITE = "msign/skipped_nonfinite"
+MSIGN_SRANK_BEFORE_PREFIX = "msign/srank_before/"
+MSIGN_SRANK_AFTER_PREFIX = "msign/srank_after/"
+MSIGN_SRANK_BEFORE_MIN = "msign/srank_before_min"
+MSIGN_SRANK_AFTER_MIN = "msign/srank_after_min"
+PSS_GRAD_NORM = "pss/grad_norm"
+PSS_RATIO = "pss/ratio"
+PSS_EWMA = "pss/ewma"
+PSS_TRIGGERED = "pss/triggered"
+PSS_TRIGGERS = "pss/triggers"
+PSS_NONFINITE = "pss/nonfinite"
+PSS_TIME_MS = "pss/time_ms"
+PSS_SIGMA1_BEFORE_PREFIX = "pss/sigma1_before/"
+PSS_SIGMA1_AFTER_PREFIX = "pss/sigma1_after/"
+PSS_RANK_PREFIX = "pss/rank/"
+SRANK_PREFIX = "srank/"
+SRANK_MIN = "srank/min"
+SRANK_MEAN = "srank/mean"
+GRAD_NORM_TOTAL = "grad_norm/total"
+FRO_NORM_PREFIX = "fro_norm/"
+FRO_NORM_MAX = "fro_norm/max"
+SPECTRAL_NORM_PREFIX = "spectral_norm/"
+SPECTRAL_NORM_MAX = "spectral_norm/max"
+
+
+def per_matrix(prefix: str, name: str) -> str:
+    return prefix + name
