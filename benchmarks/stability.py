@@ -20,7 +20,7 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``pss_early``           the same armed after 20 steps, inside the LR warm-up, when high-LR runs fail
 ``msign_pss``           ``msign_attn`` + ``pss``
 ``msign_qk_p1``         ``MSignCallback(period=1, targets="qk", backend="polar_express")``
-``msign_qk_p10_cap``    ``msign_qk_p10`` with ``norm="cap_init"`` (Frobenius norm capped at its initial value)
+``msign_qk_p10_cap``    ``msign_qk_p10`` followed by the ``qk_cap_p10`` cap (Frobenius norm capped at its initial value)
 ``qk_cap_p10``          control: the same norm cap every 10 steps *without* the sign (benchmark-only callback)
 ``qk_norm``             LitGPT ``norm_qk=True`` (the known fix)
 ``z_loss``              ``LitGPTModule(z_loss=1e-4)`` (the known output-logit fix)
@@ -82,7 +82,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "pss_early": {"pss": {"tau": 2.5, "targets": "qk", "warmup_steps": 20}},
     "msign_pss": {"msign": {"period": 100, "targets": "attention"}, "pss": {"tau": 2.5, "targets": "qk"}},
     "msign_qk_p1": {"msign": {"period": 1, "targets": "qk", "backend": "polar_express"}},
-    "msign_qk_p10_cap": {"msign": {"period": 10, "targets": "qk", "backend": "polar_express", "norm": "cap_init"}},
+    "msign_qk_p10_cap": {"msign": {"period": 10, "targets": "qk", "backend": "polar_express"},
+                         "cap": {"period": 10, "targets": "qk"}},
     "qk_cap_p10": {"cap": {"period": 10, "targets": "qk"}},
     "qk_norm": {"model": {"norm_qk": True}},
     "z_loss": {"module": {"z_loss": 1e-4}},
@@ -119,7 +120,7 @@ def _norm_cap_callback(period: int, targets: str) -> Any:
                     W = t.matrix()
                     norm = float(W.float().norm())
                     if math.isfinite(norm) and norm > ref:
-                        W.mul_(ref / norm)
+                        t.write(W * (ref / norm))
 
     return NormCap()
 

@@ -51,7 +51,7 @@ class Snapshot(Callback):
         self.store.setdefault("pss_" + self.tag, {})[step] = {
             "whole": {n: whole(p) for n, p in params.items()},
             "local": {n: local(p) for n, p in params.items()},
-            "triggers": self.pss.triggers,
+            "triggers": self.pss.guard.triggers,
         }
         if self.tag == "before":
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
@@ -81,11 +81,11 @@ class Save(Callback):
             world=trainer.world_size,
             params={n: local(p) for n, p in pl_module.named_parameters()},
             whole_params={n: whole(p) for n, p in pl_module.named_parameters()},
-            owners={type(cb).__name__: cb._plan.owners() for cb in cbs},
-            share={type(cb).__name__: cb._plan.local_share() for cb in cbs},
+            owners={type(cb).__name__: cb.guard.plan.owners() for cb in cbs},
+            share={type(cb).__name__: cb.guard.plan.local_share() for cb in cbs},
             msign_state=self.msign.state_dict(),
             pss_state=self.pss.state_dict(),
-            pss_trigger_steps=list(self.pss.trigger_steps),
+            pss_trigger_steps=list(self.pss.guard.trigger_steps),
             monitor_state=self.monitor.state_dict(),
             records=self.logger.records if rank == 0 else [],
         )

@@ -36,7 +36,7 @@ from torch._dynamo.utils import counters
 from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 from lightning_msign import LitGPTModule, MSignCallback, PSSCallback, StableRankMonitor
 from lightning_msign.functional import msign_restore
-from lightning_msign.targets import resolve_targets
+from lightning_msign.targets import TargetMatrix, resolve_targets
 
 PERIOD = 3  # MSign after optimizer steps 3 and 6 of 6
 SPIKE_AT = 4  # a gradient spike PSS must catch (tau=1.01 makes it trigger on other steps too)
@@ -102,9 +102,8 @@ class Snapshots(Callback):
         self.train_batch_end[trainer.global_step] = self._copy()
 
 
-def _block(weight: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
-    w = weight.reshape(weight.shape[0], -1)
-    return w if rows is None else w[rows[0] : rows[1]]
+def _block(weight: torch.Tensor, target: TargetMatrix) -> torch.Tensor:
+    return target.matrix(weight)
 
 
 def _fit_and_check(
@@ -123,7 +122,7 @@ def _fit_and_check(
     callbacks = [before, GradSpike(SPIKE_AT), msign, pss, after, monitor]
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=logger), callbacks=callbacks)
     trainer.fit(fit_model, tiny_data())
-    assert trainer.global_step == 6 and msign.applications == 2
+    assert trainer.global_step == 6 and msign.guard.applications == 2
 
     # The compiled code ran, as one graph: no recompilation after the in-place writes of steps 1-6 (nor the
     # callbacks, which run outside the compiled step, caused graph breaks).
@@ -133,28 +132,28 @@ def _fit_and_check(
     # 1. Target names: those of the same model uncompiled.
     plain = tiny_module()
     for cb in (msign, pss, monitor):
-        expected = [t.name for t in resolve_targets(plain, cb.targets, split_qkv=cb.split_qkv)]
-        assert cb.target_names == expected and expected, type(cb).__name__
-        assert not any("_orig_mod" in t.param_name for t in cb._targets)
+        expected = [t.name for t in resolve_targets(plain, cb.guard.targets, split_qkv=cb.guard.split_qkv)]
+        assert cb.guard.target_names == expected and expected, type(cb).__name__
+        assert not any("_orig_mod" in t.param_name for t in cb.guard.matrices)
     assert not any("_orig_mod" in key for _, metrics in logger.records for key in metrics)
 
     # 2. The targets' parameters are the real parameters, the very objects the optimizer stepped 6 times.
     optimizer = trainer.optimizers[0]
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for cb in (msign, pss, monitor):
-        for t in cb._targets:
+        for t in cb.guard.matrices:
             assert t.param is real[t.param_name], t.name
             assert id(t.param) in optimized and int(optimizer.state[t.param]["step"]) == 6, t.name
 
     # 3. MSign's update landed in the real parameters: msign_restore of the weights just before it.
     for step in (3, 6):
         old, new = before.train_batch_end[step], after.train_batch_end[step]
-        for t in msign._targets:
-            want = msign_restore(_block(old[t.param_name], t.rows))
-            got = _block(new[t.param_name], t.rows)
+        for t in msign.guard.matrices:
+            want = msign_restore(_block(old[t.param_name], t))
+            got = _block(new[t.param_name], t)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"{t.name} at step {step}")
-            assert not torch.allclose(got, _block(old[t.param_name], t.rows), atol=1e-3), t.name
-        touched = {t.param_name for t in msign._targets}
+            assert not torch.allclose(got, _block(old[t.param_name], t), atol=1e-3), t.name
+        touched = {t.param_name for t in msign.guard.matrices}
         for name in real:
             if name not in touched:
                 assert torch.equal(new[name], old[name]), f"{name} changed by MSign but is not a target"
@@ -162,22 +161,20 @@ def _fit_and_check(
     # PSS read the real parameters (its logged sigma_1 is theirs) and its smoothing landed in them, in the Q and K
     # rows only, before the optimizer step: singular values only shrink, so the Frobenius norm drops. (Not always
     # sigma_1: on a spectrum MSign just flattened, PSS's rank floor(srank) may leave one of the equal values be.)
-    assert SPIKE_AT in pss.trigger_steps
-    for step in pss.trigger_steps:
+    assert SPIKE_AT in pss.guard.trigger_steps
+    for step in pss.guard.trigger_steps:
         old, new = before.before_optimizer_step[step], after.before_optimizer_step[step]
         logged = next(m for i, m in logger.records if i == step - 1 and "pss/time_ms" in m)
-        for t in pss._targets:
-            W_old, W_new = _block(old[t.param_name], t.rows), _block(new[t.param_name], t.rows)
+        for t in pss.guard.matrices:
+            W_old, W_new = _block(old[t.param_name], t), _block(new[t.param_name], t)
             s_old, s_new = torch.linalg.svdvals(W_old), torch.linalg.svdvals(W_new)
             # (a randomized estimate: a little low on the nearly flat spectra MSign leaves)
             assert logged[f"pss/sigma1_before/{t.name}"] == pytest.approx(float(s_old[0]), rel=1e-2), t.name
             assert (W_new - W_old).abs().max() > 1e-4, f"{t.name} unchanged at step {step}"
             assert W_new.norm() < W_old.norm() and s_new[0] <= s_old[0] * (1 + 1e-5), f"{t.name} at step {step}"
         rows = {}
-        for t in pss._targets:
-            rows.setdefault(t.param_name, torch.zeros(real[t.param_name].shape[0], dtype=torch.bool))[
-                t.rows[0] : t.rows[1]
-            ] = True
+        for t in pss.guard.matrices:
+            t.view(rows.setdefault(t.param_name, torch.zeros(real[t.param_name].shape, dtype=torch.bool))).fill_(True)
         for name in real:
             keep = ~rows[name] if name in rows else slice(None)
             assert torch.equal(new[name][keep], old[name][keep]), f"{name} changed by PSS outside its targets"
@@ -185,7 +182,7 @@ def _fit_and_check(
     # StableRankMonitor read the real parameters: right after MSign (step 6) their spectrum is flat, so the
     # stable rank is the rank, min(rows, columns).
     last = next(m for step, m in logger.records if step == 5 and "srank/min" in m)
-    for t in msign._targets:
+    for t in msign.guard.matrices:
         assert last[f"srank/{t.name}"] == pytest.approx(min(t.shape), rel=1e-3), t.name
 
     # 4. The compiled forward sees the weights as they are now (after MSign's last write): it equals the eager

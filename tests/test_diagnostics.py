@@ -353,9 +353,9 @@ def test_bad_arguments_raise_at_construction(kwargs, match):
 
 def test_state_is_saved_and_restored():
     monitor = DiagnosticsMonitor()
-    monitor._last_step = 7
+    monitor.load_state_dict({"last_step": 7})
     other = DiagnosticsMonitor()
     other.load_state_dict(monitor.state_dict())
-    assert other._last_step == 7
+    assert other.state_dict()["last_step"] == 7
     other.load_state_dict({})
-    assert other._last_step == 0
+    assert other.state_dict()["last_step"] == 0

@@ -7,6 +7,8 @@ with what one process computes from the same whole weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import os
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import torch.multiprocessing as mp
 
 from conftest import tiny_module
 from lightning_msign import MSignCallback, PSSCallback
-from lightning_msign.distributed import WholeMatrixPlan, _chunk_sizes
+from lightning_msign.distributed import MatrixResult, WholeMatrixPlan, _chunk_sizes
 from lightning_msign.functional import msign_restore, stable_rank
 from lightning_msign.targets import resolve_targets
 
@@ -46,8 +48,7 @@ def single_process(callback, weights: dict[str, torch.Tensor]):
         for name, p in module.named_parameters():
             if name in weights:
                 p.copy_(weights[name])
-    callback._targets = resolve_targets(module, callback.targets, split_qkv=callback.split_qkv)
-    callback._plan = WholeMatrixPlan(callback._targets, distributed=False)
+    callback.guard.attach(module, distributed=False)
     return module, callback
 
 
@@ -57,7 +58,7 @@ def check_msign_and_pss(r0: dict, r1: dict, exact: bool) -> None:
     assert sorted(r0["msign_before"]) == list(range(PERIOD, STEPS + 1, PERIOD))
     for step, before in r0["msign_before"].items():
         module, _ = single_process(MSignCallback(period=PERIOD, targets="attention"), before["whole"])
-        _.apply()
+        _.guard.apply()
         expected = dict(module.named_parameters())
         for rec in (r0, r1):
             after = rec["msign_after"][step]["whole"]
@@ -73,8 +74,8 @@ def check_msign_and_pss(r0: dict, r1: dict, exact: bool) -> None:
         before, after = r0["pss_before"][step], r0["pss_after"][step]
         cb = PSSCallback(tau=1.0001, warmup_steps=2, cooldown_steps=2, alpha=0.5)
         module, cb = single_process(cb, before["whole"])
-        cb._triggers = after["triggers"]  # the seed of the range finder depends on the trigger count
-        cb.protect()
+        cb.guard.load_state_dict({"triggers": after["triggers"]})  # the range finder's seed depends on the count
+        cb.guard.protect()
         expected = dict(module.named_parameters())
         for rec in (r0, r1):
             for name, value in rec["pss_after"][step]["whole"].items():
@@ -106,7 +107,7 @@ def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path, strategy):
     last = {k: v for step, m in r0["records"] if step == STEPS - 1 for k, v in m.items() if k.startswith("srank/")}
     weights = r0["whole_params"]
     module, cb = single_process(MSignCallback(targets="all_2d"), weights)
-    for t in cb._targets:
+    for t in cb.guard.matrices:
         exact = float(stable_rank(t.matrix()))
         assert exact * (1 - 1e-4) <= last[f"srank/{t.name}"] <= exact * 1.3, t.name
 
@@ -117,7 +118,7 @@ def test_fsdp2_shards_are_slices_of_the_whole_matrix_sign(tmp_path):
     check_msign_and_pss(r0, r1, exact=True)
     for step, before in r0["msign_before"].items():
         module, cb = single_process(MSignCallback(period=PERIOD, targets="attention"), before["whole"])
-        cb.apply()
+        cb.guard.apply()
         for name, full in module.named_parameters():
             if full.ndim < 2:
                 continue
@@ -131,12 +132,20 @@ def test_fsdp2_shards_are_slices_of_the_whole_matrix_sign(tmp_path):
     # The monitor logs the stable rank of whole matrices (exact mode), on rank 0 only, without deadlock.
     logged = {k: v for step, m in r0["records"] if step == STEPS - 1 for k, v in m.items() if k.startswith("srank/")}
     module, cb = single_process(MSignCallback(targets="all_2d"), r0["whole_params"])
-    for t in cb._targets:
+    for t in cb.guard.matrices:
         assert logged[f"srank/{t.name}"] == pytest.approx(float(stable_rank(t.matrix())), rel=1e-5), t.name
     assert r1["records"] == []
 
 
 # ------------------------------------------------------------------------- WholeMatrixPlan directly
+@dataclass
+class SeenBy(MatrixResult):
+    """What the owner saw: the rows of the whole matrix, and its own rank."""
+
+    rows: int
+    rank: int
+
+
 def _plan_worker(rank: int, world: int, out: str) -> None:
     # A FileStore, not a TCPStore hosted by rank 0: with TCP, rank 0 exiting first could abort rank 1 in
     # destroy_process_group ("terminate called without an active exception", seen once in CI).
@@ -158,12 +167,13 @@ def _plan_worker(rank: int, world: int, out: str) -> None:
         targets = resolve_targets(module, "*")
         plan = WholeMatrixPlan(targets, distributed=True)
 
-        def sign(blocks):
-            for b in blocks:
-                b.matrix.copy_(msign_restore(b.matrix))
-            return {b.index: torch.tensor([float(b.matrix.shape[0]), float(dist.get_rank())]) for b in blocks}
+        def sign(owned):
+            for o in owned:
+                o.write(msign_restore(o.matrix))
+            return {o.index: SeenBy(o.matrix.shape[0], dist.get_rank()) for o in owned}
 
-        table = plan.run(sign, result_size=2)
+        results = plan.run(sign, SeenBy)
+        table = [[float(results[t.name].rows), float(results[t.name].rank)] for t in targets]
         shards = {n: p.to_local().clone() for n, p in module.named_parameters()}
         torch.save({"table": table, "shards": shards, "owners": plan.owners(), "full": full}, f"{out}/plan{rank}.pt")
     finally:
@@ -173,13 +183,13 @@ def _plan_worker(rank: int, world: int, out: str) -> None:
 def test_plan_gathers_uneven_shards_whole(tmp_path):
     mp.spawn(_plan_worker, args=(2, str(tmp_path)), nprocs=2)
     recs = [torch.load(tmp_path / f"plan{r}.pt", weights_only=False) for r in (0, 1)]
-    assert torch.equal(recs[0]["table"], recs[1]["table"])  # every process receives every result
+    assert recs[0]["table"] == recs[1]["table"]  # every process receives every result
     assert set(recs[0]["owners"].values()) == {0, 1}
     for i, w in enumerate(recs[0]["full"]):
         name, dim = f"w{i}", 1 if i == 3 else 0
         expected = msign_restore(w)
         # The row of results came from the owner, and says the owner saw the whole matrix.
-        assert recs[0]["table"][i].tolist() == [float(w.shape[0]), float(recs[0]["owners"][name])]
+        assert recs[0]["table"][i] == [float(w.shape[0]), float(recs[0]["owners"][name])]
         sizes = _chunk_sizes(w.shape[dim], 2)
         for r, part in enumerate(torch.split(expected, sizes, dim=dim)):
             assert torch.equal(recs[r]["shards"][name], part), (name, r)

@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_data, trainer_kwargs
-from lightning_msign import LitGPTModule, PSSCallback
+from lightning_msign import PSS, LitGPTModule, PSSCallback
 from lightning_msign.functional import SMOOTHINGS, pss_smooth, smooth_singular_values, top_singular_triplets
 
 
@@ -33,19 +33,19 @@ def spiky(spike_at: int, factor: float = 100.0, **kwargs) -> SpikyModule:
                        factor=factor, **kwargs)
 
 
-class CheckedPSS(PSSCallback):
+class CheckedPSSGuard(PSS):
     """Asserts, at the protection itself, what must hold of each target and of everything else."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(None, *args, **kwargs)
         self.protected = 0
 
-    def protect(self, device=None):
-        module = self._module
+    def protect(self):
+        module = self.module
         before = {n: p.detach().clone() for n, p in module.named_parameters()}
-        mats_before = [t.matrix().detach().clone().double() for t in self._targets]
-        metrics = super().protect(device)
-        for t, W in zip(self._targets, mats_before):
+        mats_before = [t.matrix().detach().clone().double() for t in self.matrices]
+        metrics = super().protect()
+        for t, W in zip(self.matrices, mats_before):
             W_star = t.matrix().double()
             k = int(metrics[f"pss/rank/{t.name}"])
             U, S, Vh = torch.linalg.svd(W)
@@ -60,23 +60,22 @@ class CheckedPSS(PSSCallback):
             assert (P_u @ delta).norm() <= 2e-2 * delta.norm(), t.name
             assert (delta @ P_v).norm() <= 2e-2 * delta.norm(), t.name
             torch.testing.assert_close(P_u @ W_star @ P_v, P_u @ W @ P_v, atol=1e-5, rtol=0)
-        target_rows = {}
-        for t in self._targets:
-            target_rows.setdefault(t.param_name, []).append(t.rows)
+        untouched = {}  # parameter name -> mask of the entries outside every target
+        for t in self.matrices:
+            mask = untouched.setdefault(t.param_name, torch.ones(t.param.shape, dtype=torch.bool))
+            t.view(mask).fill_(False)
         for name, p in module.named_parameters():
-            if name not in target_rows:
+            if name not in untouched:
                 assert torch.equal(p, before[name]), f"{name} changed but is not a target"
             else:  # the V block of a fused qkv is not a "qk" target
-                mask = torch.ones(p.shape[0], dtype=torch.bool)
-                for start, stop in target_rows[name]:
-                    mask[start:stop] = False
+                mask = untouched[name]
                 assert torch.equal(p[mask], before[name][mask]), name
         self.protected += 1
         return metrics
 
-    def on_fit_start(self, trainer, pl_module):
-        super().on_fit_start(trainer, pl_module)
-        self._module = pl_module
+
+def CheckedPSS(*args, **kwargs) -> PSSCallback:
+    return PSSCallback.from_guard(CheckedPSSGuard(*args, **kwargs))
 
 
 def test_normal_run_at_sane_lr_never_triggers(tmp_path):
@@ -85,9 +84,9 @@ def test_normal_run_at_sane_lr_never_triggers(tmp_path):
     cb = PSSCallback(warmup_steps=10)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=60, logger=logger, gradient_clip_val=1.0), callbacks=[cb])
     trainer.fit(spiky(spike_at=-1), tiny_data(batch_size=16))
-    assert cb.triggers == 0 and cb.trigger_steps == []
+    assert cb.guard.triggers == 0 and cb.guard.trigger_steps == []
     ratios = [r for r in logger.values("pss/ratio") if not math.isnan(r)]
-    assert len(ratios) == 59 and max(ratios[10:]) < cb.tau
+    assert len(ratios) == 59 and max(ratios[10:]) < cb.guard.tau
     assert logger.values("pss/triggers")[-1] == 0.0
 
 
@@ -98,11 +97,11 @@ def test_injected_spike_triggers_once_at_that_step_and_smooths(tmp_path, smoothi
     cb = CheckedPSS(warmup_steps=10, smoothing=smoothing)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=30, logger=logger, gradient_clip_val=1.0), callbacks=[cb])
     trainer.fit(spiky(spike_at=25), tiny_data(batch_size=16))
-    assert cb.trigger_steps == [25] and cb.triggers == 1 and cb.protected == 1
+    assert cb.guard.trigger_steps == [25] and cb.guard.triggers == 1 and cb.guard.protected == 1
     row = next(m for step, m in logger.records if m.get("pss/triggered") == 1.0)
     assert logger.steps_with("pss/time_ms") == [24]  # Lightning's step index of optimizer step 25
     assert row["pss/ratio"] >= 2.5 * 10
-    names = [t.name for t in cb._targets]
+    names = [t.name for t in cb.guard.matrices]
     assert len(names) == 4 and all(n.endswith((".q", ".k")) for n in names)  # Q and K of 2 layers
     for n in names:
         assert row[f"pss/sigma1_after/{n}"] < row[f"pss/sigma1_before/{n}"]
@@ -116,7 +115,7 @@ def test_triggering_norm_does_not_enter_ewma_and_cooldown_blocks_retrigger(tmp_p
     trainer.fit(spiky(spike_at=10), tiny_data(batch_size=16))
     ewma = dict(zip(logger.steps_with("pss/ewma"), logger.values("pss/ewma")))
     assert ewma[9] == ewma[8]  # step index 9 = optimizer step 10, the trigger: average unchanged
-    assert cb.trigger_steps == [10]
+    assert cb.guard.trigger_steps == [10]
 
 
 def test_skip_action_drops_the_optimizer_step(tmp_path):
@@ -125,7 +124,7 @@ def test_skip_action_drops_the_optimizer_step(tmp_path):
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=12), callbacks=[cb])
     module = spiky(spike_at=10)
     trainer.fit(module, tiny_data(batch_size=16))
-    assert cb.trigger_steps == [10]
+    assert cb.guard.trigger_steps == [10]
     state = trainer.optimizers[0].state[module.model.lm_head.weight]
     assert int(state["step"]) == 11  # 12 optimizer steps, one skipped: Adam's step count lags by one
 
@@ -136,9 +135,9 @@ def test_nonfinite_gradient_is_reported_not_averaged_and_skipped(tmp_path):
     cb = PSSCallback(warmup_steps=5)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=12, logger=logger), callbacks=[cb])
     module = spiky(spike_at=8, factor=float("nan"))
-    with pytest.warns(UserWarning, match="gradient norm is nan"):
+    with pytest.warns(RuntimeWarning, match="gradient norm is nan"):
         trainer.fit(module, tiny_data(batch_size=16))
-    assert cb.triggers == 0 and math.isfinite(cb.ewma)
+    assert cb.guard.triggers == 0 and math.isfinite(cb.guard.ewma)
     assert logger.values("pss/nonfinite")[-1] == 1.0
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
@@ -149,20 +148,20 @@ def test_resume_restores_ewma_and_counters(tmp_path):
     cb = PSSCallback(warmup_steps=5, cooldown_steps=50)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=14, enable_checkpointing=True), callbacks=[cb, ckpt])
     trainer.fit(spiky(spike_at=12), tiny_data(batch_size=16))
-    saved = (cb.ewma, cb.triggers, cb._cooldown_until)
+    saved = (cb.guard.ewma, cb.guard.triggers, cb.guard.state_dict()['cooldown_until'])
     assert saved[1] == 1 and saved[2] == 62
 
     resumed = PSSCallback(warmup_steps=5, cooldown_steps=50)
 
     class Probe(Callback):  # a separate callback: a subclass of PSSCallback would have another state_key
         def on_fit_start(self, trainer, pl_module):
-            self.restored = (resumed.ewma, resumed.triggers, resumed._cooldown_until)
+            self.restored = (resumed.guard.ewma, resumed.guard.triggers, resumed.guard.state_dict()['cooldown_until'])
 
     probe = Probe()
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=16, enable_checkpointing=True), callbacks=[resumed, probe])
     trainer.fit(spiky(spike_at=12), tiny_data(batch_size=16), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=14.ckpt"))
     assert probe.restored == saved
-    assert resumed.triggers == 1  # still in cooldown until step 62: no new trigger
+    assert resumed.guard.triggers == 1  # still in cooldown until step 62: no new trigger
 
 
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)

@@ -111,7 +111,7 @@ def two_runs(tmp_path_factory):
         trainer.fit(tiny_module(), tiny_data())
     finally:
         torch.set_num_threads(threads)
-    assert pss_a.trigger_steps, "tau=1.01 after 2 warm-up steps triggers on a tiny model"
+    assert pss_a.guard.trigger_steps, "tau=1.01 after 2 warm-up steps triggers on a tiny model"
     return {
         "root": root,
         "a_parent": root / "logs_a",
@@ -158,9 +158,9 @@ def test_report_of_two_real_runs_through_the_cli(two_runs, tmp_path, capsys):
     rows = read_csv_rows(two_runs["a_csv"])
     msign_steps, counts = csv_series(rows, "msign/applications")
     assert steps_of(cells[(0, "msign_steps")]) == msign_steps == [1, 3, 5, 7]  # after optimizer steps 2, 4, 6, 8
-    assert int(cells[(0, "msign_applications")]) == counts[-1] == two_runs["msign_a"].applications == 4
+    assert int(cells[(0, "msign_applications")]) == counts[-1] == two_runs["msign_a"].guard.applications == 4
     pss_steps = [s for s, v in zip(*csv_series(rows, "pss/triggered")) if v == 1.0]
-    assert steps_of(cells[(0, "pss_trigger_steps")]) == pss_steps == [s - 1 for s in two_runs["pss_a"].trigger_steps]
+    assert steps_of(cells[(0, "pss_trigger_steps")]) == pss_steps == [s - 1 for s in two_runs["pss_a"].guard.trigger_steps]
     steps, losses = csv_series(rows, "train/loss")
     assert steps[-1] == MAX_STEPS - 1
     assert float(cells[(0, "final_train_loss")]) == pytest.approx(losses[-1], rel=1e-5)
@@ -174,7 +174,7 @@ def test_report_of_two_real_runs_through_the_cli(two_runs, tmp_path, capsys):
     rows = read_csv_rows(two_runs["b_csv"])
     msign_steps, counts = csv_series(rows, "msign/applications")
     assert steps_of(cells[(1, "msign_steps")]) == msign_steps == [2, 5]
-    assert int(cells[(1, "msign_applications")]) == two_runs["msign_b"].applications == 2
+    assert int(cells[(1, "msign_applications")]) == two_runs["msign_b"].guard.applications == 2
     assert cells[(1, "pss_trigger_steps")] == "—"  # no PSSCallback in run B
     assert float(cells[(1, "final_train_loss")]) == pytest.approx(csv_series(rows, "train/loss")[1][-1], rel=1e-5)
     assert float(cells[(1, "max_grad_norm")]) == pytest.approx(max(csv_series(rows, "grad_norm/total")[1]), rel=1e-5)

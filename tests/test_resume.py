@@ -156,9 +156,9 @@ def _assert_same_end_state(reference: _Run, resumed: _Run) -> None:
     assert resumed.trainer.lr_scheduler_configs[0].scheduler.state_dict() == (
         reference.trainer.lr_scheduler_configs[0].scheduler.state_dict()
     )
-    assert resumed.msign.applications == reference.msign.applications == N_STEPS // MSIGN_PERIOD
-    assert resumed.pss.triggers == reference.pss.triggers
-    assert resumed.pss.ewma == reference.pss.ewma
+    assert resumed.msign.guard.applications == reference.msign.guard.applications == N_STEPS // MSIGN_PERIOD
+    assert resumed.pss.guard.triggers == reference.pss.guard.triggers
+    assert resumed.pss.guard.ewma == reference.pss.guard.ewma
     assert resumed.data.state_dict() == reference.data.state_dict()
 
 
@@ -178,13 +178,13 @@ def test_resume_twice_mid_epoch_from_an_msign_step(tmp_path):
     loop restores the loader's state."""
     reference = _run(tmp_path / "reference")
     assert reference.trainer.num_training_batches > N_STEPS  # every resume below is mid-epoch
-    assert reference.pss.triggers >= 2 and any(s > 12 for s in reference.pss.trigger_steps), reference.pss.trigger_steps
-    assert reference.msign.applications == N_STEPS // MSIGN_PERIOD
+    assert reference.pss.guard.triggers >= 2 and any(s > 12 for s in reference.pss.guard.trigger_steps), reference.pss.guard.trigger_steps
+    assert reference.msign.guard.applications == N_STEPS // MSIGN_PERIOD
 
     first = _run(tmp_path / "a", every_n_train_steps=MSIGN_PERIOD, crash_at=12)
     loader_states, dm_state = _loader_state_in(_ckpt(tmp_path / "a", 10))
     assert loader_states == [dm_state] and dm_state["batches"] == 10 and dm_state["epoch"] == 0
-    assert first.msign.applications == 2  # at 5 and 10: the checkpoint at 10 holds signed weights
+    assert first.msign.guard.applications == 2  # at 5 and 10: the checkpoint at 10 holds signed weights
 
     # A different global seed: the data seed must come from the checkpoint, not from the new draw.
     second = _run(tmp_path / "b", ckpt_path=_ckpt(tmp_path / "a", 10), every_n_train_steps=4, crash_at=14, seed=99)
@@ -194,7 +194,7 @@ def test_resume_twice_mid_epoch_from_an_msign_step(tmp_path):
     third = _run(tmp_path / "c", ckpt_path=_ckpt(tmp_path / "b", 12), seed=7)
     _assert_segment_matches(reference, third, start=12, stop=N_STEPS)
     _assert_same_end_state(reference, third)
-    assert third.pss.trigger_steps == reference.pss.trigger_steps  # restored from the checkpoint
+    assert third.pss.guard.trigger_steps == reference.pss.guard.trigger_steps  # restored from the checkpoint
     for run in (second, third):
         assert not [w for w in run.warnings if _NOT_RESUMABLE in w]
         assert run.trainer.fit_loop._combined_loader_states_to_load == []  # the fit loop applied the loader state

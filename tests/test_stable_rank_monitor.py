@@ -23,7 +23,7 @@ def test_logs_every_target_summaries_and_grad_norm_on_its_steps(tmp_path):
     # after optimizer steps 2, 4, 6 -> Lightning's step indices 1, 3, 5 (one row per optimizer step)
     assert logger.steps_with("srank/min") == [1, 3, 5]
     assert logger.steps_with("grad_norm/total") == [1, 3, 5]
-    names = [f"srank/{t.name}" for t in monitor._targets]
+    names = [f"srank/{t.name}" for t in monitor.guard.matrices]
     assert len(names) == 2 * (4 + 2)  # per layer: q, k, v, attn proj, mlp fc, mlp proj
     last = next(m for _, m in reversed(logger.records) if "srank/min" in m)
     assert set(names) <= set(last)
@@ -34,7 +34,7 @@ def test_logs_every_target_summaries_and_grad_norm_on_its_steps(tmp_path):
     # singular values, weights moving fast; here one iteration every 2 steps) a few matrices read up to
     # ~40% high (42% measured for one, with the resumable sampler's data order), and most are tight
     errors = []
-    for t in monitor._targets:
+    for t in monitor.guard.matrices:
         exact = stable_rank(t.matrix()).item()
         got = last[f"srank/{t.name}"]
         assert exact * (1 - 1e-4) <= got <= exact * 1.5, t.name
@@ -61,7 +61,7 @@ def test_exact_mode_and_summaries_only(tmp_path):
     keys = {k for _, m in logger.records for k in m}
     assert {"srank/min", "srank/mean"} <= keys
     assert not any(k.startswith("srank/model.") for k in keys) and "grad_norm/total" not in keys
-    exact = min(stable_rank(t.matrix()).item() for t in monitor._targets)
+    exact = min(stable_rank(t.matrix()).item() for t in monitor.guard.matrices)
     assert logger.values("srank/min")[-1] == pytest.approx(exact, rel=1e-5)
 
 
@@ -74,7 +74,7 @@ def test_norms_are_the_matrices_frobenius_and_spectral_norms(tmp_path, mode):
     trainer.fit(tiny_module(), tiny_data())
     last = logger.records[-1][1]
     fro, spectral = [], []
-    for t in monitor._targets:
+    for t in monitor.guard.matrices:
         W = t.matrix().double()
         fro.append(W.norm().item())
         spectral.append(torch.linalg.matrix_norm(W, ord=2).item())
@@ -151,14 +151,13 @@ def test_bad_arguments_raise_at_construction(kwargs, match):
 
 def test_vectors_are_saved_and_restored():
     monitor = StableRankMonitor()
-    monitor._vectors = {"a": torch.ones(3)}
-    monitor._last_step = 7
+    monitor.guard.load_state_dict({"vectors": {"a": torch.ones(3)}, "last_step": 7})
     state = monitor.state_dict()
     other = StableRankMonitor()
     other.load_state_dict(state)
-    assert other._last_step == 7 and torch.equal(other._vectors["a"], torch.ones(3))
+    assert other.state_dict()["last_step"] == 7 and torch.equal(other.state_dict()["vectors"]["a"], torch.ones(3))
     other.load_state_dict({})  # an older checkpoint without the keys still loads
-    assert other._last_step == 0 and other._vectors == {}
+    assert other.state_dict() == {"last_step": 0, "vectors": {}}
 
 
 @pytest.mark.parametrize("monitor_cls", ["StableRankMonitor", "DiagnosticsMonitor"])

@@ -21,7 +21,10 @@ def test_litgpt_qkv_is_split_into_gqa_blocks():
     hs = 32 // 4
     blocks = {t.name: t for t in catalog(model) if ".qkv." in t.name}
     q, k, v = (blocks[f"transformer.h.0.attn.qkv.weight.{x}"] for x in "qkv")
-    assert (q.rows, k.rows, v.rows) == ((0, 4 * hs), (4 * hs, 6 * hs), (6 * hs, 8 * hs))
+    W = model.transformer.h[0].attn.qkv.weight
+    assert q.matrix().data_ptr() == W[: 4 * hs].data_ptr() and q.shape == (4 * hs, 32)
+    assert k.matrix().data_ptr() == W[4 * hs : 6 * hs].data_ptr() and k.shape == (2 * hs, 32)
+    assert v.matrix().data_ptr() == W[6 * hs :].data_ptr() and v.shape == (2 * hs, 32)
     assert (q.role, k.role, v.role) == ("q", "k", "v")
     # the view shares storage: writing it writes the parameter
     k.matrix().fill_(7.0)

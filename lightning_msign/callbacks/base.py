@@ -68,6 +68,13 @@ class GuardCallback(Callback):
         super().__init__()
         self.guard = guard
 
+    @classmethod
+    def from_guard(cls, guard: Guard) -> "GuardCallback":
+        """The callback over an existing guard (a subclass, or one configured in code), instead of building one."""
+        callback = cls.__new__(cls)
+        GuardCallback.__init__(callback, guard)
+        return callback
+
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_strategies(trainer, type(self).__name__)
         self.guard.attach(pl_module, distributed=trainer.world_size > 1)
