@@ -20,6 +20,7 @@ from litgpt.model import GPT, CausalSelfAttention, GptNeoxMLP, LLaMAMLP
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_msign.metric_keys import TEST_LOSS, TRAIN_LOSS, TRAIN_Z_LOSS, VAL_LOSS
 from lightning_msign.targets import is_sharded
 
 __all__ = ["LitGPTModule", "build_config", "lr_schedule_factor"]
@@ -400,23 +401,23 @@ class LitGPTModule(L.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         ce, z_sq = self._loss(batch)
-        self.log("train/loss", ce, on_step=True, on_epoch=False, prog_bar=True)
+        self.log(TRAIN_LOSS, ce, on_step=True, on_epoch=False, prog_bar=True)
         if self.z_loss > 0:
             z_term = self.z_loss * z_sq
-            self.log("train/z_loss", z_term, on_step=True, on_epoch=False)
+            self.log(TRAIN_Z_LOSS, z_term, on_step=True, on_epoch=False)
             return ce + z_term
         return ce
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         ce, _ = self._loss(batch)
-        self.log("val/loss", ce, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(VAL_LOSS, ce, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return ce
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         ce, _ = self._loss(batch)
-        self.log("test/loss", ce, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(TEST_LOSS, ce, on_step=False, on_epoch=True, sync_dist=True)
         return ce
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -1,31 +1,86 @@
-"""Every metric key the package logs (one registry: the guards, callbacks and the report import it)."""
+"""Every metric key the package logs, in one place (no Lightning or torch import).
 
-MSIGN_APPLICATIONS = "msign/applications"
-MSIGN_TIME_MS = "msign/time_ms"
-MSIGN_SKIPPED_NONFINITE = "msign/skipped_nonfinite"
-MSIGN_SRANK_BEFORE_PREFIX = "msign/srank_before/"
-MSIGN_SRANK_AFTER_PREFIX = "msign/srank_after/"
-MSIGN_SRANK_BEFORE_MIN = "msign/srank_before_min"
-MSIGN_SRANK_AFTER_MIN = "msign/srank_after_min"
-PSS_GRAD_NORM = "pss/grad_norm"
-PSS_RATIO = "pss/ratio"
-PSS_EWMA = "pss/ewma"
-PSS_TRIGGERED = "pss/triggered"
-PSS_TRIGGERS = "pss/triggers"
-PSS_NONFINITE = "pss/nonfinite"
-PSS_TIME_MS = "pss/time_ms"
-PSS_SIGMA1_BEFORE_PREFIX = "pss/sigma1_before/"
-PSS_SIGMA1_AFTER_PREFIX = "pss/sigma1_after/"
-PSS_RANK_PREFIX = "pss/rank/"
-SRANK_PREFIX = "srank/"
-SRANK_MIN = "srank/min"
-SRANK_MEAN = "srank/mean"
-GRAD_NORM_TOTAL = "grad_norm/total"
-FRO_NORM_PREFIX = "fro_norm/"
-FRO_NORM_MAX = "fro_norm/max"
-SPECTRAL_NORM_PREFIX = "spectral_norm/"
-SPECTRAL_NORM_MAX = "spectral_norm/max"
+Producers log these keys and readers (the report) look them up here, so a key is typed once. A
+``*_PREFIX`` constant ends with ``/`` and is followed by a matrix, layer or block name: build the
+full key with :func:`per_matrix`. Matrix names are parameter names, with fused blocks suffixed
+(``model.transformer.h.3.attn.qkv.weight.q``).
+
+Example::
+
+    from lightning_msign import metric_keys as K
+
+    K.per_matrix(K.SRANK_PREFIX, "model.transformer.h.0.mlp.fc.weight")  # 'srank/model.transformer.h.0.mlp.fc.weight'
+    run.series(K.TRAIN_LOSS)
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+# --------------------------------------------------------------------------- LitGPTModule
+TRAIN_LOSS = "train/loss"  # cross-entropy of the step's batch, every step
+TRAIN_Z_LOSS = "train/z_loss"  # weighted z-loss term, every step when `z_loss > 0`
+VAL_LOSS = "val/loss"  # cross-entropy over the validation windows, per validation run
+TEST_LOSS = "test/loss"  # cross-entropy over the test windows, per test run
+
+# --------------------------------------------------------------------------- StableRankMonitor
+SRANK_PREFIX = "srank/"  # stable rank ||W||_F^2 / sigma_1^2 of one matrix: srank/<matrix>
+SRANK_MIN = "srank/min"  # minimum stable rank over the watched matrices
+SRANK_MEAN = "srank/mean"  # mean stable rank over the watched matrices
+GRAD_NORM_TOTAL = "grad_norm/total"  # global gradient 2-norm, after accumulation and unscaling, before clipping
+FRO_NORM_PREFIX = "fro_norm/"  # Frobenius norm of one matrix (log_norms=True): fro_norm/<matrix>
+FRO_NORM_MAX = "fro_norm/max"  # largest Frobenius norm (log_norms=True)
+SPECTRAL_NORM_PREFIX = "spectral_norm/"  # sigma_1 of one matrix (log_norms=True): spectral_norm/<matrix>
+SPECTRAL_NORM_MAX = "spectral_norm/max"  # largest sigma_1 (log_norms=True)
+
+# --------------------------------------------------------------------------- MSignCallback
+MSIGN_APPLICATIONS = "msign/applications"  # applications so far; logged at each application
+MSIGN_TIME_MS = "msign/time_ms"  # wall time of the application, in milliseconds
+MSIGN_SKIPPED_NONFINITE = "msign/skipped_nonfinite"  # matrices skipped so far for non-finite values
+MSIGN_SRANK_BEFORE_PREFIX = "msign/srank_before/"  # exact stable rank before the application: .../<matrix>
+MSIGN_SRANK_AFTER_PREFIX = "msign/srank_after/"  # exact stable rank after the application: .../<matrix>
+MSIGN_SRANK_BEFORE_MIN = "msign/srank_before_min"  # minimum over matrices before the application
+MSIGN_SRANK_AFTER_MIN = "msign/srank_after_min"  # minimum over matrices after the application
+
+# --------------------------------------------------------------------------- PSSCallback
+PSS_GRAD_NORM = "pss/grad_norm"  # global gradient 2-norm the trigger watches
+PSS_RATIO = "pss/ratio"  # gradient norm over its running average
+PSS_EWMA = "pss/ewma"  # running (exponentially weighted) average of the gradient norm
+PSS_TRIGGERED = "pss/triggered"  # 1.0 at a step that triggered a protection, else 0.0
+PSS_TRIGGERS = "pss/triggers"  # protections so far
+PSS_NONFINITE = "pss/nonfinite"  # steps so far with a non-finite gradient norm
+PSS_TIME_MS = "pss/time_ms"  # wall time of the protection, in milliseconds
+PSS_SIGMA1_BEFORE_PREFIX = "pss/sigma1_before/"  # sigma_1 before smoothing: pss/sigma1_before/<matrix>
+PSS_SIGMA1_AFTER_PREFIX = "pss/sigma1_after/"  # sigma_1 after smoothing: pss/sigma1_after/<matrix>
+PSS_RANK_PREFIX = "pss/rank/"  # k, the leading singular values smoothed: pss/rank/<matrix>
+
+# --------------------------------------------------------------------------- DiagnosticsMonitor
+DIAG_ATTN_LOGIT_MAX = "diag/attn_logit_max"  # max |q.k| / sqrt(head_size) over layers, heads and causal pairs
+DIAG_ATTN_LOGIT_MAX_PREFIX = "diag/attn_logit_max/"  # the same for one layer: diag/attn_logit_max/<layer>
+DIAG_OUTPUT_LOGIT_MAX = "diag/output_logit_max"  # max |logit| of the LM head
+DIAG_OUTPUT_LOGIT_RMS = "diag/output_logit_rms"  # root mean square of the LM head's logits
+DIAG_JACOBIAN_NORM_PREFIX = "diag/jacobian_norm/"  # sigma_1 of a block's input-output Jacobian: .../<block>
+DIAG_JACOBIAN_ALIGNMENT_PREFIX = "diag/jacobian_alignment/"  # |<u_1(J_l), v_1(J_l+1)>| of blocks l, l+1: .../<l>
+DIAG_JACOBIAN_ALIGNMENT_MAX = "diag/jacobian_alignment_max"  # largest alignment of adjacent blocks
+DIAG_TIME_MS = "diag/time_ms"  # wall time of the diagnostics, in milliseconds
+
+# --------------------------------------------------------------------------- Lightning
+EPOCH = "epoch"  # added by Lightning to every `log_metrics` call, several times per step
 
 
-def per_matrix(prefix: str, name: str) -> str:
-    return prefix + name
+def per_matrix(prefix: str, name: Union[str, int]) -> str:
+    """The key of one matrix, layer or block under a ``*_PREFIX`` key.
+
+    Args:
+        prefix: A prefix constant of this module (ends with ``/``).
+        name: Matrix (parameter) name, or layer / block index.
+
+    Returns:
+        ``prefix + str(name)``.
+
+    Raises:
+        ValueError: If ``prefix`` does not end with ``/``.
+    """
+    if not prefix.endswith("/"):
+        raise ValueError(f"`prefix` must be a key prefix ending with '/', got {prefix!r}")
+    return f"{prefix}{name}"
