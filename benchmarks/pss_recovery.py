@@ -126,7 +126,7 @@ def _train(args: argparse.Namespace, name: str, extra: list[Any], stop_at: int, 
     )
     t0 = time.perf_counter()
     trainer.fit(module, data, ckpt_path=ckpt_path)
-    pss = next((c for c in extra if hasattr(c, "trigger_steps")), None)
+    pss = next((c.guard for c in extra if hasattr(getattr(c, "guard", None), "trigger_steps")), None)
     return {"name": name, "losses": watch.losses, "grad_norms": watch.grad_norms, "onset": watch.onset,
             "last_step": trainer.global_step, "wall_s": time.perf_counter() - t0,
             "triggers": list(pss.trigger_steps) if pss is not None else None,

@@ -56,7 +56,7 @@ def is_sharded(tensor: Tensor) -> bool:
 def local_tensor(param: Tensor) -> Tensor:
     """The tensor this process stores for ``param`` (its shard for a DTensor), detached, sharing storage."""
     if DTensor is not None and isinstance(param, DTensor):
-        return param.tolocal_tensor().detach()
+        return param.to_local().detach()
     return param.detach()
 
 
