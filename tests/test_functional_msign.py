@@ -163,3 +163,44 @@ def test_svd_failure_is_retried_in_float64_then_falls_back(monkeypatch):
         out = msign(W, "svd")
     s = torch.linalg.svdvals(out.double())
     torch.testing.assert_close(s, torch.ones_like(s), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["svd", "polar_express", "newton_schulz"])
+def test_sign_and_restore_matches_the_reference_and_masks_nonfinite(backend):
+    from lightning_msign.functional import sign_and_restore, stable_rank
+
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(4, 12, 7, generator=gen)
+    X[1, 2, 3] = float("nan")
+    X[2] = 0.0
+    out = sign_and_restore(X, backend)
+    assert out.written.tolist() == [True, False, True, True]
+    for i in (0, 3):  # the reference: msign_restore of each matrix alone, and exact stable ranks
+        torch.testing.assert_close(out.matrices[i], msign_restore(X[i], backend), rtol=1e-4, atol=1e-5)
+        assert out.srank_before[i].item() == pytest.approx(stable_rank(X[i]).item(), rel=1e-5)
+        assert out.srank_after[i].item() == pytest.approx(stable_rank(out.matrices[i]).item(), rel=1e-3)
+    assert torch.equal(out.matrices[1].isnan(), X[1].isnan())  # returned as it was: never a fresh NaN
+    assert torch.equal(out.matrices[2], X[2])  # a zero matrix stays zero
+    assert out.srank_before[1] == 0 and out.srank_after[1] == 0
+    none = sign_and_restore(X, backend, stable_ranks=False)
+    assert torch.equal(none.srank_before, torch.zeros(4))
+    torch.testing.assert_close(none.matrices, out.matrices, rtol=0, atol=0, equal_nan=True)
+
+
+def test_sign_and_restore_svd_reuses_its_singular_values_exactly():
+    from lightning_msign.functional import sign_and_restore
+
+    gen = torch.Generator().manual_seed(4)
+    low_rank = torch.randn(2, 16, 3, generator=gen, dtype=torch.float64) @ torch.randn(2, 3, 10, generator=gen,
+                                                                                         dtype=torch.float64)
+    out = sign_and_restore(low_rank, "svd")
+    assert out.srank_after.tolist() == [3.0, 3.0]  # rank 3: the sign keeps three unit singular values
+    s = torch.linalg.svdvals(out.matrices)
+    assert torch.allclose(s[:, :3], s[:, :1].expand(-1, 3)) and bool((s[:, 3:] < 1e-10).all())
+
+
+def test_sign_and_restore_rejects_unbatched_input():
+    from lightning_msign.functional import sign_and_restore
+
+    with pytest.raises(ValueError, match=r"batch \(G, m, n\)"):
+        sign_and_restore(torch.randn(4, 4))

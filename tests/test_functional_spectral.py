@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -69,3 +71,13 @@ def test_bad_arguments():
         spectral_norm_estimate(W, num_iters=0)
     with pytest.raises(ValueError, match="`v` must have shape"):
         spectral_norm_estimate(W, torch.randn(5))
+
+
+def test_spectral_norm_from_stable_rank_is_sigma_1():
+    from lightning_msign.functional import spectral_norm_from_stable_rank
+
+    W = torch.randn(9, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fro, srank = float(torch.linalg.matrix_norm(W)), float(stable_rank(W))
+    assert spectral_norm_from_stable_rank(fro, srank) == pytest.approx(float(torch.linalg.matrix_norm(W, ord=2)))
+    assert spectral_norm_from_stable_rank(0.0, 0.0) == 0.0
+    assert math.isnan(spectral_norm_from_stable_rank(float("nan"), float("nan")))

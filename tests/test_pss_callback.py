@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_data, trainer_kwargs
 from lightning_msign import PSS, LitGPTModule, PSSCallback
-from lightning_msign.functional import SMOOTHINGS, pss_smooth, smooth_singular_values, top_singular_triplets
+from lightning_msign.functional import SMOOTHINGS
 
 
 class SpikyModule(LitGPTModule):
@@ -162,49 +162,6 @@ def test_resume_restores_ewma_and_counters(tmp_path):
     trainer.fit(spiky(spike_at=12), tiny_data(batch_size=16), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=14.ckpt"))
     assert probe.restored == saved
     assert resumed.guard.triggers == 1  # still in cooldown until step 62: no new trigger
-
-
-@pytest.mark.parametrize("smoothing", SMOOTHINGS)
-def test_smoothing_functions_keep_order_sign_and_reduce_dominance(smoothing):
-    g = torch.Generator().manual_seed(0)
-    for k in (2, 3, 7, 40):
-        for _ in range(20):
-            sigma = torch.rand(k, generator=g, dtype=torch.float64).pow(3).sort(descending=True).values * 10
-            f = smooth_singular_values(sigma, smoothing)
-            assert torch.all(f >= 0)
-            assert torch.all(f[:-1] >= f[1:] - 1e-12)  # order kept
-            assert f[0] <= sigma[0] + 1e-12
-            assert f[0] / f.sum() <= sigma[0] / sigma.sum() + 1e-12  # sigma_1's share never grows
-            if smoothing != "conv":  # conv may raise sigma_1 / sigma_2 while lowering sigma_1's share
-                assert torch.all(f[0] / f <= sigma[0] / sigma + 1e-9)
-            if smoothing in ("conv", "softmax"):
-                torch.testing.assert_close(f.sum(), sigma.sum())
-    strongly_dominated = torch.tensor([100.0, 1.0, 0.5], dtype=torch.float64)
-    f = smooth_singular_values(strongly_dominated, smoothing)
-    assert f[0] / f.sum() < 0.9 * (100.0 / 101.5)
-
-
-def test_pss_smooth_leaves_the_tail_and_hits_target_values():
-    g = torch.Generator().manual_seed(1)
-    W = 0.02 * torch.randn(48, 32, generator=g) + torch.randn(48, 2, generator=g) @ torch.randn(2, 32, generator=g)
-    W_star, sigma, new = pss_smooth(W, 2, "softmax")
-    torch.testing.assert_close(sigma, torch.linalg.svdvals(W)[:2], rtol=1e-5, atol=0)
-    torch.testing.assert_close(torch.linalg.svdvals(W_star)[:2], new, rtol=1e-5, atol=0)
-    torch.testing.assert_close(torch.linalg.svdvals(W_star)[2:], torch.linalg.svdvals(W)[2:], rtol=1e-4, atol=1e-6)
-    U, S, V = top_singular_triplets(W, 3)
-    assert U.shape == (48, 3) and S.shape == (3,) and V.shape == (32, 3)
-
-
-def test_pss_smooth_changes_nothing_outside_found_directions():
-    g = torch.Generator().manual_seed(2)
-    W = torch.randn(40, 30, generator=g)  # no spectral gap: the found directions are approximate
-    U, _, V = top_singular_triplets(W, 4, power_iters=1, seed=5)
-    W_star, _, _ = pss_smooth(W, 4, "conv", power_iters=1, seed=5)
-    delta = (W_star - W).double()
-    P_u = torch.eye(40, dtype=torch.float64) - U.double() @ U.double().T
-    P_v = torch.eye(30, dtype=torch.float64) - V.double() @ V.double().T
-    assert delta.norm() > 1e-2
-    assert (P_u @ delta).norm() < 1e-5 and (delta @ P_v).norm() < 1e-5
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,7 @@ class MSign(TargetedGuard):
         Returns:
             The application's metrics, or ``{}`` when none happened.
         """
+        self._require_module("step")
         current = self._advance(step)
         if current is None or not self.due(current):
             return {}

@@ -119,6 +119,7 @@ class StableRank(TargetedGuard):
 
     def step(self, step: Optional[int] = None) -> dict[str, float]:
         """After each optimizer step: the stable ranks (and norms) when the step is a multiple of ``every_n_steps``."""
+        self._require_module("step")
         current = self._advance(step)
         if current is None or current % self.every_n_steps != 0:
             return {}
