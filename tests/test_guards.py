@@ -437,10 +437,9 @@ def test_using_a_guard_before_attaching_raises(guard, call):
     assert guard.module is None
 
 
-@pytest.mark.xfail(reason="MSign.step/StableRank.step check the module only on due steps (reported bug)", strict=False)
 def test_step_before_attaching_raises_on_any_step():
     with pytest.raises(RuntimeError):
-        MSign(period=3).step(1)  # returns {} today: a forgotten attach() goes unnoticed until step 3
+        MSign(period=3).step(1)  # a forgotten attach() is noticed at once, not at step 3
 
 
 # --------------------------------------------------------------------------------------- the plain example
