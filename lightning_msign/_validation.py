@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any, Optional
 
@@ -22,13 +23,13 @@ def check_choice(value: Any, argument: str, literal: Any) -> Any:
 
 
 def check_positive_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{argument}` must be a positive int, got {value!r}")
-    return value
+    return check_int(value, argument, 1)
 
 
 def check_optional_positive_int(value: Any, argument: str) -> Optional[int]:
-    return None if value is None else check_positive_int(value, argument)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`{argument}` must be None or a positive int, got {value!r}")
+    return value
 
 
 def check_non_negative_int(value: Any, argument: str) -> int:
@@ -43,17 +44,35 @@ def check_bool(value: Any, argument: str) -> bool:
     return value
 
 
-def check_float(
-    value: Any, argument: str, *, above: Optional[float] = None, at_most: Optional[float] = None,
-    at_least: Optional[float] = None,
-) -> float:
-    """A real number with optional bounds (``above`` exclusive, ``at_least`` / ``at_most`` inclusive)."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
-    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
-    ok = ok and (at_most is None or value <= at_most)
-    if not ok:
-        bounds = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
-                  f"<= {at_most}" if at_most is not None else ""]
-        where = " and ".join(b for b in bounds if b)
-        raise ValueError(f"`{argument}` must be a number{' ' + where if where else ''}, got {value!r}")
+def check_range(value: Any, argument: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    """A finite real number in ``[low, high]`` (``(low, high]`` with ``low_open``); returns it as a float."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    in_range = is_number and (value > low if low_open else value >= low) and value <= high
+    if not in_range:
+        left = "(" if low_open else "["
+        right = ")" if math.isinf(high) else "]"
+        high_str = "inf" if math.isinf(high) else f"{high:g}"
+        raise ValueError(f"`{argument}` must be a finite float in {left}{low:g}, {high_str}{right}, got {value!r}")
     return float(value)
+
+
+def check_int(value: Any, argument: str, minimum: int) -> int:
+    """An int (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"`{argument}` must be {kind}, got {value!r}")
+    return value
+
+
+#: Any seed of a train order lies in ``[0, 2**63)``.
+SEED_BOUND = 2**63
+
+
+def check_seed(seed: Any, allow_none: bool = False, argument: str = "seed") -> Optional[int]:
+    """An int in ``[0, 2**63)`` (or ``None`` when ``allow_none``)."""
+    if seed is None and allow_none:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_BOUND:
+        kind = "None or an int" if allow_none else "an int"
+        raise ValueError(f"`{argument}` must be {kind} in [0, 2**63), got {seed!r}")
+    return seed

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_msign.metric_keys import TEST_LOSS, TRAIN_LOSS, TRAIN_Z_LOSS, VAL_LOSS
-from lightning_msign.targets import is_sharded
+from lightning_msign._validation import check_choice, check_optional_positive_int, check_range
+from lightning_msign.distributed import is_sharded
 
 __all__ = ["LitGPTModule", "build_config", "lr_schedule_factor"]
 
-_LR_DECAYS = ("linear", "cosine", "constant")
+LRDecay = Literal["linear", "cosine", "constant"]
 _IGNORE_INDEX = -100
 
 
@@ -84,7 +85,7 @@ def lr_schedule_factor(
     step: int,
     warmup_steps: int,
     max_steps: int,
-    decay: Literal["linear", "cosine", "constant"] = "cosine",
+    decay: LRDecay = "cosine",
     min_lr_ratio: float = 0.1,
 ) -> float:
     """Learning-rate multiplier at optimizer step ``step``: linear warm-up, then decay to a floor.
@@ -229,7 +230,7 @@ class LitGPTModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         warmup_steps: int = 100,
-        lr_decay: Literal["linear", "cosine", "constant"] = "cosine",
+        lr_decay: LRDecay = "cosine",
         min_lr_ratio: float = 0.1,
         max_steps: Optional[int] = None,
         init_std: Optional[float] = None,
@@ -241,32 +242,31 @@ class LitGPTModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        _check_optional_positive_int("vocab_size", vocab_size)
-        _check_optional_positive_int("block_size", block_size)
-        _check_float("lr", lr, low=0.0, low_open=True)
-        _check_float("weight_decay", weight_decay, low=0.0)
+        check_optional_positive_int(vocab_size, "vocab_size")
+        check_optional_positive_int(block_size, "block_size")
+        check_range(lr, "lr", low=0.0, low_open=True)
+        check_range(weight_decay, "weight_decay", low=0.0)
         if (
             not isinstance(betas, Sequence)
             or len(betas) != 2
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
         ):
             raise ValueError(f"`betas` must be two floats in [0, 1), got {betas!r}")
-        _check_float("eps", eps, low=0.0, low_open=True)
-        if not _is_int(warmup_steps) or warmup_steps < 0:
+        check_range(eps, "eps", low=0.0, low_open=True)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be a non-negative int, got {warmup_steps!r}")
-        if lr_decay not in _LR_DECAYS:
-            raise ValueError(f"`lr_decay` must be one of {_LR_DECAYS}, got {lr_decay!r}")
-        _check_float("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0)
-        _check_optional_positive_int("max_steps", max_steps)
+        check_choice(lr_decay, "lr_decay", LRDecay)
+        check_range(min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0)
+        check_optional_positive_int(max_steps, "max_steps")
         if max_steps is not None and warmup_steps > max_steps:
             raise ValueError(
                 f"`warmup_steps` must be at most `max_steps` ({max_steps}), got {warmup_steps!r}"
             )
         if init_std is not None:
-            _check_float("init_std", init_std, low=0.0, low_open=True)
-        _check_float("lr_mult_2d", lr_mult_2d, low=0.0)
-        _check_float("lr_mult_embedding", lr_mult_embedding, low=0.0)
-        _check_float("z_loss", z_loss, low=0.0)
+            check_range(init_std, "init_std", low=0.0, low_open=True)
+        check_range(lr_mult_2d, "lr_mult_2d", low=0.0)
+        check_range(lr_mult_embedding, "lr_mult_embedding", low=0.0)
+        check_range(z_loss, "z_loss", low=0.0)
         if not isinstance(compile, bool):
             raise ValueError(f"`compile` must be a bool, got {compile!r}")
 
@@ -492,28 +492,3 @@ def _unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
     raise ValueError(
         f"`batch` must be a dict with 'input_ids' and 'targets' or an (input_ids, targets) pair, got {keys!r}"
     )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_optional_positive_int(name: str, value: Optional[int]) -> None:
-    if value is not None and (not _is_int(value) or value < 1):
-        raise ValueError(f"`{name}` must be None or a positive int, got {value!r}")
-
-
-def _check_float(
-    name: str,
-    value: Any,
-    low: float,
-    high: float = math.inf,
-    low_open: bool = False,
-) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    in_range = is_number and (value > low if low_open else value >= low) and value <= high
-    if not in_range:
-        left = "(" if low_open else "["
-        right = ")" if math.isinf(high) else "]"
-        high_str = "inf" if math.isinf(high) else f"{high:g}"
-        raise ValueError(f"`{name}` must be a finite float in {left}{low:g}, {high_str}{right}, got {value!r}")

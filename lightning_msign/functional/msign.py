@@ -29,6 +29,7 @@ matrix multiplications only (fast, shardable); on a CPU LAPACK's SVD is usually 
 
 from __future__ import annotations
 
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -39,7 +40,7 @@ from torch import Tensor
 from lightning_msign.functional.precision import check_matrix, compute_dtype
 
 Backend = Literal["svd", "polar_express", "newton_schulz"]
-BACKENDS: tuple[str, ...] = ("svd", "polar_express", "newton_schulz")
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 DEFAULT_STEPS: dict[str, int] = {"polar_express": 10, "newton_schulz": 5}
 
 # Polar Express coefficients (a, b, c) of p(x) = a x + b x^3 + c x^5, one triple per iteration; the last

@@ -22,6 +22,7 @@ moves mass from ``sigma_2`` to ``sigma_3`` too). ``conv`` and ``softmax`` keep t
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Literal
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 from lightning_msign.functional.precision import check_matrix, compute_dtype
 
 Smoothing = Literal["softplus", "softmax", "conv"]
-SMOOTHINGS: tuple[str, ...] = ("softplus", "softmax", "conv")
+SMOOTHINGS: tuple[str, ...] = typing.get_args(Smoothing)
 
 
 def smooth_conv(sigma: Tensor, weight: float = 0.25, passes: int = 1) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -11,11 +11,11 @@ from torch import nn
 from lightning_msign import metric_keys as keys
 from lightning_msign._validation import check_bool, check_choice, check_positive_int
 from lightning_msign.distributed import MatrixResult, OwnedMatrix
-from lightning_msign.functional.msign import sign_and_restore
+from lightning_msign.functional.msign import Backend, sign_and_restore
 from lightning_msign.guards.base import TargetedGuard
 from lightning_msign.targets import LayoutsArg, TargetsArg
 
-MSignBackend = Literal["svd", "polar_express", "newton_schulz"]
+MSignBackend = Backend  # the functional backends
 
 
 @dataclass

@@ -14,7 +14,7 @@ from lightning_msign import metric_keys as keys
 from lightning_msign._validation import (
     check_bool,
     check_choice,
-    check_float,
+    check_range,
     check_non_negative_int,
     check_optional_positive_int,
     check_positive_int,
@@ -106,8 +106,8 @@ class PSS(TargetedGuard):
         layouts: LayoutsArg = None,
     ) -> None:
         super().__init__(targets, split_qkv, layouts)
-        self.tau = check_float(tau, "tau", above=1.0)
-        self.alpha = check_float(alpha, "alpha", above=0.0, at_most=1.0)
+        self.tau = check_range(tau, "tau", 1.0, low_open=True)
+        self.alpha = check_range(alpha, "alpha", 0.0, 1.0, low_open=True)
         self.warmup_steps = check_non_negative_int(warmup_steps, "warmup_steps")
         self.cooldown_steps = check_non_negative_int(cooldown_steps, "cooldown_steps")
         self.smoothing = check_choice(smoothing, "smoothing", Smoothing)
