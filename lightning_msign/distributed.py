@@ -15,8 +15,10 @@ per-matrix computation so that
   mesh dimension: FSDP2's ``fully_shard``, HSDP) are gathered whole onto their owner (one
   ``gather`` per owner over the shard group), computed there, and the owner's result is cut into the
   same shards and sent back (one ``scatter`` per owner); each process writes its own shard;
-* small per-matrix results (stable ranks, power-iteration vectors, flags) are summed into a table
-  that every process receives (one ``all_reduce``), so callbacks hold identical state on all ranks.
+* per-matrix results are dataclasses (:class:`MatrixResult`: stable ranks, power-iteration vectors,
+  flags); the owners' results are packed into one buffer per process group that every process receives
+  (one ``all_reduce``) and unpacked into the same named results everywhere, so guards hold identical
+  state on all ranks.
 
 Collectives are issued in the same order on every process of a group, whatever the data, so a
 callback that runs the plan at the same optimizer steps on every process cannot deadlock. Nothing
@@ -120,18 +122,26 @@ class MatrixResult:
         return target.shape[1]
 
     @classmethod
+    def _kinds(cls) -> list[tuple[str, str]]:
+        """``(field name, kind)`` in declaration order; read once per class from the annotations."""
+        cached = cls.__dict__.get("_kinds_cache")
+        if cached is None:
+            hints = typing.get_type_hints(cls)
+            cached = []
+            for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+                hint = hints[f.name]
+                if hint in (float, int, bool):
+                    cached.append((f.name, hint.__name__))
+                elif hint is Tensor:
+                    cached.append((f.name, "tensor"))
+                else:
+                    raise TypeError(f"{cls.__name__}.{f.name}: a MatrixResult field must be float, int, bool or Tensor")
+            cls._kinds_cache = cached  # type: ignore[attr-defined]
+        return cached
+
+    @classmethod
     def _fields(cls, target: "TargetMatrix") -> list[tuple[str, str, int]]:
-        hints = typing.get_type_hints(cls)
-        out = []
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            hint = hints[f.name]
-            if hint in (float, int, bool):
-                out.append((f.name, hint.__name__, 1))
-            elif hint is Tensor or hint == Optional[Tensor]:
-                out.append((f.name, "tensor", cls.vector_length(f.name, target)))
-            else:
-                raise TypeError(f"{cls.__name__}.{f.name}: a MatrixResult field must be float, int, bool or Tensor")
-        return out
+        return [(name, kind, cls.vector_length(name, target) if kind == "tensor" else 1) for name, kind in cls._kinds()]
 
     @classmethod
     def width(cls, target: "TargetMatrix") -> int:

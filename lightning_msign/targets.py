@@ -37,6 +37,7 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Union
 
 import torch
@@ -99,7 +100,7 @@ class TargetMatrix:
     offset: int = 0
     size: int = 0
 
-    @property
+    @cached_property
     def shape(self) -> tuple[int, int]:
         """``(rows, columns)`` of the matrix (also for a sharded parameter)."""
         rows, cols = self.matrix(torch.empty(self.param.shape, device="meta")).shape
