@@ -222,8 +222,8 @@ def _catalog(
     undetermined: list[_Undetermined] = []
     seen: set[int] = set()
     for raw_name, p in module.named_parameters():
-        if p.ndim < 2 or id(p) in seen:  # tied weights are listed once
-            continue
+        if p.ndim < 2 or id(p) in seen or raw_name.endswith("bias"):  # tied weights are listed once; biases
+            continue  # are never matrices, 2D stacks of expert biases (E, out) included
         seen.add(id(p))
         name = clean_name(raw_name)
         role, layout = read.get(id(p), (roles.get(id(p), "other"), None))
