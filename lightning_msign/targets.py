@@ -229,6 +229,8 @@ def _catalog(
         role, layout = read.get(id(p), (roles.get(id(p), "other"), None))
         if role == "other" and id(p) in embedding_ids:
             role = "embedding"
+        if role == "other" and p.ndim > 2 and any(part in _MLP_PARENTS for part in name.split(".")[:-1]):
+            role = "mlp"  # an expert tensor (E, ., .): 'mlp' selects it, and raises when its layout is unknown
         for rx, pattern, declared_layout in declared:
             if rx.match(name):
                 layout = declared_layout
@@ -342,7 +344,7 @@ def resolve_targets(
     unmatched: list[str] = []
     for item in items:
         hits = [t for t in entries if _selects(item, t.role, t.name, True) or _selects(item, t.role, t.param_name, True)]
-        blocked = [u for u in undetermined if _selects(item, u.role, u.name, u.param.ndim == 2)]
+        blocked = [u for u in undetermined if _selects(item, u.role, u.name, u.param.ndim == 2 or u.role == "mlp")]
         if blocked:
             u = blocked[0]
             raise ValueError(
