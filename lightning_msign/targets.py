@@ -344,7 +344,10 @@ def resolve_targets(
     unmatched: list[str] = []
     for item in items:
         hits = [t for t in entries if _selects(item, t.role, t.name, True) or _selects(item, t.role, t.param_name, True)]
-        blocked = [u for u in undetermined if _selects(item, u.role, u.name, u.param.ndim == 2 or u.role == "mlp")]
+        blocked = [  # a fused Q/K/V weight holds the query and key blocks 'qk' selects
+            u for u in undetermined
+            if _selects(item, "q" if u.role == "qkv" else u.role, u.name, u.param.ndim == 2 or u.role == "mlp")
+        ]
         if blocked:
             u = blocked[0]
             raise ValueError(
