@@ -399,6 +399,8 @@ def _warn_missing_attention(module: nn.Module, items: list[str], selected: list[
             by_param.setdefault(id(t.param), set()).add("q" if t.role == "qkv" else t.role)
             if t.role == "qkv":
                 by_param[id(t.param)].update({"q", "k", "v"})
+            elif t.role not in _ROLE_PRESETS["attention"]:  # chosen by a pattern: the user has taken charge of it
+                by_param[id(t.param)].update(roles)
         missing = []
         for name, attn in _attention_modules(module):
             have: set[str] = set()
