@@ -8,7 +8,18 @@ import warnings
 import pytest
 import torch
 import transformers
-from _models import Blocks, MyAttention, Projection, TimmAttention, ToQKVAttention, true_qkv
+from _models import (
+    Blocks,
+    MixtralExperts,
+    MoEConfig,
+    MoEModel,
+    MyAttention,
+    Projection,
+    TimmAttention,
+    ToQKVAttention,
+    experts_implementation,
+    true_qkv,
+)
 from litgpt import GPT as LitGPT
 from litgpt import Config as LitConfig
 from torch import Tensor, nn
@@ -316,3 +327,17 @@ def test_declared_expert_layout_reproduces_gpt_oss_experts():
         assert _spread(experts.gate_up_proj[e][:, ::2]) < 1e-4 and _spread(experts.gate_up_proj[e][:, 1::2]) < 1e-4
         assert _spread(experts.down_proj[e]) < 1e-4
     assert torch.equal(model.model.layers[0].mlp.router.weight, router)
+
+
+@pytest.mark.parametrize("flags", [{"is_transposed": True}, {"is_concatenated": False}, {"has_gate": False}])
+def test_expert_flags_other_than_the_read_convention_ask_for_a_layout(flags):
+    # The transformers-5 flags are read: a storage convention the reader does not cut is never assumed.
+    variant = experts_implementation(**flags)(type("VariantExperts", (MixtralExperts,), {}))
+    model = MoEModel(MoEConfig())
+    for layer in model.layers:
+        layer.mlp.experts = variant(MoEConfig())
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts\.gate_up_proj.*`layouts`"):
+        resolve_targets(model, "mlp")
+    names = [t.name for t in resolve_targets(model, "mlp", layouts={"*.gate_up_proj": "experts/rows:a=24,b=24",
+                                                                     "*.down_proj": "experts"})]
+    assert len(names) == 2 * 4 * 3 and "layers.1.mlp.experts.gate_up_proj.e3.b" in names
