@@ -223,13 +223,15 @@ def _catalog(
     undetermined: list[_Undetermined] = []
     seen: set[int] = set()
     for raw_name, p in module.named_parameters():
-        if p.ndim < 2 or id(p) in seen:  # tied weights are listed once
-            continue
+        if p.ndim < 2 or id(p) in seen or raw_name.endswith("bias"):  # tied weights are listed once; biases
+            continue  # are never matrices, 2D stacks of expert biases (E, out) included
         seen.add(id(p))
         name = clean_name(raw_name)
         role, layout = read.get(id(p), (roles.get(id(p), "other"), None))
         if role == "other" and id(p) in embedding_ids:
             role = "embedding"
+        if role == "other" and p.ndim > 2 and any(part in _MLP_PARENTS for part in name.split(".")[:-1]):
+            role = "mlp"  # an expert tensor (E, ., .): 'mlp' selects it, and raises when its layout is unknown
         for rx, pattern, declared_layout in declared:
             if rx.match(name):
                 layout = declared_layout
@@ -343,7 +345,10 @@ def resolve_targets(
     unmatched: list[str] = []
     for item in items:
         hits = [t for t in entries if _selects(item, t.role, t.name, True) or _selects(item, t.role, t.param_name, True)]
-        blocked = [u for u in undetermined if _selects(item, u.role, u.name, u.param.ndim == 2)]
+        blocked = [  # a fused Q/K/V weight holds the query and key blocks 'qk' selects
+            u for u in undetermined
+            if _selects(item, "q" if u.role == "qkv" else u.role, u.name, u.param.ndim == 2 or u.role == "mlp")
+        ]
         if blocked:
             u = blocked[0]
             raise ValueError(
@@ -395,6 +400,8 @@ def _warn_missing_attention(module: nn.Module, items: list[str], selected: list[
             by_param.setdefault(id(t.param), set()).add("q" if t.role == "qkv" else t.role)
             if t.role == "qkv":
                 by_param[id(t.param)].update({"q", "k", "v"})
+            elif t.role not in _ROLE_PRESETS["attention"]:  # chosen by a pattern: the user has taken charge of it
+                by_param[id(t.param)].update(roles)
         missing = []
         for name, attn in _attention_modules(module):
             have: set[str] = set()
