@@ -354,7 +354,7 @@ def resolve_targets(
             raise ValueError(
                 f"`targets` entry {item!r} selects parameter {u.name!r} of {u.owner} (shape {tuple(u.param.shape)}),"
                 f" which looks like a fused weight whose layout cannot be read from the model; signing or measuring"
-                f" it as one matrix would be wrong. For example {{{u.name!r}: 'rows:q=..,k=..,v=..'}}: "
+                f" it as one matrix would be wrong. For example {{{u.name!r}: {_example_layout(u)!r}}}: "
                 + LAYOUT_HELP
                 + (f". Also undetermined: {[b.name for b in blocked[1:4]]}" if len(blocked) > 1 else "")
             )
@@ -374,6 +374,12 @@ def resolve_targets(
     result = sorted(unique.values(), key=lambda t: order[t.name])
     _warn_missing_attention(unwrap_module(module), items, result)
     return result
+
+
+def _example_layout(u: _Undetermined) -> str:
+    if u.param.ndim > 2:
+        return "experts/rows:gate=..,up=.." if u.role == "mlp" else "flatten"
+    return "rows:gate=..,up=.." if u.role == "mlp" else "rows:q=..,k=..,v=.."
 
 
 def _attention_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
