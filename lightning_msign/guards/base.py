@@ -141,8 +141,9 @@ class TargetedGuard(Guard):
     def plan(self) -> WholeMatrixPlan:
         """Who computes which matrix (:class:`~lightning_msign.distributed.WholeMatrixPlan`)."""
         if self._plan is None:
-            self._require_module("plan")
-            raise RuntimeError(f"{type(self).__name__} has no plan")  # pragma: no cover - attach sets it
+            raise RuntimeError(
+                f"{type(self).__name__}.plan needs a module: pass it to the constructor or call attach(module) first"
+            )
         return self._plan
 
     def _device(self) -> torch.device:

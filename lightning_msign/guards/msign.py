@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -142,8 +143,6 @@ class MSign(TargetedGuard):
         skipped = [t.name for t in self._matrices if t.name not in written]
         self._skipped_nonfinite += len(skipped)
         if skipped:
-            import warnings
-
             warnings.warn(f"MSign skipped {len(skipped)} matrices holding NaN/Inf: {skipped[:5]}", RuntimeWarning)
         metrics: dict[str, float] = {}
         if self.log_stable_rank and written:
