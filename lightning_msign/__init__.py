@@ -16,6 +16,7 @@ from lightning_msign import functional
 from lightning_msign.callbacks import DiagnosticsMonitor, MSignCallback, PSSCallback, StableRankMonitor
 from lightning_msign.data import ShakespeareDataModule
 from lightning_msign.guards import MSign, PSS, StableRank
+from lightning_msign.guards import Diagnostics as Diagnostics
 from lightning_msign.layouts import Layout, parse_layout
 from lightning_msign.litgpt_module import LitGPTModule
 from lightning_msign.targets import TargetMatrix, resolve_targets
