@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_CONFIG, TINY_VOCAB, RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from litgpt.config import Config
 from litgpt.model import GPT
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_msign import Diagnostics, DiagnosticsMonitor
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
@@ -292,6 +294,78 @@ def test_options_select_the_metrics_and_accumulation_is_respected(tmp_path):
     keys = {k for _, m in logger.records for k in m if k.startswith("diag/")}
     assert keys == {"diag/attn_logit_max/0", "diag/attn_logit_max/1", "diag/attn_logit_max", "diag/time_ms"}
     assert logger.steps_with("diag/time_ms") == [2]  # once, after optimizer step 3 (batch 6)
+
+
+class _NextTokenGPT(LightningModule):
+    """A LitGPTModule-like module whose batches hold T + 1 tokens: inputs ``x[:, :-1]``, targets ``x[:, 1:]``."""
+
+    def __init__(self, block_size: int = 16) -> None:
+        super().__init__()
+        config = {**TINY_CONFIG, "vocab_size": TINY_VOCAB, "padded_vocab_size": TINY_VOCAB, "block_size": block_size}
+        self.model = GPT(Config(**config))
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        logits = self.model(x[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _token_loader(seq_len: int, n: int = 16, batch_size: int = 4) -> DataLoader:
+    ids = torch.randint(0, TINY_VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(ids), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("max_seq_len", [128, None, 10])
+def test_batches_of_block_size_plus_one_tokens_are_cut_to_the_model(tmp_path, max_seq_len):
+    logger = RecordingLogger()
+    seed_everything(0)
+    module = _NextTokenGPT(block_size=16)
+    monitor = DiagnosticsMonitor(every_n_steps=2, max_seq_len=max_seq_len, max_batch_size=2)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=4, logger=logger), callbacks=[monitor])
+    trainer.fit(module, _token_loader(17))  # 17 tokens: one more than the GPT accepts
+    assert monitor.guard.decoder.max_length == 16
+    assert logger.steps_with("diag/time_ms") == [1, 3]
+    last = [m for _, m in logger.records if "diag/time_ms" in m][-1]
+    ids = _token_loader(17).dataset.tensors[0][12:14, : min(16, max_seq_len or 16)]  # the last batch, cut
+    ref_logits, _, ref_max = _reference_attention(module.model, ids)
+    assert last["diag/attn_logit_max"] == pytest.approx(max(r.item() for r in ref_max), rel=1e-5)
+    assert last["diag/output_logit_max"] == pytest.approx(ref_logits.abs().max().item(), rel=1e-5)
+    assert last["diag/output_logit_rms"] == pytest.approx(ref_logits.square().mean().sqrt().item(), rel=1e-5)
+
+
+def test_the_guard_in_a_plain_loop_gives_the_numbers_of_the_callback(tmp_path):
+    kwargs = {"every_n_steps": 2, "jacobian": True, "jacobian_iters": 8, "max_batch_size": 2, "max_seq_len": 12}
+    logger = RecordingLogger()
+    seed_everything(0)
+    lit = _NextTokenGPT()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=4, logger=logger), callbacks=[DiagnosticsMonitor(**kwargs)])
+    trainer.fit(lit, _token_loader(17))
+    logged = [m for _, m in logger.records if "diag/time_ms" in m]
+
+    seed_everything(0)
+    plain = _NextTokenGPT()  # the same initial weights, trained by hand on the same batches
+    guard = Diagnostics(plain.model, **kwargs)
+    optimizer = plain.configure_optimizers()
+    rows = []
+    for (x,) in _token_loader(17):
+        loss = plain.training_step((x,), 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        metrics = guard.step(x)
+        if metrics:
+            rows.append(metrics)
+    for (name, a), b in zip(lit.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert len(rows) == len(logged) == 2 and guard.last_step == 4
+    for ours, theirs in zip(rows, logged):
+        assert ours.keys() == theirs.keys()
+        assert "diag/jacobian_alignment/0" in ours and "diag/attn_logit_max/1" in ours
+        for key in set(ours) - {"diag/time_ms"}:
+            assert ours[key] == theirs[key], key
 
 
 class _NoGPT(LightningModule):
