@@ -368,6 +368,16 @@ def test_the_guard_in_a_plain_loop_gives_the_numbers_of_the_callback(tmp_path):
             assert ours[key] == theirs[key], key
 
 
+def test_a_compiled_gpt_is_run_uncompiled():
+    gpt = _tiny_gpt()
+    holder = torch.nn.Module()
+    holder.gpt = torch.compile(gpt)  # an OptimizedModule, which forwards `transformer` to the GPT
+    guard = Diagnostics(holder)
+    assert guard.model is gpt
+    ids = torch.randint(0, TINY_VOCAB, (1, 8))
+    assert guard.compute(ids)["diag/output_logit_max"] == pytest.approx(gpt(ids).abs().max().item(), rel=1e-6)
+
+
 class _NoGPT(LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_msign.functional.attention import attention_logit_max
+from lightning_msign.targets import unwrap_module
 
 BLOCK_PATHS: tuple[str, ...] = ("transformer.h", "model.layers")
 """Where the blocks of a recognised decoder live, tried in this order."""
@@ -81,6 +82,8 @@ def max_length(model: nn.Module) -> Optional[int]:
 def find_decoder(module: nn.Module, model_attr: Optional[str] = None) -> Decoder:
     """The decoder in ``module``: ``module.<model_attr>``, or the first submodule with blocks at :data:`BLOCK_PATHS`.
 
+    Wrappers (``torch.compile``, DDP, Fabric) around the decoder are looked through.
+
     Raises:
         ValueError: ``model_attr`` does not exist or does not lead to such a module, or none is found.
     """
@@ -109,6 +112,7 @@ def find_decoder(module: nn.Module, model_attr: Optional[str] = None) -> Decoder
                 " pass `model_attr`"
             )
     path, blocks = found
+    model = unwrap_module(model)  # a torch.compile wrapper forwards attributes: call the module inside it
     try:
         takes_cache = "use_cache" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
