@@ -4,7 +4,8 @@ Public API:
 
 - Guards, usable in any loop (plain PyTorch, Fabric, Lightning): :class:`MSign` (periodic matrix-sign
   restoration of stable rank, arXiv 2602.01734), :class:`PSS` (gradient-spike-triggered smoothing of
-  dominant singular values, arXiv 2602.01308), :class:`StableRank` (stable rank and gradient norm).
+  dominant singular values, arXiv 2602.01308), :class:`StableRank` (stable rank and gradient norm),
+  :class:`Diagnostics` (attention- and output-logit magnitudes, Jacobian alignment).
 - Lightning callbacks over them: :class:`MSignCallback`, :class:`PSSCallback`, :class:`StableRankMonitor`,
   and :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment).
 - :class:`LitGPTModule` and :class:`ShakespeareDataModule`: the embedded default model and corpus.
@@ -15,7 +16,7 @@ Public API:
 from lightning_msign import functional
 from lightning_msign.callbacks import DiagnosticsMonitor, MSignCallback, PSSCallback, StableRankMonitor
 from lightning_msign.data import ShakespeareDataModule
-from lightning_msign.guards import MSign, PSS, StableRank
+from lightning_msign.guards import PSS, Diagnostics, MSign, StableRank
 from lightning_msign.layouts import Layout, parse_layout
 from lightning_msign.litgpt_module import LitGPTModule
 from lightning_msign.targets import TargetMatrix, resolve_targets
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PSS",
+    "Diagnostics",
     "DiagnosticsMonitor",
     "Layout",
     "LitGPTModule",

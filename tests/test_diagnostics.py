@@ -1,4 +1,4 @@
-"""DiagnosticsMonitor and the functional Jacobian power iteration: values against independent computations."""
+"""Diagnostics and DiagnosticsMonitor on LitGPT, and the Jacobian Lanczos: values against independent computations."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import TINY_CONFIG, TINY_VOCAB, RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from litgpt.config import Config
 from litgpt.model import GPT
+from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TINY_CONFIG, TINY_VOCAB, RecordingLogger, tiny_data, tiny_module, trainer_kwargs
-from lightning_msign import DiagnosticsMonitor
-from lightning_msign.callbacks import diagnostics
+from lightning_msign import Diagnostics, DiagnosticsMonitor
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
-
+from lightning_msign.guards.diagnostics import batch_input_ids
+from lightning_msign.models import LitGPTAttentionProbe, attention_probe, litgpt_attention_scale, litgpt_query_key
 
 # --- functional: power iteration against dense Jacobians ---------------------------------------
 
@@ -138,7 +140,7 @@ def _reference_attention(gpt: GPT, ids: torch.Tensor):
     ],
     ids=["rope-gqa", "no-rope", "partial-rope-mqa", "qk-norm", "olmo2-norm-sliding-window"],
 )
-def test_query_key_and_logit_max_match_litgpt(overrides, monkeypatch):
+def test_query_key_and_logit_max_match_litgpt(overrides):
     torch.manual_seed(0)
     gpt = _tiny_gpt(**overrides)
     if gpt.config.norm_qk:  # non-trivial norm weights
@@ -148,29 +150,27 @@ def test_query_key_and_logit_max_match_litgpt(overrides, monkeypatch):
     ids = torch.randint(0, TINY_VOCAB, (3, 16))
     ref_logits, seen, ref_max = _reference_attention(gpt, ids)
 
-    captured = []
-    original = diagnostics.attention_logit_max
-
-    def spy(q, k, scale, window=None):
-        captured.append((q, k, window))
-        return original(q, k, scale, window)
-
-    monkeypatch.setattr(diagnostics, "attention_logit_max", spy)
-    monitor = DiagnosticsMonitor(jacobian=False, max_seq_len=None)
-    monitor.attach(gpt)
-    metrics = monitor.compute(ids)
-
-    for (q, k, window), (ref_q, ref_k, _, attn) in zip(captured, seen):
+    probes = [attention_probe(block.attn, keep=True) for block in gpt.transformer.h]
+    assert all(isinstance(p, LitGPTAttentionProbe) for p in probes)
+    handles = [h for p in probes for h in p.attach()]
+    with torch.no_grad():
+        gpt(ids)
+    for h in handles:
+        h.remove()
+    for probe, (ref_q, ref_k, _, attn) in zip(probes, seen):
+        q, k = probe.query, probe.key
         assert torch.allclose(q, ref_q, atol=1e-6)
         groups = k.shape[1]
         assert groups == gpt.config.n_query_groups
         assert torch.allclose(k.repeat_interleave(gpt.config.n_head // groups, dim=1), ref_k, atol=1e-6)
-        assert window == (gpt.config.sliding_window_size if attn.apply_sliding_window_attention else None)
+        assert probe.window == (gpt.config.sliding_window_size if attn.apply_sliding_window_attention else None)
+
+    metrics = Diagnostics(gpt, jacobian=False, max_seq_len=None).compute(ids)
     for i, ref in enumerate(ref_max):
-        assert metrics[f"diag/attn_logit_max/{i}"].item() == pytest.approx(ref.item(), rel=1e-5)
-    assert metrics["diag/attn_logit_max"].item() == pytest.approx(max(r.item() for r in ref_max), rel=1e-5)
-    assert metrics["diag/output_logit_max"].item() == pytest.approx(ref_logits.abs().max().item(), rel=1e-5)
-    assert metrics["diag/output_logit_rms"].item() == pytest.approx(ref_logits.square().mean().sqrt().item(), rel=1e-5)
+        assert metrics[f"diag/attn_logit_max/{i}"] == pytest.approx(ref.item(), rel=1e-5)
+    assert metrics["diag/attn_logit_max"] == pytest.approx(max(r.item() for r in ref_max), rel=1e-5)
+    assert metrics["diag/output_logit_max"] == pytest.approx(ref_logits.abs().max().item(), rel=1e-5)
+    assert metrics["diag/output_logit_rms"] == pytest.approx(ref_logits.square().mean().sqrt().item(), rel=1e-5)
 
 
 def test_softmax_of_logits_is_the_attention_of_the_model():
@@ -184,9 +184,9 @@ def test_softmax_of_logits_is_the_attention_of_the_model():
     x = gpt.transformer.h[0].norm_1(gpt.transformer.wte(ids))
     with torch.no_grad():
         qkv = attn.qkv(x)
-        q, k = diagnostics.litgpt_query_key(attn, qkv, gpt.cos[:16].unsqueeze(0), gpt.sin[:16].unsqueeze(0))
+        q, k = litgpt_query_key(attn, qkv, gpt.cos[:16].unsqueeze(0), gpt.sin[:16].unsqueeze(0))
         k = k.repeat_interleave(2, dim=1)
-        logits = q @ k.mT * diagnostics.litgpt_attention_scale(attn)
+        logits = q @ k.mT * litgpt_attention_scale(attn)
         logits = logits.masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), float("-inf"))
         v = qkv[..., -2 * 8 :].reshape(2, 16, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
         ours = (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 32)
@@ -234,7 +234,7 @@ def test_logged_keys_steps_and_values(tmp_path):
     shared: dict = {}
     monitor = DiagnosticsMonitor(every_n_steps=2, max_batch_size=1, max_seq_len=8, jacobian=True, jacobian_iters=60)
     module, _ = _fit(tmp_path, [_Watch(False, shared), monitor, _Watch(True, shared)], logger=logger)
-    assert monitor.model is module.model
+    assert monitor.guard.model is module.model
     assert shared["checked"] == 4  # every batch, including the 2 with diagnostics
     # after optimizer steps 2 and 4 -> Lightning's step indices 1 and 3, those of the batches' train/loss
     keys = {
@@ -296,6 +296,88 @@ def test_options_select_the_metrics_and_accumulation_is_respected(tmp_path):
     assert logger.steps_with("diag/time_ms") == [2]  # once, after optimizer step 3 (batch 6)
 
 
+class _NextTokenGPT(LightningModule):
+    """A LitGPTModule-like module whose batches hold T + 1 tokens: inputs ``x[:, :-1]``, targets ``x[:, 1:]``."""
+
+    def __init__(self, block_size: int = 16) -> None:
+        super().__init__()
+        config = {**TINY_CONFIG, "vocab_size": TINY_VOCAB, "padded_vocab_size": TINY_VOCAB, "block_size": block_size}
+        self.model = GPT(Config(**config))
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        logits = self.model(x[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _token_loader(seq_len: int, n: int = 16, batch_size: int = 4) -> DataLoader:
+    ids = torch.randint(0, TINY_VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(ids), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("max_seq_len", [128, None, 10])
+def test_batches_of_block_size_plus_one_tokens_are_cut_to_the_model(tmp_path, max_seq_len):
+    logger = RecordingLogger()
+    seed_everything(0)
+    module = _NextTokenGPT(block_size=16)
+    monitor = DiagnosticsMonitor(every_n_steps=2, max_seq_len=max_seq_len, max_batch_size=2)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=4, logger=logger), callbacks=[monitor])
+    trainer.fit(module, _token_loader(17))  # 17 tokens: one more than the GPT accepts
+    assert monitor.guard.decoder.max_length == 16
+    assert logger.steps_with("diag/time_ms") == [1, 3]
+    last = [m for _, m in logger.records if "diag/time_ms" in m][-1]
+    ids = _token_loader(17).dataset.tensors[0][12:14, : min(16, max_seq_len or 16)]  # the last batch, cut
+    ref_logits, _, ref_max = _reference_attention(module.model, ids)
+    assert last["diag/attn_logit_max"] == pytest.approx(max(r.item() for r in ref_max), rel=1e-5)
+    assert last["diag/output_logit_max"] == pytest.approx(ref_logits.abs().max().item(), rel=1e-5)
+    assert last["diag/output_logit_rms"] == pytest.approx(ref_logits.square().mean().sqrt().item(), rel=1e-5)
+
+
+def test_the_guard_in_a_plain_loop_gives_the_numbers_of_the_callback(tmp_path):
+    kwargs = {"every_n_steps": 2, "jacobian": True, "jacobian_iters": 8, "max_batch_size": 2, "max_seq_len": 12}
+    logger = RecordingLogger()
+    seed_everything(0)
+    lit = _NextTokenGPT()
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=4, logger=logger), callbacks=[DiagnosticsMonitor(**kwargs)])
+    trainer.fit(lit, _token_loader(17))
+    logged = [m for _, m in logger.records if "diag/time_ms" in m]
+
+    seed_everything(0)
+    plain = _NextTokenGPT()  # the same initial weights, trained by hand on the same batches
+    guard = Diagnostics(plain.model, **kwargs)
+    optimizer = plain.configure_optimizers()
+    rows = []
+    for (x,) in _token_loader(17):
+        loss = plain.training_step((x,), 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        metrics = guard.step(x)
+        if metrics:
+            rows.append(metrics)
+    for (name, a), b in zip(lit.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert len(rows) == len(logged) == 2 and guard.last_step == 4
+    for ours, theirs in zip(rows, logged):
+        assert ours.keys() == theirs.keys()
+        assert "diag/jacobian_alignment/0" in ours and "diag/attn_logit_max/1" in ours
+        for key in set(ours) - {"diag/time_ms"}:
+            assert ours[key] == theirs[key], key
+
+
+def test_a_compiled_gpt_is_run_uncompiled():
+    gpt = _tiny_gpt()
+    holder = torch.nn.Module()
+    holder.gpt = torch.compile(gpt)  # an OptimizedModule, which forwards `transformer` to the GPT
+    guard = Diagnostics(holder)
+    assert guard.model is gpt
+    ids = torch.randint(0, TINY_VOCAB, (1, 8))
+    assert guard.compute(ids)["diag/output_logit_max"] == pytest.approx(gpt(ids).abs().max().item(), rel=1e-6)
+
+
 class _NoGPT(LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -322,13 +404,17 @@ def test_models_it_cannot_handle_fail_at_setup(tmp_path):
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=1), callbacks=[DiagnosticsMonitor(model_attr="gpt")])
     with pytest.raises(ValueError, match="model_attr.*'gpt'"):
         trainer.fit(tiny_module(), tiny_data())
-    with pytest.raises(ValueError, match="attention_logits=False"):
-        DiagnosticsMonitor().attach(_OtherBlocks())
-    DiagnosticsMonitor(attention_logits=False).attach(_OtherBlocks())  # Jacobians and output logits only: fine
+    with pytest.raises(ValueError, match="no `attn` or `self_attn` module in block 0.*attention_logits=False"):
+        Diagnostics().attach(_OtherBlocks())
+    Diagnostics(attention_logits=False).attach(_OtherBlocks())  # Jacobians and output logits only: fine
     with pytest.raises(RuntimeError, match="setup"):
-        DiagnosticsMonitor().compute(torch.zeros(1, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="token ids"):
-        diagnostics.batch_input_ids({"input_ids": torch.zeros(2, 3)})
+        Diagnostics().compute(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids.*dtype torch.float32"):
+        batch_input_ids({"input_ids": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="token ids.*got dict"):
+        batch_input_ids({"ids": "abc"})
+    with pytest.raises(ValueError, match="token ids.*shape \\(3,\\)"):
+        Diagnostics().step(torch.zeros(3, dtype=torch.long))  # checked on every call, due or not
 
 
 @pytest.mark.parametrize(
@@ -353,9 +439,13 @@ def test_bad_arguments_raise_at_construction(kwargs, match):
 
 def test_state_is_saved_and_restored():
     monitor = DiagnosticsMonitor()
-    monitor.load_state_dict({"last_step": 7})
+    monitor.load_state_dict({"last_step": 7})  # the format of older checkpoints
+    assert monitor.state_dict() == {"last_step": 7}
     other = DiagnosticsMonitor()
     other.load_state_dict(monitor.state_dict())
-    assert other.state_dict()["last_step"] == 7
+    assert other.guard.last_step == 7
     other.load_state_dict({})
-    assert other.state_dict()["last_step"] == 0
+    assert other.guard.last_step == 0
+    assert DiagnosticsMonitor(every_n_steps=5).state_key != DiagnosticsMonitor(every_n_steps=6).state_key
+    with pytest.raises(RuntimeError, match="attach"):  # a forgotten attach() is noticed at once
+        DiagnosticsMonitor().guard.step(torch.zeros(1, 4, dtype=torch.long), step=1)

@@ -1,5 +1,6 @@
 """Pure tensor math of lightning_msign: no Lightning import, usable in any training loop."""
 
+from lightning_msign.functional.attention import attention_logit_max, causal_allowed, output_logit_stats
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
 from lightning_msign.functional.msign import BACKENDS, SignedBatch, msign, msign_restore, sign_and_restore
 from lightning_msign.functional.precision import as_compute, check_matrix, compute_dtype
@@ -23,6 +24,9 @@ from lightning_msign.functional.spectral import (
 )
 
 __all__ = [
+    "attention_logit_max",
+    "causal_allowed",
+    "output_logit_stats",
     "SignedBatch",
     "as_compute",
     "check_matrix",

@@ -1,4 +1,4 @@
-r"""Top singular triplet of a function's Jacobian by matrix-free Lanczos bidiagonalization, and the alignment of adjacent layers.
+r"""Top singular triplet of a Jacobian by matrix-free Lanczos bidiagonalization, and the alignment of adjacent layers.
 
 For a function :math:`f` (a transformer block with its weights fixed) applied to a hidden-state
 tensor :math:`x` of shape ``(B, T, d)``, the Jacobian :math:`J = \partial f / \partial x` at
@@ -71,11 +71,8 @@ def jacobian_top_singular(
     Convergence: Lanczos is a Krylov method; for the same number of products it resolves the top
     singular triplet far faster than power iteration when the top singular values are close, which is
     the usual case for a transformer block near initialisation (:math:`J = I + J_{\text{attn}} +
-    \dots`, many singular values near one). Measured on a 4 x 64 LitGPT after 150 steps at learning
-    rate 3e-3 (2 x 64 tokens): :math:`\sigma_1` of two blocks 81.63 / 1.997 after 5 steps, 83.58 /
-    2.077 after 10 and unchanged at 20, 40 and 150, the alignment of the two blocks stable from 20
-    steps on (0.004 at 20, 40 and 150); plain power iteration on a 2 x 32 model had needed ~100
-    iterations for its alignment (5 gave 0.005-0.08 against 0.84 converged). Default 20 steps.
+    \dots`, many singular values near one). Measurements (20 steps suffice on small LitGPTs):
+    ``docs/diagnostics.md``.
 
     Cost: one forward pass of ``f`` that records the graph for the VJP (done once), then per
     iteration one JVP (a forward pass with dual numbers, about 2-3 forward passes' time) and one VJP

@@ -1,0 +1,97 @@
+r"""Logit magnitudes of a causal transformer: the largest attention logit, and output-logit statistics.
+
+Attention logits. A causal self-attention layer with queries :math:`q_{b,h,t}` and keys :math:`k_{b,g,j}`
+(head dimension :math:`d_h`; under grouped-query attention, query head :math:`h` reads key group
+:math:`g(h) = \lfloor h / (n_\text{head} / n_\text{groups}) \rfloor`) forms the pre-softmax logits
+
+.. math::
+
+    s_{b,h,t,j} = c\,\langle q_{b,h,t},\, k_{b,g(h),j}\rangle, \qquad j \in A(t),
+
+with the scale :math:`c` (usually :math:`1/\sqrt{d_h}`) and the allowed key positions
+:math:`A(t) = \{j : j \le t\}`, or :math:`\{j : t - w < j \le t\}` with a sliding window of :math:`w`
+tokens. Softmax saturates once these reach tens; a run failing by attention-logit growth shows thousands.
+
+Output logits. The logits :math:`z` of the LM head (what enters the loss): their largest magnitude
+:math:`\max |z|` and root mean square :math:`\sqrt{\overline{z^2}}`; growth of these alone is logit
+divergence at the head (what a z-loss counters).
+
+Nothing here imports Lightning or knows a model: :mod:`lightning_msign.models` rebuilds ``q`` and ``k``
+from a model's modules, :class:`~lightning_msign.guards.diagnostics.Diagnostics` decides when.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention_logit_max", "causal_allowed", "output_logit_stats"]
+
+
+def causal_allowed(T: int, window: Optional[int] = None, device: Optional[torch.device] = None) -> Tensor:
+    """Boolean ``(T, T)`` mask of the (query ``t``, key ``j``) pairs a causal attention reads.
+
+    ``j <= t``; with ``window``, also ``j > t - window`` (the query and the ``window - 1`` keys before it).
+    """
+    allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if window is not None:
+        allowed &= torch.ones_like(allowed).triu(diagonal=1 - window)
+    return allowed
+
+
+def attention_logit_max(q: Tensor, k: Tensor, scale: float, window: Optional[int] = None) -> Tensor:
+    r"""Largest attention logit in absolute value, :math:`\max_{b,h,t,\,j \in A(t)} |s_{b,h,t,j}|`.
+
+    Args:
+        q: queries ``(B, n_head, T, hs)``.
+        k: keys ``(B, n_groups, T, hs)``, one per key group (before any ``repeat_interleave``); query head
+            ``h`` attends with key group ``h // (n_head // n_groups)``.
+        scale: the factor :math:`c` of the logits (``1 / sqrt(hs)`` for most models).
+        window: with a sliding window of this many tokens, only keys ``t - window < j <= t`` count.
+
+    Returns:
+        A 0-dim tensor of ``q``'s dtype (compute in float32 by passing float32 ``q``, ``k``). Computed one
+        key group at a time: memory ``B * (n_head / n_groups) * T**2`` entries.
+
+    Raises:
+        ValueError: ``q``/``k`` are not 4-dimensional, disagree in ``B``, ``T`` or ``hs``, ``n_head`` is not
+            a multiple of ``n_groups``, or ``window`` is not a positive int.
+
+    Example::
+
+        >>> q = torch.tensor([[[[1.0, 0.0], [0.0, 3.0]]]])  # (1, 1, 2, 2)
+        >>> attention_logit_max(q, q, scale=0.5).item()  # pair (1, 1): 9 * 0.5; pair (0, 1) is not causal
+        4.5
+    """
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"`q` and `k` must be 4-dimensional (B, heads, T, hs), got shapes {tuple(q.shape)}"
+                         f" and {tuple(k.shape)}")
+    B, n_head, T, hs = q.shape
+    n_groups = k.shape[1]
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, T, hs) or n_groups == 0 or n_head % n_groups != 0:
+        raise ValueError(
+            "`k` must be (B, n_groups, T, hs) with n_groups dividing n_head, for `q` of shape"
+            f" {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"`window` must be None or a positive int, got {window!r}")
+    allowed = causal_allowed(T, window, q.device)
+    q = q.reshape(B, n_groups, n_head // n_groups, T, hs)
+    best = q.new_zeros(())
+    for g in range(n_groups):
+        scores = q[:, g] @ k[:, g, None].mT  # (B, heads per group, T, T)
+        best = torch.maximum(best, scores.abs().masked_fill(~allowed, 0).amax())
+    return best * scale
+
+
+def output_logit_stats(logits: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`\max |z|` and :math:`\sqrt{\overline{z^2}}` over all entries of ``logits`` (any shape).
+
+    Returns:
+        Two 0-dim float32 tensors (float64 for float64 input).
+    """
+    z = logits.detach()
+    z = z.double() if z.dtype == torch.float64 else z.float()
+    return z.abs().max(), z.square().mean().sqrt()

@@ -1,0 +1,282 @@
+r"""Decoder-only transformers as the diagnostics see them: the model to call, its blocks, its limits, its output.
+
+Recognised layouts (the first module, in ``module.modules()`` order, with a non-empty ``nn.ModuleList`` of
+blocks at one of :data:`BLOCK_PATHS`):
+
+- ``transformer.h``: LitGPT's ``GPT`` and Hugging Face GPT-2 (``GPT2LMHeadModel``);
+- ``model.layers``: Hugging Face Llama-family models (``LlamaForCausalLM``, Mistral, Qwen2, Qwen3, ...).
+
+Attention logits need an :class:`AttentionProbe` for the blocks' attention class (:func:`attention_probe`);
+output logits and Jacobians work on any recognised decoder. No Lightning import.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_msign.functional.attention import attention_logit_max
+from lightning_msign.targets import unwrap_module
+
+BLOCK_PATHS: tuple[str, ...] = ("transformer.h", "model.layers")
+"""Where the blocks of a recognised decoder live, tried in this order."""
+
+MAX_LENGTH_ATTRIBUTES: tuple[str, ...] = ("n_positions", "max_position_embeddings", "block_size")
+"""``config`` attributes holding the maximum sequence length (HF GPT-2, HF Llama family, LitGPT)."""
+
+
+@dataclass
+class Decoder:
+    """A decoder-only transformer found in a module.
+
+    Attributes:
+        model: the module called with token ids ``(B, T)``.
+        blocks: its blocks, in order.
+        blocks_path: where the blocks are (one of :data:`BLOCK_PATHS`).
+        max_length: the longest sequence it accepts (LitGPT ``max_seq_length``, else ``config`` attributes
+            :data:`MAX_LENGTH_ATTRIBUTES`), ``None`` if it tells none.
+        call_kwargs: keyword arguments of every call (``use_cache=False`` where the forward takes it, so no
+            KV cache is built and the blocks can be called again with the arguments they received).
+    """
+
+    model: nn.Module
+    blocks: list[nn.Module]
+    blocks_path: str
+    max_length: Optional[int]
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, input_ids: Tensor) -> Any:
+        # `_call_impl`, not `__call__`: runs the module's hooks (FSDP2's included) but never a
+        # torch.compile-d version (`nn.Module.compile`), which hooks would force to recompile.
+        return self.model._call_impl(input_ids, **self.call_kwargs)
+
+
+def _blocks_at(module: nn.Module) -> Optional[tuple[str, list[nn.Module]]]:
+    for path in BLOCK_PATHS:
+        obj: Any = module
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return path, list(obj)
+    return None
+
+
+def max_length(model: nn.Module) -> Optional[int]:
+    """The longest sequence ``model`` accepts, as it states it, or ``None``."""
+    candidates = [getattr(model, "max_seq_length", None)]  # LitGPT GPT (settable; default config.block_size)
+    config = getattr(model, "config", None)
+    candidates += [getattr(config, name, None) for name in MAX_LENGTH_ATTRIBUTES]
+    for value in candidates:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def find_decoder(module: nn.Module, model_attr: Optional[str] = None) -> Decoder:
+    """The decoder in ``module``: ``module.<model_attr>``, or the first submodule with blocks at :data:`BLOCK_PATHS`.
+
+    Wrappers (``torch.compile``, DDP, Fabric) around the decoder are looked through.
+
+    Raises:
+        ValueError: ``model_attr`` does not exist or does not lead to such a module, or none is found.
+    """
+    paths = " or ".join(f"`{p}`" for p in BLOCK_PATHS)
+    if model_attr is not None:
+        model: Any = module
+        for part in model_attr.split("."):
+            if not hasattr(model, part):
+                raise ValueError(
+                    f"`model_attr` must lead from {type(module).__name__} to the model, got {model_attr!r}:"
+                    f" {type(model).__name__} has no attribute {part!r}"
+                )
+            model = getattr(model, part)
+        found = _blocks_at(model) if isinstance(model, nn.Module) else None
+        if found is None:
+            raise ValueError(
+                f"`model_attr` must name a decoder-only transformer (a module with a non-empty ModuleList of blocks"
+                f" at {paths}), got {model_attr!r}, a {type(model).__name__}"
+            )
+    else:
+        model, found = next(((m, f) for m in module.modules() if (f := _blocks_at(m)) is not None), (None, None))
+        if model is None or found is None:
+            raise ValueError(
+                f"Diagnostics needs a decoder-only transformer (a module with a non-empty ModuleList of blocks at"
+                f" {paths}: LitGPT, HF GPT-2, HF Llama family) in {type(module).__name__}, found none:"
+                " pass `model_attr`"
+            )
+    path, blocks = found
+    model = unwrap_module(model)  # a torch.compile wrapper forwards attributes: call the module inside it
+    try:
+        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        takes_cache = False
+    return Decoder(model, blocks, path, max_length(model), {"use_cache": False} if takes_cache else {})
+
+
+def has_no_lm_head(model: nn.Module) -> bool:
+    """Whether ``model`` says it has no output embeddings (an HF base model such as ``GPT2Model``)."""
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and get() is None
+
+
+def output_logits(output: Any) -> Tensor:
+    """The logits in a model's output: a tensor, its ``.logits`` (HF ``ModelOutput``), or a dict's
+    ``"logits"`` / a dict's or tuple's first tensor.
+
+    Raises:
+        TypeError: none of these is a tensor.
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, Mapping):
+        values = [output["logits"]] if isinstance(output.get("logits"), Tensor) else list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    else:
+        values = []
+    first = next((v for v in values if isinstance(v, Tensor)), None)
+    if first is None:
+        raise TypeError(
+            "The model must return its logits: a tensor, an object with a `.logits` tensor, or a dict or tuple"
+            f" holding tensors, got {type(output).__name__}; pass output_logits=False"
+        )
+    return first
+
+
+def block_output(output: Any) -> Tensor:
+    """The hidden state a block returns: the output itself, or the first element of a tuple (HF GPT-2).
+
+    Raises:
+        TypeError: neither is a tensor.
+    """
+    if isinstance(output, (tuple, list)) and len(output) > 0:
+        output = output[0]
+    if not isinstance(output, Tensor):
+        raise TypeError(f"A block must return its hidden state (a tensor or a tuple starting with one), got"
+                        f" {type(output).__name__}")
+    return output
+
+
+def attention_module(block: nn.Module) -> Optional[nn.Module]:
+    """A block's self-attention: ``block.attn`` (LitGPT, GPT-2) or ``block.self_attn`` (Llama family)."""
+    for name in ("attn", "self_attn"):
+        attn = getattr(block, name, None)
+        if isinstance(attn, nn.Module):
+            return attn
+    return None
+
+
+def argument(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    """Argument ``name`` of a call, passed at position ``index`` or by keyword."""
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def to_compute(x: Tensor) -> Tensor:
+    """Float32 (float64 stays float64): the dtype the logits are computed in."""
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+class AttentionProbe:
+    r"""Forward hooks on one attention module that rebuild its queries and keys and keep :math:`\max |s|`.
+
+    A subclass names the submodules whose outputs it needs (:meth:`sources`), what it reads from the
+    attention's own arguments (:meth:`read_inputs`), and how ``q``/``k`` follow (:meth:`query_key`), with
+    :attr:`scale` and :attr:`window`. When the attention returns, :func:`attention_logit_max` reduces and
+    the tensors are dropped (unless ``keep``), so one layer's logits are held at a time.
+
+    Args:
+        attn: the attention module.
+        keep: keep the last ``q`` (``(B, n_head, T, hs)``) and ``k`` (``(B, n_groups, T, hs)``) in
+            :attr:`query` and :attr:`key` (for tests and for inspecting the logits).
+
+    Attributes:
+        value: the last call's :math:`\max |s|` (0-dim tensor), ``None`` before one.
+    """
+
+    def __init__(self, attn: nn.Module, keep: bool = False) -> None:
+        self.attn = attn
+        self.keep = keep
+        self.value: Optional[Tensor] = None
+        self.query: Optional[Tensor] = None
+        self.key: Optional[Tensor] = None
+        self._seen: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------- subclass API
+    @property
+    def scale(self) -> float:
+        """The factor of ``q @ k.mT`` in the logits."""
+        raise NotImplementedError
+
+    @property
+    def window(self) -> Optional[int]:
+        """The sliding window (tokens), or ``None`` for full causal attention."""
+        return None
+
+    def sources(self) -> dict[str, nn.Module]:
+        """Submodules whose outputs :meth:`query_key` reads, by key."""
+        raise NotImplementedError
+
+    def read_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """What :meth:`query_key` reads from the attention's own arguments."""
+        return {}
+
+    def query_key(self, seen: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Queries ``(B, n_head, T, hs)`` and keys ``(B, n_groups, T, hs)``, float32 (float64 stays)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- hooks
+    def attach(self) -> list[RemovableHandle]:
+        """Register the hooks; the caller removes the returned handles."""
+        handles = [self.attn.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        for key, module in self.sources().items():
+            handles.append(module.register_forward_hook(partial(self._store, key)))
+        handles.append(self.attn.register_forward_hook(self._post))
+        return handles
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._seen = self.read_inputs(args, kwargs)
+
+    def _store(self, key: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self._seen[key] = output
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        seen, self._seen = self._seen, {}
+        q, k = self.query_key(seen)
+        self.value = attention_logit_max(q, k, self.scale, window=self.window)
+        if self.keep:
+            self.query, self.key = q, k
+
+
+def attention_probe(attn: Optional[nn.Module], keep: bool = False) -> Optional[AttentionProbe]:
+    """A probe for ``attn`` when its class is supported (:data:`SUPPORTED_ATTENTION`), else ``None``."""
+    from lightning_msign.models.hf import HF_ATTENTION_PROBES
+    from lightning_msign.models.litgpt import LitGPTAttentionProbe, is_litgpt_attention
+
+    if attn is None:
+        return None
+    if is_litgpt_attention(attn):
+        return LitGPTAttentionProbe(attn, keep=keep)
+    cls = type(attn)
+    probe_cls = HF_ATTENTION_PROBES.get(f"{cls.__module__}.{cls.__qualname__}")
+    return None if probe_cls is None else probe_cls(attn, keep=keep)
+
+
+SUPPORTED_ATTENTION: tuple[str, ...] = (
+    "litgpt CausalSelfAttention",
+    "HF GPT2Attention",
+    "HF LlamaAttention",
+    "HF MistralAttention",
+    "HF Qwen2Attention",
+    "HF Qwen3Attention",
+)
+"""The attention classes whose logits :func:`attention_probe` rebuilds (exact classes for HF, no subclasses)."""

@@ -1,0 +1,241 @@
+"""Diagnostics on tiny Hugging Face models built from configs: attention logits against what HF computes."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import RecordingLogger, trainer_kwargs
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_msign import Diagnostics, DiagnosticsMonitor
+from lightning_msign.functional.attention import causal_allowed
+from lightning_msign.models import attention_module, attention_probe, output_logits
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+MAX_LENGTH = 16
+_COMMON = {
+    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": MAX_LENGTH,
+}  # fmt: skip
+
+
+def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
+    """A tiny causal LM of ``arch``; its expected sliding windows per layer."""
+    t = transformers
+    if arch.startswith("gpt2"):
+        config = {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": MAX_LENGTH}
+        if arch == "gpt2-inverse-layer-scale":
+            config.update(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
+        model = t.GPT2LMHeadModel(t.GPT2Config(**{**config, **overrides}, attn_implementation=attn_implementation))
+        return model, [None, None]
+    builders = {
+        "llama": (t.LlamaForCausalLM, t.LlamaConfig, {}, [None, None]),
+        "mistral": (t.MistralForCausalLM, t.MistralConfig, {"sliding_window": 3}, [3, 3]),
+        "qwen2": (
+            t.Qwen2ForCausalLM, t.Qwen2Config,
+            {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}, [None, 3],
+        ),
+        "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config, {"head_dim": 8}, [None, None]),
+        "phi": (t.PhiForCausalLM, t.PhiConfig, {}, [None, None]),
+    }  # fmt: skip
+    model_cls, config_cls, extra, windows = builders[arch]
+    config = config_cls(**{**_COMMON, **extra, **overrides}, attn_implementation=attn_implementation)
+    return model_cls(config), windows
+
+
+SUPPORTED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_softmax_of_the_rebuilt_logits_is_the_attention_hf_computes(arch):
+    torch.manual_seed(0)
+    model, windows = _hf_model(arch)
+    model.eval()
+    with torch.no_grad():  # large logits, so a wrong scale, key group or window shows in the softmax
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "c_attn")):
+                p.mul_(10.0)
+    blocks = Diagnostics(model).decoder.blocks
+    probes = [attention_probe(attention_module(block), keep=True) for block in blocks]
+    handles = [h for p in probes for h in p.attach()]
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        out = model(ids, output_attentions=True, use_cache=False)
+    for h in handles:
+        h.remove()
+    assert [p.window for p in probes] == windows
+    for probe, ref in zip(probes, out.attentions):  # ref: HF's softmax probabilities (B, n_head, T, T)
+        q, k = probe.query, probe.key
+        n_head, n_groups = q.shape[1], k.shape[1]
+        assert n_head == 4 and n_groups == (4 if arch.startswith("gpt2") else 2)
+        logits = q @ k.repeat_interleave(n_head // n_groups, dim=1).mT * probe.scale
+        allowed = causal_allowed(10, probe.window)
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        assert (probs - ref).abs().max().item() < 1e-5
+        assert probe.value.item() == pytest.approx(logits.abs().masked_fill(~allowed, 0).amax().item(), rel=1e-6)
+        assert probe.value.item() > 1.0  # the softmax is far from uniform: the comparison means something
+    if arch == "gpt2-inverse-layer-scale":
+        assert probes[1].scale == pytest.approx(1 / (2 * math.sqrt(8)))
+
+
+class _HFCausalLM(LightningModule):
+    """Next-token training of an HF causal LM on ``T + 1``-token batches."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.steps_run = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run += 1
+        (x,) = batch
+        logits = self.model(x[:, :-1]).logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _loader(n: int = 16, batch_size: int = 4) -> DataLoader:
+    ids = torch.randint(0, VOCAB, (n, MAX_LENGTH + 1), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(ids), batch_size=batch_size)
+
+
+def _hf_reference(model, ids: torch.Tensor, monkeypatch) -> tuple[torch.Tensor, list[float]]:
+    """Output logits, and each layer's max |logit| from the q, k and mask HF's eager attention receives."""
+    attn = attention_module(Diagnostics(model, attention_logits=False).decoder.blocks[0])
+    modeling = sys.modules[type(attn).__module__]
+    original = modeling.eager_attention_forward
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        seen.append((module, query, key, attention_mask, kwargs.get("scaling")))
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    model.eval()
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(modeling, "eager_attention_forward", spy)
+        logits = model(ids, use_cache=False).logits
+    maxima = []
+    for module, q, k, mask, scaling in seen:
+        T = q.shape[2]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        allowed = torch.ones(T, T, dtype=torch.bool) if mask is None else mask == 0
+        if scaling is None:  # GPT-2: scale and causal mask of its own
+            scaling = 1 / math.sqrt(q.shape[-1])
+            allowed = allowed & module.bias[:, :, :T, :T]
+        scores = (q @ k.mT * scaling).abs().masked_fill(~allowed, 0)
+        maxima.append(scores.amax().item())
+    return logits, maxima
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_model_in_a_trainer_logs_what_hf_computes(tmp_path, arch, monkeypatch):
+    seed_everything(0)
+    model, _ = _hf_model(arch)
+    module = _HFCausalLM(model)
+    logger = RecordingLogger()
+    monitor = DiagnosticsMonitor(every_n_steps=2, max_seq_len=None)  # batches of 17 tokens, 16 positions
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=4, logger=logger), callbacks=[monitor])
+    trainer.fit(module, _loader())
+    assert monitor.guard.model is model and monitor.guard.decoder.max_length == MAX_LENGTH
+    keys = {
+        "diag/attn_logit_max/0", "diag/attn_logit_max/1", "diag/attn_logit_max",
+        "diag/output_logit_max", "diag/output_logit_rms", "diag/time_ms",
+    }  # fmt: skip
+    rows = [(step, m) for step, m in logger.records if "diag/time_ms" in m]
+    assert [step for step, _ in rows] == [1, 3] and all(set(m) == keys for _, m in rows)
+    assert model.training  # modes restored
+
+    last = rows[-1][1]  # recomputed on the last batch, cut to 4 x 16 tokens (the weights have not changed since)
+    ids = _loader().dataset.tensors[0][12:16, :MAX_LENGTH]
+    ref_logits, ref_max = _hf_reference(model, ids, monkeypatch)
+    for i, ref in enumerate(ref_max):
+        assert last[f"diag/attn_logit_max/{i}"] == pytest.approx(ref, rel=1e-5)
+    assert last["diag/attn_logit_max"] == pytest.approx(max(ref_max), rel=1e-5)
+    assert last["diag/output_logit_max"] == pytest.approx(ref_logits.abs().max().item(), rel=1e-5)
+    assert last["diag/output_logit_rms"] == pytest.approx(ref_logits.square().mean().sqrt().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_block_jacobians_against_dense(arch):
+    """SDPA attention (HF's default); blocks called with the arguments the model passed them."""
+    torch.manual_seed(0)
+    width = {"n_embd": 16} if arch == "gpt2" else {"hidden_size": 16}
+    model, _ = _hf_model(arch, attn_implementation="sdpa", **width)
+    model.eval()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    metrics = Diagnostics(model, jacobian=True, jacobian_iters=48, attention_logits=False).compute(ids)
+    seen = []
+    blocks = Diagnostics(model, attention_logits=False).decoder.blocks
+    handles = [b.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True) for b in blocks]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    vectors = []
+    for i, (block, (args, kwargs)) in enumerate(zip(blocks, seen)):
+        def f(h, block=block, args=args, kwargs=kwargs):
+            out = block(h, *args[1:], **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        J = torch.autograd.functional.jacobian(f, args[0]).reshape(args[0].numel(), -1).double()
+        U, S, Vh = torch.linalg.svd(J)
+        assert metrics[f"diag/jacobian_norm/{i}"] == pytest.approx(S[0].item(), rel=1e-4)
+        vectors.append((U[:, 0], Vh[0]))
+    alignment = abs(vectors[0][0] @ vectors[1][1]).item()
+    assert metrics["diag/jacobian_alignment/0"] == pytest.approx(alignment, rel=1e-3, abs=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_unsupported_attention_fails_at_setup_and_the_rest_works(tmp_path):
+    seed_everything(0)
+    module = _HFCausalLM(_hf_model("phi")[0])
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[DiagnosticsMonitor(every_n_steps=1)])
+    with pytest.raises(ValueError, match="got PhiAttention in block 0 of `model.layers`.*attention_logits=False"):
+        trainer.fit(module, _loader())
+    assert module.steps_run == 0  # raised at setup, before any step
+
+    logger = RecordingLogger()
+    monitor = DiagnosticsMonitor(every_n_steps=1, attention_logits=False, jacobian=True, jacobian_iters=2)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=logger), callbacks=[monitor])
+    trainer.fit(module, _loader())
+    keys = {k for _, m in logger.records for k in m}
+    assert keys == {
+        "diag/output_logit_max", "diag/output_logit_rms", "diag/jacobian_norm/0", "diag/jacobian_norm/1",
+        "diag/jacobian_alignment/0", "diag/jacobian_alignment_max", "diag/time_ms",
+    }  # fmt: skip
+
+
+def test_models_without_lm_head_or_differentiable_attention_fail_when_attached():
+    t = transformers
+    classifier = t.GPT2ForSequenceClassification(t.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="output_logits=True.*GPT2ForSequenceClassification.*output_logits=False"):
+        Diagnostics(classifier)
+    metrics = Diagnostics(classifier, output_logits=False).compute(torch.zeros(1, 4, dtype=torch.long))
+    assert set(metrics) == {"diag/attn_logit_max/0", "diag/attn_logit_max", "diag/time_ms"}
+    model, _ = _hf_model("llama")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="jacobian=True.*'flex_attention'.*jacobian=False"):
+        Diagnostics(model, jacobian=True)
+    Diagnostics(model)  # attention and output logits do not depend on the attention kernel
+
+
+def test_output_logits_are_read_from_what_the_model_returns():
+    z = torch.randn(2, 3, 5)
+    assert output_logits(z) is z
+    assert output_logits(transformers.modeling_outputs.CausalLMOutput(logits=z)) is z
+    assert output_logits({"loss": torch.ones(()), "logits": z}) is z
+    assert output_logits({"hidden": z}) is z
+    assert output_logits((None, z, torch.ones(1))) is z
+    with pytest.raises(TypeError, match="got str.*output_logits=False"):
+        output_logits("logits")
+    with pytest.raises(TypeError, match="got tuple"):
+        output_logits((None, 1.0))
