@@ -414,7 +414,7 @@ def test_models_it_cannot_handle_fail_at_setup(tmp_path):
     with pytest.raises(ValueError, match="token ids.*got dict"):
         batch_input_ids({"ids": "abc"})
     with pytest.raises(ValueError, match="token ids.*shape \\(3,\\)"):
-        Diagnostics().step(torch.zeros(3, dtype=torch.long))  # checked on every call, due or not
+        Diagnostics(every_n_steps=5).attach(tiny_module()).step(torch.zeros(3, dtype=torch.long))  # due or not
 
 
 @pytest.mark.parametrize(
