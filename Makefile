@@ -22,6 +22,7 @@ train: $(STAMP)
 	$(VENV)/bin/lightning-msign fit --config recipes/shakespeare/msign.yaml
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -441,7 +441,10 @@ class WholeMatrixPlan:
             sharded = [u for u in g.units if u.sharded and u.owner == owner]
             if not sharded:
                 continue
-            sizes = [-(-u.param.shape[u.shard_dim] // world) * (u.param.numel() // u.param.shape[u.shard_dim]) for u in sharded]
+            sizes = [
+                -(-u.param.shape[u.shard_dim] // world) * (u.param.numel() // u.param.shape[u.shard_dim])
+                for u in sharded
+            ]
             recv = torch.empty(sum(sizes), dtype=g.dtype, device=g.device)
             send = None
             if rank == owner:

@@ -45,7 +45,6 @@ Llama, Mistral, Qwen, ...) need no layout.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Optional
 

@@ -20,9 +20,9 @@ from litgpt.model import GPT, CausalSelfAttention, GptNeoxMLP, LLaMAMLP
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_msign.metric_keys import TEST_LOSS, TRAIN_LOSS, TRAIN_Z_LOSS, VAL_LOSS
 from lightning_msign._validation import check_choice, check_optional_positive_int, check_range
 from lightning_msign.distributed import is_sharded
+from lightning_msign.metric_keys import TEST_LOSS, TRAIN_LOSS, TRAIN_Z_LOSS, VAL_LOSS
 
 __all__ = ["LitGPTModule", "build_config", "lr_schedule_factor"]
 

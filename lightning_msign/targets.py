@@ -151,8 +151,9 @@ def unwrap_module(module: nn.Module) -> nn.Module:
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     while True:
-        if type(module).__name__ == "_FabricModule" and isinstance(getattr(module, "_original_module", None), nn.Module):
-            module = module._original_module
+        original = getattr(module, "_original_module", None)
+        if type(module).__name__ == "_FabricModule" and isinstance(original, nn.Module):
+            module = original
         elif isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
             module = module._orig_mod
         elif isinstance(module, (DistributedDataParallel, DataParallel)):
@@ -344,7 +345,7 @@ def resolve_targets(
     selected: list[TargetMatrix] = []
     unmatched: list[str] = []
     for item in items:
-        hits = [t for t in entries if _selects(item, t.role, t.name, True) or _selects(item, t.role, t.param_name, True)]
+        hits = [t for t in entries if any(_selects(item, t.role, name, True) for name in (t.name, t.param_name))]
         blocked = [  # a fused Q/K/V weight holds the query and key blocks 'qk' selects
             u for u in undetermined
             if _selects(item, "q" if u.role == "qkv" else u.role, u.name, u.param.ndim == 2 or u.role == "mlp")

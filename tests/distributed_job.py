@@ -19,11 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
 from lightning_msign import MSignCallback, PSSCallback, StableRankMonitor  # noqa: E402
 from lightning_msign.targets import is_sharded  # noqa: E402
+
+from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs  # noqa: E402
 
 
 def whole(p: torch.Tensor) -> torch.Tensor:

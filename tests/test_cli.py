@@ -113,7 +113,8 @@ def test_every_recipe_key_is_commented():
     [
         ("msign", {"lightning_msign.MSignCallback", "lightning_msign.StableRankMonitor"}),
         ("pss", {"lightning_msign.PSSCallback", "lightning_msign.StableRankMonitor"}),
-        ("msign_pss", {"lightning_msign.MSignCallback", "lightning_msign.PSSCallback", "lightning_msign.StableRankMonitor"}),
+        ("msign_pss",
+         {"lightning_msign.MSignCallback", "lightning_msign.PSSCallback", "lightning_msign.StableRankMonitor"}),
     ],
 )
 def test_method_recipes_differ_from_baseline_only_by_callbacks(recipe, expected):

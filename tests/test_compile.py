@@ -33,10 +33,11 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch._dynamo.utils import counters
 
-from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 from lightning_msign import LitGPTModule, MSignCallback, PSSCallback, StableRankMonitor
 from lightning_msign.functional import msign_restore
 from lightning_msign.targets import TargetMatrix, resolve_targets
+
+from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 
 PERIOD = 3  # MSign after optimizer steps 3 and 6 of 6
 SPIKE_AT = 4  # a gradient spike PSS must catch (tau=1.01 makes it trigger on other steps too)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from data_corpora import small_md_corpus
 
 from lightning_msign.data import ShakespeareDataModule, strip_markdown_text
 from lightning_msign.data.text import _split_point
+
+from data_corpora import small_md_corpus
 
 
 def test_bpe_trains_caches_and_roundtrips(tmp_path, monkeypatch):

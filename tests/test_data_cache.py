@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_corpora import numbered_corpus, small_md_corpus
 
 from lightning_msign.data import ShakespeareDataModule, default_cache_dir
 from lightning_msign.data.cache import _atomic_save_npy, _atomic_write_bytes, _cache_key, _corpus_hash
+
+from data_corpora import numbered_corpus, small_md_corpus
 
 
 def test_cache_dir_env_var(tmp_path, monkeypatch):

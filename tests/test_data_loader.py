@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as L
 import pytest
 import torch
+
 from data_corpora import numbered_dm
 
 

@@ -8,11 +8,12 @@ import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_module, trainer_kwargs
-from data_corpora import numbered_corpus, numbered_dm
 
 from lightning_msign.data import ShakespeareDataModule, strip_markdown_text
 from lightning_msign.data.text import _split_point
+
+from conftest import tiny_module, trainer_kwargs
+from data_corpora import numbered_corpus, numbered_dm
 
 
 def test_default_corpus_byte_roundtrip(tmp_path):

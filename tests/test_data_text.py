@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 
 import torch
-from data_corpora import numbered_corpus
 
 from lightning_msign.data import ShakespeareDataModule, strip_markdown_text
+
+from data_corpora import numbered_corpus
 
 
 def test_markdown_stripping(tmp_path):

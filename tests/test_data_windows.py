@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from data_corpora import numbered_corpus
 
 from lightning_msign.data import ShakespeareDataModule, TokenWindowDataset
+
+from data_corpora import numbered_corpus
 
 
 def test_windows_targets_shift_by_one(tmp_path):

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CONFIG, TINY_VOCAB, RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from litgpt.config import Config
 from litgpt.model import GPT
@@ -17,6 +16,8 @@ from lightning_msign import Diagnostics, DiagnosticsMonitor
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
 from lightning_msign.guards.diagnostics import batch_input_ids
 from lightning_msign.models import LitGPTAttentionProbe, attention_probe, litgpt_attention_scale, litgpt_query_key
+
+from conftest import TINY_CONFIG, TINY_VOCAB, RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 
 # --- functional: power iteration against dense Jacobians ---------------------------------------
 

@@ -8,13 +8,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RecordingLogger, trainer_kwargs
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_msign import Diagnostics, DiagnosticsMonitor
 from lightning_msign.functional.attention import causal_allowed
 from lightning_msign.models import attention_module, attention_probe, output_logits
+
+from conftest import RecordingLogger, trainer_kwargs
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,11 +7,10 @@ with what one process computes from the same whole weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny_module
 from lightning_msign import MSignCallback, PSSCallback
 from lightning_msign.distributed import MatrixResult, WholeMatrixPlan, _chunk_sizes
 from lightning_msign.functional import msign_restore, stable_rank
 from lightning_msign.targets import resolve_targets
+
+from conftest import tiny_module
 
 JOB = Path(__file__).resolve().parent / "distributed_job.py"
 PERIOD, STEPS = 4, 8

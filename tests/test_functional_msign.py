@@ -25,20 +25,20 @@ def _col_projector(A: torch.Tensor, rank: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(64, 64), (96, 48), (40, 120), (3, 24, 16)])
 def test_svd_backend_gives_unit_singular_values(shape):
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    O = msign(W, "svd")
-    assert O.shape == W.shape and O.dtype == W.dtype
-    s = torch.linalg.svdvals(O.double())
+    S_ = msign(W, "svd")
+    assert S_.shape == W.shape and S_.dtype == W.dtype
+    s = torch.linalg.svdvals(S_.double())
     torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0)
 
 
 def test_svd_backend_keeps_row_and_column_spaces_of_rank_deficient_matrix():
     W = _with_spectrum(50, 30, torch.tensor([5.0, 2.0, 1.0, 0.1])).float()  # rank 4
-    O = msign(W, "svd")
-    s = torch.linalg.svdvals(O.double())
+    S_ = msign(W, "svd")
+    s = torch.linalg.svdvals(S_.double())
     torch.testing.assert_close(s[:4], torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
     assert s[4:].max() < 1e-5  # the sign of a zero singular value is zero: no new directions
-    torch.testing.assert_close(_col_projector(O, 4), _col_projector(W, 4), atol=1e-5, rtol=0)
-    torch.testing.assert_close(_col_projector(O.T, 4), _col_projector(W.T, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_col_projector(S_, 4), _col_projector(W, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_col_projector(S_.T, 4), _col_projector(W.T, 4), atol=1e-5, rtol=0)
 
 
 def test_svd_backend_matches_polar_factor_definition():

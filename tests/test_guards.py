@@ -16,7 +16,6 @@ from typing import Any, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RecordingLogger, trainer_kwargs
 from lightning.pytorch import LightningModule, Trainer
 from litgpt import GPT, Config
 from torch import nn
@@ -24,6 +23,8 @@ from torch.utils.data import DataLoader
 
 from lightning_msign import PSS, MSign, MSignCallback, PSSCallback, StableRank, StableRankMonitor
 from lightning_msign.guards.base import Guard
+
+from conftest import RecordingLogger, trainer_kwargs
 
 GPT_CONFIG = dict(
     n_layer=2, n_head=4, n_query_groups=2, n_embd=32, block_size=16, vocab_size=64, padded_vocab_size=64, bias=False

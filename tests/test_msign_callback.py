@@ -10,8 +10,9 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 from lightning_msign import MSignCallback
+
+from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 
 
 class RecordingMSign(MSignCallback):

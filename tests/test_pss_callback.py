@@ -9,9 +9,10 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_data, trainer_kwargs
 from lightning_msign import PSS, LitGPTModule, PSSCallback
 from lightning_msign.functional import SMOOTHINGS
+
+from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_data, trainer_kwargs
 
 
 class SpikyModule(LitGPTModule):

@@ -12,15 +12,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_data, tiny_module, trainer_kwargs
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
-from report_logs import csv_series, read_csv_rows, steps_of, summary_cells, synthetic_run
 
 from lightning_msign import MSignCallback, PSSCallback, StableRankMonitor
 from lightning_msign.cli import cli_main
 from lightning_msign.report import load_run, summarize
+
+from conftest import tiny_data, tiny_module, trainer_kwargs
+from report_logs import csv_series, read_csv_rows, steps_of, summary_cells, synthetic_run
 
 MAX_STEPS = 8
 
@@ -105,7 +106,8 @@ def test_report_of_two_real_runs_through_the_cli(two_runs, tmp_path, capsys):
     assert steps_of(cells[(0, "msign_steps")]) == msign_steps == [1, 3, 5, 7]  # after optimizer steps 2, 4, 6, 8
     assert int(cells[(0, "msign_applications")]) == counts[-1] == two_runs["msign_a"].guard.applications == 4
     pss_steps = [s for s, v in zip(*csv_series(rows, "pss/triggered")) if v == 1.0]
-    assert steps_of(cells[(0, "pss_trigger_steps")]) == pss_steps == [s - 1 for s in two_runs["pss_a"].guard.trigger_steps]
+    pss_logged = [s - 1 for s in two_runs["pss_a"].guard.trigger_steps]
+    assert steps_of(cells[(0, "pss_trigger_steps")]) == pss_steps == pss_logged
     steps, losses = csv_series(rows, "train/loss")
     assert steps[-1] == MAX_STEPS - 1
     assert float(cells[(0, "final_train_loss")]) == pytest.approx(losses[-1], rel=1e-5)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from report_logs import steps_of, summary_cells, synthetic_run
 
 from lightning_msign.report import Run, load_run, render_report
+
+from report_logs import steps_of, summary_cells, synthetic_run
 
 
 def test_diagnostics_panels_name_the_runs_that_lack_them_and_divergence_is_marked(tmp_path):

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from report_logs import synthetic_run, write_csv
 
 from lightning_msign.report import load_run, summarize
+
+from report_logs import synthetic_run, write_csv
 
 
 def test_csv_sparse_rows_are_merged_per_key(tmp_path):

@@ -22,8 +22,9 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 from lightning_msign import MSignCallback, PSSCallback, ShakespeareDataModule, StableRankMonitor
+
+from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 
 N_STEPS = 24
 SEED = 1234
@@ -178,7 +179,8 @@ def test_resume_twice_mid_epoch_from_an_msign_step(tmp_path):
     loop restores the loader's state."""
     reference = _run(tmp_path / "reference")
     assert reference.trainer.num_training_batches > N_STEPS  # every resume below is mid-epoch
-    assert reference.pss.guard.triggers >= 2 and any(s > 12 for s in reference.pss.guard.trigger_steps), reference.pss.guard.trigger_steps
+    triggered = reference.pss.guard.trigger_steps
+    assert reference.pss.guard.triggers >= 2 and any(s > 12 for s in triggered), triggered
     assert reference.msign.guard.applications == N_STEPS // MSIGN_PERIOD
 
     first = _run(tmp_path / "a", every_n_train_steps=MSIGN_PERIOD, crash_at=12)

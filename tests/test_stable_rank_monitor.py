@@ -7,9 +7,10 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 from lightning_msign import MSignCallback, StableRankMonitor
 from lightning_msign.functional import stable_rank
+
+from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs
 
 
 def test_logs_every_target_summaries_and_grad_norm_on_its_steps(tmp_path):

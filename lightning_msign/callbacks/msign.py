@@ -64,7 +64,9 @@ class MSignCallback(GuardCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         g = self.guard
-        rank_zero_info(f"MSignCallback: {len(g.matrices)} matrices, every {g.period} optimizer steps, backend {g.backend!r}")
+        rank_zero_info(
+            f"MSignCallback: {len(g.matrices)} matrices, every {g.period} optimizer steps, backend {g.backend!r}"
+        )
 
     @override
     def on_train_batch_end(

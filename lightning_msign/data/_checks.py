@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_msign._validation import SEED_BOUND
+from lightning_msign._validation import SEED_BOUND, check_seed
 from lightning_msign._validation import check_int as _check_int
-from lightning_msign._validation import check_seed
 
 __all__ = ["SEED_BOUND", "check_int", "check_seed"]
 

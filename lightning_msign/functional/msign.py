@@ -151,12 +151,15 @@ def msign_restore(W: Tensor, backend: Backend = "svd", steps: int | None = None)
         A new tensor of the shape and dtype of ``W`` (computed in float32 at least).
     """
     X = W.to(compute_dtype(W))
-    O = msign(X, backend=backend, steps=steps)
+    return _with_norm_of(X, msign(X, backend=backend, steps=steps)).to(W.dtype)
+
+
+def _with_norm_of(X: Tensor, sign: Tensor) -> Tensor:
+    """``sign`` rescaled matrix by matrix to the Frobenius norm of ``X``; a zero ``X`` is returned as it is."""
     w_norm = torch.linalg.matrix_norm(X, keepdim=True)  # (..., 1, 1)
-    o_norm = torch.linalg.matrix_norm(O, keepdim=True)
+    o_norm = torch.linalg.matrix_norm(sign, keepdim=True)
     scale = torch.where(o_norm > 0, w_norm / o_norm.clamp_min(torch.finfo(X.dtype).tiny), torch.zeros_like(o_norm))
-    out = torch.where(w_norm > 0, O * scale, X)
-    return out.to(W.dtype)
+    return torch.where(w_norm > 0, sign * scale, X)
 
 
 @dataclass
@@ -211,10 +214,7 @@ def sign_and_restore(
             after = (S > tol[:, None]).sum(-1).to(X.dtype)
     else:
         sign = msign(safe, backend=backend, steps=steps)
-    w_norm = torch.linalg.matrix_norm(safe, keepdim=True)  # (G, 1, 1)
-    o_norm = torch.linalg.matrix_norm(sign, keepdim=True)
-    scale = torch.where(o_norm > 0, w_norm / o_norm.clamp_min(torch.finfo(X.dtype).tiny), torch.zeros_like(o_norm))
-    new = torch.where(w_norm > 0, sign * scale, safe)
+    new = _with_norm_of(safe, sign)
     written = finite & torch.isfinite(new).flatten(1).all(dim=1)
     new = torch.where(written[:, None, None], new, X)
     if stable_ranks and backend != "svd":

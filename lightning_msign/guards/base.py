@@ -13,7 +13,14 @@ from torch import nn
 from lightning_msign._validation import check_bool
 from lightning_msign.distributed import WholeMatrixPlan, is_distributed
 from lightning_msign.layouts import validate_layouts
-from lightning_msign.targets import LayoutsArg, TargetMatrix, TargetsArg, resolve_targets, unwrap_module, validate_targets
+from lightning_msign.targets import (
+    LayoutsArg,
+    TargetMatrix,
+    TargetsArg,
+    resolve_targets,
+    unwrap_module,
+    validate_targets,
+)
 
 
 def synchronize(device: torch.device) -> None:

@@ -14,13 +14,19 @@ from lightning_msign import metric_keys as keys
 from lightning_msign._validation import (
     check_bool,
     check_choice,
-    check_range,
     check_non_negative_int,
     check_optional_positive_int,
     check_positive_int,
+    check_range,
 )
 from lightning_msign.distributed import MatrixResult, OwnedMatrix, any_process, global_grad_norm
-from lightning_msign.functional.smoothing import Smoothing, protection_seed, pss_rank, pss_smooth, smooth_singular_values
+from lightning_msign.functional.smoothing import (
+    Smoothing,
+    protection_seed,
+    pss_rank,
+    pss_smooth,
+    smooth_singular_values,
+)
 from lightning_msign.functional.spectral import spectral_norm_estimate
 from lightning_msign.guards.base import TargetedGuard
 from lightning_msign.targets import LayoutsArg, TargetsArg
@@ -116,7 +122,9 @@ class PSS(TargetedGuard):
         try:  # bad keys or values fail now, not at the first spike
             smooth_singular_values(torch.tensor([3.0, 2.0, 1.0]), smoothing, **(smoothing_kwargs or {}))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"`smoothing_kwargs` {smoothing_kwargs!r} do not fit smoothing {smoothing!r}: {err}") from err
+            raise ValueError(
+                f"`smoothing_kwargs` {smoothing_kwargs!r} do not fit smoothing {smoothing!r}: {err}"
+            ) from err
         self.smoothing_kwargs = dict(smoothing_kwargs or {})
         if rank != "stable" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"`rank` must be 'stable' or an int >= 1, got {rank!r}")
