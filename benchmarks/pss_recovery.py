@@ -77,7 +77,7 @@ def _train(args: argparse.Namespace, name: str, extra: list[Any], stop_at: int, 
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from lightning_msign import DiagnosticsMonitor, LitGPTModule, ShakespeareDataModule, StableRankMonitor
+    from lightning_msign import DiagnosticsMonitor, LitGPTModule, PSSCallback, ShakespeareDataModule, StableRankMonitor
 
     class Watch(Callback):
         """Records every training loss and gradient norm; finds the onset; stops at ``stop_at``."""
@@ -125,7 +125,7 @@ def _train(args: argparse.Namespace, name: str, extra: list[Any], stop_at: int, 
     )
     t0 = time.perf_counter()
     trainer.fit(module, data, ckpt_path=ckpt_path)
-    pss = next((c for c in extra if hasattr(c, "trigger_steps")), None)
+    pss = next((c.guard for c in extra if isinstance(c, PSSCallback)), None)
     return {"name": name, "losses": watch.losses, "grad_norms": watch.grad_norms, "onset": watch.onset,
             "last_step": trainer.global_step, "wall_s": time.perf_counter() - t0,
             "triggers": list(pss.trigger_steps) if pss is not None else None,
