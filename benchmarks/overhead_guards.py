@@ -35,8 +35,9 @@ def build_model(s: Settings) -> Any:
     from lightning_msign import LitGPTModule
 
     torch.manual_seed(s.guards_seed)
-    return LitGPTModule(dict(s.guards_model["config"]), vocab_size=256, block_size=s.guards_seq_len,
-                        **s.guards_model.get("init", {}))
+    module = LitGPTModule(dict(s.guards_model["config"]), vocab_size=256, block_size=s.guards_seq_len,
+                          **s.guards_model.get("init", {}))
+    return module.to(s.device)
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
