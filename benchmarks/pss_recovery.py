@@ -37,15 +37,14 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stability import MODEL_12x64, MODEL_QUICK, machine_line  # noqa: E402  (the sibling benchmark)
+# A sibling module: Python puts the script's own folder (benchmarks/) first on sys.path.
+from stability import MODEL_QUICK, MODEL_12x64, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "pss_recovery"
@@ -78,7 +77,7 @@ def _train(args: argparse.Namespace, name: str, extra: list[Any], stop_at: int, 
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from lightning_msign import DiagnosticsMonitor, LitGPTModule, ShakespeareDataModule, StableRankMonitor
+    from lightning_msign import DiagnosticsMonitor, LitGPTModule, PSSCallback, ShakespeareDataModule, StableRankMonitor
 
     class Watch(Callback):
         """Records every training loss and gradient norm; finds the onset; stops at ``stop_at``."""
@@ -126,7 +125,7 @@ def _train(args: argparse.Namespace, name: str, extra: list[Any], stop_at: int, 
     )
     t0 = time.perf_counter()
     trainer.fit(module, data, ckpt_path=ckpt_path)
-    pss = next((c.guard for c in extra if hasattr(getattr(c, "guard", None), "trigger_steps")), None)
+    pss = next((c.guard for c in extra if isinstance(c, PSSCallback)), None)
     return {"name": name, "losses": watch.losses, "grad_norms": watch.grad_norms, "onset": watch.onset,
             "last_step": trainer.global_step, "wall_s": time.perf_counter() - t0,
             "triggers": list(pss.trigger_steps) if pss is not None else None,
@@ -267,10 +266,10 @@ def render(res: dict[str, Any]) -> str:
     lines = [
         "# lightning_msign PSS recovery benchmark", "",
         f"Machine: {res['machine']}. Wall time {res['wall_time_s']:.0f} s. Command: `{res['command']}`", "",
-        f"Failing run: LitGPT {json.dumps(s['model'])}, lr {s['lr']:g}, {s['precision']}, no clipping, warm-up {s['warmup']}, seed "
-        f"{s['seed']}. Loss spike onset at step {f['onset']} (mean of the next {s['window']} steps "
-        f"{f['loss_after_onset']:.2f}; max gradient norm {f['max_grad_norm']:.3g}). Resumed from the checkpoint at step "
-        f"{f['resume_step']} (mean training loss before it {f['loss_before']:.3f}) to step {s['until']}.", "",
+        f"Failing run: LitGPT {json.dumps(s['model'])}, lr {s['lr']:g}, {s['precision']}, no clipping, warm-up "
+        f"{s['warmup']}, seed {s['seed']}. Loss spike onset at step {f['onset']} (mean of the next {s['window']} steps "
+        f"{f['loss_after_onset']:.2f}; max gradient norm {f['max_grad_norm']:.3g}). Resumed from the checkpoint at "
+        f"step {f['resume_step']} (mean training loss before it {f['loss_before']:.3f}) to step {s['until']}.", "",
         "| variant | spiked at | back below before + spike/2 from | reached step | final train loss "
         "| worst 20-step loss | PSS triggers | max grad norm | resumed descending | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
@@ -280,7 +279,8 @@ def render(res: dict[str, Any]) -> str:
         back = back_at(r, level, s["window"])
         lines.append(f"| {r['variant']} | {r['spiked_at'] if r['spiked_at'] is not None else '-'} "
                      f"| {back if back is not None else 'never'} | {r['last_step']} "
-                     f"| {r['final_train_loss']:.3f} | {r['worst_window_loss']:.3f} | {trig} | {r['max_grad_norm']:.3g} "
+                     f"| {r['final_train_loss']:.3f} | {r['worst_window_loss']:.3f} | {trig} "
+                     f"| {r['max_grad_norm']:.3g} "
                      f"| {'yes' if r['descending'] else 'no'} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -155,7 +155,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
             self.recent = (self.recent + [loss])[-spec["diverge_window"]:]
-            too_high = len(self.recent) == spec["diverge_window"] and sum(self.recent) / len(self.recent) > spec["diverge_loss"]
+            too_high = (len(self.recent) == spec["diverge_window"]
+                        and sum(self.recent) / len(self.recent) > spec["diverge_loss"])
             if self.step is None and (not math.isfinite(loss) or too_high):
                 self.step = trainer.global_step
                 trainer.should_stop = True
@@ -241,7 +242,8 @@ def analyse(cells: list[dict[str, Any]], margin: float) -> dict[str, Any]:
     lrs = sorted({c["lr"] for c in cells})
 
     def final(c: dict[str, Any]) -> float:
-        return c["final_val_loss"] if c["diverged_step"] is None and math.isfinite(c["final_val_loss"]) else LOSS_AT_INIT
+        ok = c["diverged_step"] is None and math.isfinite(c["final_val_loss"])
+        return c["final_val_loss"] if ok else LOSS_AT_INIT
 
     table: dict[str, dict[float, list[float]]] = {m: {lr: [] for lr in lrs} for m in methods}
     for c in cells:
@@ -281,7 +283,8 @@ def render(res: dict[str, Any]) -> str:
     lines = [
         "# lightning_msign stability benchmark",
         "",
-        f"Machine: {res['machine']}. Wall time of this command {res['wall_time_s']:.0f} s; the {len(res['cells'])} cells "
+        f"Machine: {res['machine']}. Wall time of this command {res['wall_time_s']:.0f} s; "
+        f"the {len(res['cells'])} cells "
         f"trained for {sum(c['wall_s'] for c in res['cells']) / 60:.0f} min in all (one thread each; saved cells are "
         f"reused, see `cells/`). Command: `{res['command']}`",
         "",
@@ -317,14 +320,16 @@ def render(res: dict[str, Any]) -> str:
                 g = a["per_method"][m]["gap_closed"]
                 lines.append(f"| {m} | " + " | ".join(f"{g[lr]:.0%}" if lr in g else "-" for lr in gaps) + " |")
     lines += ["", "## Cells", "", "| method | lr | seed | diverged at | final val | final train | min srank "
-              "| max attn logit | max out logit | max grad norm | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| max attn logit | max out logit | max grad norm | wall s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(x: Any, fmt: str) -> str:
         return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
     for c in res["cells"]:
         lines.append(
-            f"| {c['method']} | {c['lr']:g} | {c['seed']} | {c['diverged_step'] if c['diverged_step'] is not None else '-'} "
+            f"| {c['method']} | {c['lr']:g} | {c['seed']} "
+            f"| {c['diverged_step'] if c['diverged_step'] is not None else '-'} "
             f"| {f(c['final_val_loss'], '.3f')} | {f(c['final_train_loss'], '.3f')} | {f(c['min_srank'], '.2f')} "
             f"| {f(c['max_attn_logit'], '.3g')} | {f(c['max_output_logit'], '.3g')} | {f(c['max_grad_norm'], '.3g')} "
             f"| {c['wall_s']:.0f} |"
@@ -368,7 +373,8 @@ def draw_figures(res: dict[str, Any], out: Path) -> list[Path]:
                         color="black" if m == "baseline" else plt.cm.tab20(i % 20))
         for c in cells:  # every seed as a small dot; diverged runs drawn at ln 256
             if c["method"] == m:
-                y = c["final_val_loss"] if c["diverged_step"] is None and math.isfinite(c["final_val_loss"]) else LOSS_AT_INIT
+                ok = c["diverged_step"] is None and math.isfinite(c["final_val_loss"])
+                y = c["final_val_loss"] if ok else LOSS_AT_INIT
                 ax.plot([c["lr"]], [y], ".", color=line.get_color(), alpha=0.5, ms=4)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
@@ -427,7 +433,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--model", type=json.loads, default=None, help="litgpt Config fields as JSON (default 12x64)")
     parser.add_argument("--module", type=json.loads, default={},
-                        help="extra LitGPTModule arguments as JSON (e.g. the muP-style knobs lr_mult_2d, zero_init_query)")
+                        help="extra LitGPTModule arguments as JSON (e.g. the muP-style knobs lr_mult_2d, "
+                        "zero_init_query)")
     parser.add_argument("--no-clip", action="store_true", help="no gradient clipping (default: clip at 1.0)")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--diverge-loss", type=float, default=LOSS_AT_INIT + 1.0)
@@ -528,7 +535,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         res["failed_cells"] = failed
     (out / "stability.json").write_text(json.dumps(res, indent=2) + "\n")
     figures = draw_figures(res, out)
-    md = render(res) + "".join(f"\n![{f.parent.name if f.stem == 'report' else f.stem}]({f.relative_to(out).as_posix()})\n" for f in figures)
+    md = render(res) + "".join(
+        f"\n![{f.parent.name if f.stem == 'report' else f.stem}]({f.relative_to(out).as_posix()})\n" for f in figures
+    )
     (out / "stability.md").write_text(md)
     print(md)
     if failed:

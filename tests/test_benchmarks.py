@@ -25,6 +25,45 @@ def test_overhead_quick_runs_and_writes_results(tmp_path):
     result = json.loads(out.read_text())
     assert result and out.with_suffix(".md").read_text().startswith("# lightning_msign overhead benchmark")
     assert "MSign P=100, backend svd" in proc.stdout and "svd_time / time" in proc.stdout
+    assert result["parts"] == ["training", "backends", "distributed", "guards"]
+    assert {"training", "backends", "distributed", "guards"} <= set(result)
+    assert "## 4. Guards: batched paths, before vs after" in proc.stdout
+
+
+def test_overhead_guards_part_measures_before_and_after(tmp_path):
+    out = tmp_path / "guards.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--threads", "1", "--only", "guards",
+         "--repeats", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["parts"] == ["guards"] and "training" not in res and res["machine"]["torch_threads"] == 1
+    g = res["guards"]
+    assert g["repeats"] == 2
+
+    def timed(entry, n):
+        return len(entry["times_ms"]) == n and entry["median_ms"] > 0
+
+    mon = g["monitor"]
+    assert mon["targets"] == 12 and mon["shape_groups"] == 3  # the tiny model's all_2d: 2 layers x 6
+    assert timed(mon["before"], 5) and timed(mon["after"], 5) and mon["speedup"]["median"] > 0
+    assert mon["srank_max_rel_diff"] < 1e-4  # one step of each path from the same vectors
+    assert [m["targets"] for m in g["msign"]] == ["attention", "all_2d"]
+    for m in g["msign"]:
+        assert timed(m["before"], 2) and timed(m["after"], 2) and timed(m["after_without_stable_ranks"], 2)
+        # The one-SVD path gives the old path's matrices and stable ranks.
+        assert m["all_written"]
+        assert m["matrix_max_abs_diff"] <= 1e-5 * m["matrix_max_abs"]
+        assert m["srank_before_max_rel_diff"] < 1e-4 and m["srank_after_max_rel_diff"] < 1e-4
+    assert {(a["targets"], a["backend"]) for a in g["apply"]} == {
+        (t, b) for t in ("attention", "all_2d") for b in ("svd", "polar_express")
+    }
+    for a in g["apply"]:
+        assert timed(a["log_true"], 2) and timed(a["log_false"], 2)
+    md = out.with_suffix(".md").read_text()
+    assert "| StableRank monitor" in md and "| MSign svd + stable ranks" in md and "Machine: " in md
 
 
 @pytest.mark.slow
