@@ -342,6 +342,7 @@ class WholeMatrixPlan:
             every process.
         """
         packed: dict[int, Tensor] = {}
+        direct: dict[int, MatrixResult] = {}
         for g in self._groups:
             rank = dist.get_rank(g.group) if g.group is not None else 0
             full = self._gather(g, rank, dist.get_world_size(g.group) if g.group is not None else 1)
@@ -352,6 +353,9 @@ class WholeMatrixPlan:
             if write:
                 self._write_back(g, rank, dist.get_world_size(g.group) if g.group is not None else 1, full)
             if result is None:
+                continue
+            if g.group is None:  # one process: nothing to share, the results are already named here
+                direct.update(results)
                 continue
             indices = [index for u in g.units for index, _ in u.blocks]
             widths = [result.width(self.targets[i]) for i in indices]
@@ -374,7 +378,9 @@ class WholeMatrixPlan:
             return {}
         out: dict[str, R] = {}
         for index, t in enumerate(self.targets):
-            if index in packed:
+            if index in direct:
+                out[t.name] = direct[index]  # type: ignore[assignment]
+            elif index in packed:
                 value = result.unpack(packed[index], t)
                 if value is not None:
                     out[t.name] = value  # type: ignore[assignment]

@@ -16,6 +16,7 @@ from lightning_msign.functional.smoothing import (
     top_singular_triplets,
 )
 from lightning_msign.functional.spectral import (
+    finite_matrices,
     initial_vector,
     spectral_norm_estimate,
     spectral_norm_from_stable_rank,
@@ -24,6 +25,7 @@ from lightning_msign.functional.spectral import (
 )
 
 __all__ = [
+    "finite_matrices",
     "attention_logit_max",
     "causal_allowed",
     "output_logit_stats",

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lightning_msign.functional.precision import check_matrix, compute_dtype
+from lightning_msign.functional.spectral import finite_matrices, stable_rank
 
 Backend = Literal["svd", "polar_express", "newton_schulz"]
 BACKENDS: tuple[str, ...] = typing.get_args(Backend)
@@ -199,7 +200,7 @@ def sign_and_restore(
     if X.ndim != 3:
         raise ValueError(f"`X` must be a batch (G, m, n) of matrices, got shape {tuple(X.shape)}")
     X = X.to(compute_dtype(X))
-    finite = torch.isfinite(X).flatten(1).all(dim=1)  # (G,)
+    finite = finite_matrices(X)  # (G,)
     safe = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
     zeros = torch.zeros(X.shape[0], dtype=X.dtype, device=X.device)
     before = after = zeros
@@ -215,11 +216,9 @@ def sign_and_restore(
     else:
         sign = msign(safe, backend=backend, steps=steps)
     new = _with_norm_of(safe, sign)
-    written = finite & torch.isfinite(new).flatten(1).all(dim=1)
+    written = finite & finite_matrices(new)
     new = torch.where(written[:, None, None], new, X)
     if stable_ranks and backend != "svd":
-        from lightning_msign.functional.spectral import stable_rank
-
         before, after = stable_rank(safe), stable_rank(torch.where(written[:, None, None], new, safe))
     return SignedBatch(new, written, torch.where(written, before, zeros), torch.where(written, after, zeros))
 

@@ -13,6 +13,7 @@ from lightning_msign._validation import check_bool, check_choice, check_positive
 from lightning_msign.distributed import MatrixResult, OwnedMatrix, global_grad_norm
 from lightning_msign.functional.precision import compute_dtype
 from lightning_msign.functional.spectral import (
+    finite_matrices,
     initial_vector,
     spectral_norm_from_stable_rank,
     stable_rank,
@@ -167,7 +168,7 @@ class StableRank(TargetedGuard):
         for (_, _, warm), group in groups.items():
             X = torch.stack([m for _, m in group])  # (G, m, n)
             X = X.to(compute_dtype(X))
-            finite = torch.isfinite(X).flatten(1).all(dim=1)  # (G,)
+            finite = finite_matrices(X)  # (G,)
             safe = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
             fro = torch.linalg.matrix_norm(safe) if self.log_norms else torch.zeros(len(group), device=X.device)
             if self.mode == "exact":
