@@ -81,3 +81,15 @@ def test_spectral_norm_from_stable_rank_is_sigma_1():
     assert spectral_norm_from_stable_rank(fro, srank) == pytest.approx(float(torch.linalg.matrix_norm(W, ord=2)))
     assert spectral_norm_from_stable_rank(0.0, 0.0) == 0.0
     assert math.isnan(spectral_norm_from_stable_rank(float("nan"), float("nan")))
+
+
+def test_nonfinite_matrices_read_nan_never_zero():
+    from lightning_msign.functional import finite_matrices
+
+    W = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(2))
+    W[1, 2, 2] = float("nan")
+    W[2, 0, 0] = float("inf")
+    assert finite_matrices(W).tolist() == [True, False, False]
+    srank, _ = stable_rank_estimate(W, None, 5)
+    assert math.isfinite(srank[0].item()) and math.isnan(srank[1].item()) and not math.isfinite(srank[2].item())
+    assert stable_rank(torch.zeros(4, 4)).item() == 0.0 and stable_rank_estimate(torch.zeros(4, 4))[0].item() == 0.0

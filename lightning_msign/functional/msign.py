@@ -201,7 +201,8 @@ def sign_and_restore(
         raise ValueError(f"`X` must be a batch (G, m, n) of matrices, got shape {tuple(X.shape)}")
     X = X.to(compute_dtype(X))
     finite = finite_matrices(X)  # (G,)
-    safe = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
+    all_finite = bool(finite.all())
+    safe = X if all_finite else torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
     zeros = torch.zeros(X.shape[0], dtype=X.dtype, device=X.device)
     before = after = zeros
     if backend == "svd":
@@ -217,7 +218,8 @@ def sign_and_restore(
         sign = msign(safe, backend=backend, steps=steps)
     new = _with_norm_of(safe, sign)
     written = finite & finite_matrices(new)
-    new = torch.where(written[:, None, None], new, X)
+    if not bool(written.all()):
+        new = torch.where(written[:, None, None], new, X)
     if stable_ranks and backend != "svd":
         before, after = stable_rank(safe), stable_rank(torch.where(written[:, None, None], new, safe))
     return SignedBatch(new, written, torch.where(written, before, zeros), torch.where(written, after, zeros))

@@ -33,7 +33,7 @@ def stable_rank(W: Tensor) -> Tensor:
     X = W.to(compute_dtype(W))
     fro2 = torch.linalg.matrix_norm(X).square()
     spec2 = torch.linalg.matrix_norm(X, ord=2).square()
-    return torch.where(spec2 > 0, fro2 / spec2.clamp_min(torch.finfo(X.dtype).tiny), torch.zeros_like(fro2))
+    return torch.where(spec2 == 0, torch.zeros_like(fro2), fro2 / spec2.clamp_min(torch.finfo(X.dtype).tiny))
 
 
 def finite_matrices(X: Tensor) -> Tensor:
@@ -107,7 +107,9 @@ def stable_rank_estimate(W: Tensor, v: Tensor | None = None, num_iters: int = 1)
     sigma, v = spectral_norm_estimate(W, v, num_iters)
     fro2 = torch.linalg.matrix_norm(W.to(sigma.dtype)).square()
     s2 = sigma.square()
-    return torch.where(s2 > 0, fro2 / s2.clamp_min(torch.finfo(s2.dtype).tiny), torch.zeros_like(fro2)), v
+    # A NaN estimate stays NaN (a matrix holding NaN/Inf must not read as the zero matrix).
+    srank = torch.where(s2 == 0, torch.zeros_like(fro2), fro2 / s2.clamp_min(torch.finfo(s2.dtype).tiny))
+    return srank, v
 
 
 def spectral_norm_from_stable_rank(fro_norm: float, srank: float) -> float:

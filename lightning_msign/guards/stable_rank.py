@@ -24,6 +24,9 @@ from lightning_msign.targets import LayoutsArg, TargetsArg
 
 StableRankMode = Literal["power", "exact"]
 
+# Matrices of at most this many entries are measured in stacks of their shape; larger ones one by one.
+STACK_LIMIT = 131072
+
 
 @dataclass
 class RankResult(MatrixResult):
@@ -163,28 +166,35 @@ class StableRank(TargetedGuard):
             m = o.matrix
             v = self._vectors.get(o.target.name) if self.mode == "power" else None
             warm = v is not None and v.shape[-1] == m.shape[-1]
-            groups.setdefault((tuple(m.shape), m.dtype, warm), []).append((o, m))
+            # Small matrices are stacked (one call instead of one dispatch each); large ones alone (the copy into
+            # a stack would cost more than it saves: measured on CPU in benchmarks/overhead_guards.py).
+            alone = o.index if m.numel() > STACK_LIMIT else None
+            groups.setdefault((tuple(m.shape), m.dtype, warm, alone), []).append((o, m))
         results: dict[int, MatrixResult] = {}
-        for (_, _, warm), group in groups.items():
-            X = torch.stack([m for _, m in group])  # (G, m, n)
+        for (_, _, warm, _), group in groups.items():
+            X = group[0][1].unsqueeze(0) if len(group) == 1 else torch.stack([m for _, m in group])  # (G, m, n)
             X = X.to(compute_dtype(X))
-            finite = finite_matrices(X)  # (G,)
-            safe = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
-            fro = torch.linalg.matrix_norm(safe) if self.log_norms else torch.zeros(len(group), device=X.device)
-            if self.mode == "exact":
-                srank = stable_rank(safe)
+            fro = torch.linalg.matrix_norm(X) if self.log_norms else torch.zeros(len(group), device=X.device)
+            if self.mode == "exact":  # singular values of a non-finite matrix are an error: measure zeros instead
+                finite = finite_matrices(X)
+                zero = torch.zeros((), dtype=X.dtype, device=X.device)
+                srank = stable_rank(torch.where(finite[:, None, None], X, zero))
+                srank = torch.where(finite, srank, torch.full_like(srank, float("nan")))
                 vectors = None
             else:
                 if warm:
                     v0 = torch.stack([self._vectors[o.target.name] for o, _ in group]).to(X.device, X.dtype)
                     iters = self.power_iters
                 else:  # one start vector for every matrix of the shape: independent of how matrices are grouped
-                    v0, iters = initial_vector(safe[0]).expand(len(group), -1), self.warmup_iters
-                srank, vectors = stable_rank_estimate(safe, v0, iters)
-                vectors = torch.where(finite[:, None], vectors, initial_vector(safe[0]))
-            nan = torch.full_like(srank, float("nan"))
-            srank = torch.where(finite, srank, nan)
-            fro = torch.where(finite, fro.to(srank.dtype), nan)
+                    v0, iters = initial_vector(X[0]).expand(len(group), -1), self.warmup_iters
+                srank, vectors = stable_rank_estimate(X, v0, iters)
+                # NaN/Inf in a matrix makes its estimate non-finite (it propagates through the products; no extra
+                # pass over the weights to look for it): report NaN and restart its vector cold next time.
+                finite = torch.isfinite(srank)
+                if not bool(finite.all()):
+                    srank = torch.where(finite, srank, torch.full_like(srank, float("nan")))
+                    vectors = torch.where(finite[:, None], vectors, initial_vector(X[0]))
+            fro = torch.where(torch.isfinite(srank), fro.to(srank.dtype), torch.full_like(srank, float("nan")))
             s_list, f_list = srank.tolist(), fro.tolist()
             for i, (o, _) in enumerate(group):
                 if vectors is None:
