@@ -16,6 +16,11 @@ Two changes, each measured before/after, side by side in one run, on the main jo
   of the stable ranks. Then the whole ``MSign.apply()`` with ``log_stable_rank`` True vs False (svd, and a
   polynomial backend, which still pays for the singular values).
 
+- **Stacking, by matrix size** (why ``StableRank`` stacks only matrices of at most ``STACK_LIMIT`` entries):
+  one power iteration on ``G`` random ``m x n`` matrices, per matrix (one call each) vs stacked (the
+  ``torch.stack`` copy included), and the stacked product written as a column ``X @ v`` (the first batched
+  version) instead of the row ``v^T X^T`` the package uses.
+
 Every comparison is interleaved: each round calls every arm once in a fresh random order (weights restored
 before each ``apply()``), warm-up rounds excluded; medians and interquartile ranges over rounds, and the
 median of the per-round ratios.
@@ -99,6 +104,43 @@ def monitor_before_after(s: Settings, module: Any) -> dict[str, Any]:
         "speedup_batched_math_only": paired_ratio(times["before"], times["after_batched_math_only"]),
         "srank_max_abs_diff": _max_abs(a, b), "srank_max_rel_diff": _max_rel(a, b),
     }
+
+
+def stacking_by_size(s: Settings) -> list[dict[str, Any]]:
+    """One power iteration on G random m x n matrices: one call each vs one stacked call, by size."""
+    from lightning_msign.functional import stable_rank_estimate
+    from lightning_msign.guards.stable_rank import STACK_LIMIT
+
+    shapes = [(24, 64, 64), (24, 256, 256), (6, 1024, 256)] + ([(4, 2048, 2048)] if s.mode == "full" else [])
+    gen = torch.Generator().manual_seed(s.seed)
+    out = []
+    for G, m, n in shapes:
+        mats = [torch.randn(m, n, generator=gen).to(s.device) for _ in range(G)]
+        vs = [stable_rank_estimate(X, None, 5)[1] for X in mats]
+        V = torch.stack(vs)
+
+        def per_matrix() -> None:
+            for X, v in zip(mats, vs):
+                stable_rank_estimate(X, v, 1)
+
+        def stacked() -> None:
+            stable_rank_estimate(torch.stack(mats), V, 1)
+
+        def stacked_column_form() -> None:  # the product as the first batched version wrote it
+            X = torch.stack(mats)
+            u = X @ V.unsqueeze(-1)
+            _ = X.mT @ (u / u.norm(dim=-2, keepdim=True))
+
+        times = interleaved({"per_matrix": per_matrix, "stacked": stacked, "stacked_column_form": stacked_column_form},
+                            s.guards_repeats, s.guards_warmup, s.seed, s.device)
+        out.append({
+            "shape": [G, m, n], "stacked_by_the_monitor": m * n <= STACK_LIMIT,
+            "per_matrix": summary(times["per_matrix"]), "stacked": summary(times["stacked"]),
+            "stacked_column_form": summary(times["stacked_column_form"]),
+            "speedup": paired_ratio(times["per_matrix"], times["stacked"]),
+            "row_vs_column": paired_ratio(times["stacked_column_form"], times["stacked"]),
+        })
+    return out
 
 
 def _stacks(module: Any, targets: str) -> tuple[list[torch.Tensor], int]:
@@ -190,6 +232,8 @@ def run_guards_part(s: Settings) -> dict[str, Any]:
         }
         out["monitor"] = monitor_before_after(s, module)
         log("  monitor done")
+        out["stacking"] = stacking_by_size(s)
+        log("  stacking by size done")
         out["msign"] = []
         for targets in ("attention", "all_2d"):
             out["msign"].append(msign_math_before_after(s, module, targets))
@@ -237,8 +281,23 @@ def render_guards(s: dict[str, Any], g: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Monitor, the batched math alone (`stable_rank_estimate` once per shape group on stacks made beforehand: "
-        f"no stacking, finiteness check or plan): {ms_cell(mon['after_batched_math_only'])} ms; before / it: "
+        f"no stacking or plan): {ms_cell(mon['after_batched_math_only'])} ms; before / it: "
         f"{ratio_cell(mon['speedup_batched_math_only'])}.",
+        "",
+        "One power iteration on G random matrices, by size: one call per matrix vs one stacked call (the copy into "
+        "the stack included); last column: the stacked product written `X @ v` (columns) instead of `v^T X^T` "
+        "(rows, what the package does).",
+        "",
+        "| G x m x n | stacked by StableRank | per matrix (ms) | stacked (ms) | per matrix / stacked "
+        "| column form / row form |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for st in g.get("stacking", []):
+        G, m, n = st["shape"]
+        lines.append(f"| {G} x {m} x {n} | {'yes' if st['stacked_by_the_monitor'] else 'no'} "
+                     f"| {ms_cell(st['per_matrix'])} | {ms_cell(st['stacked'])} | {ratio_cell(st['speedup'])} "
+                     f"| {ratio_cell(st['row_vs_column'])} |")
+    lines += [
         "",
         "`sign_and_restore` without stable ranks (the floor): "
         + "; ".join(f"{m['targets']} {ms_cell(m['after_without_stable_ranks'], 1)} ms, with them "

@@ -48,7 +48,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import torch
 from torch import Tensor, nn
 
 LayoutKind = Literal["matrix", "flatten", "rows", "cols", "heads", "colheads"]
@@ -88,11 +87,6 @@ class Layout:
     def axis(self) -> int:
         """Axis of the (per-expert) 2D matrix the blocks are cut along: 0 rows, 1 columns."""
         return 1 if self.kind in ("cols", "colheads") else 0
-
-    @property
-    def fused(self) -> bool:
-        """True when the parameter holds several matrices (blocks or experts)."""
-        return self.experts or bool(self.blocks)
 
     def spec(self) -> str:
         """The string form (see the module docstring)."""
@@ -157,11 +151,6 @@ def parse_layout(spec: str, argument: str = "layouts") -> Layout:
     if len(set(tags)) != len(tags):
         raise ValueError(f"`{argument}` layout {spec!r}: block tags must be unique, got {tags}")
     return Layout(kind, tuple(blocks), heads=heads, experts=experts, source="declared")  # type: ignore[arg-type]
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    escaped = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
-    return re.compile(f"^{escaped}$")
 
 
 def validate_layouts(layouts: Optional[dict[str, str]], argument: str = "layouts") -> dict[str, Layout]:
@@ -413,16 +402,8 @@ def read_layouts(module: nn.Module) -> Found:
 def looks_fused(param_name: str, param: Tensor) -> bool:
     """True for a parameter whose name or shape says it may hold several matrices (needs a layout)."""
     parts = param_name.split(".")
-    local = parts[-1] if parts[-1] not in ("weight",) else (parts[-2] if len(parts) > 1 else parts[-1])
-    return param.ndim > 2 or local in FUSED_NAMES or parts[-1] in FUSED_NAMES
-
-
-def matrix_count(layout: Optional[Layout], shape: torch.Size) -> int:
-    """Number of matrices a parameter of ``shape`` splits into under ``layout``."""
-    if layout is None:
-        return 1
-    per = max(1, len(layout.blocks))
-    return per * (shape[0] if layout.experts else 1)
+    local = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]  # the module's name for a weight
+    return param.ndim > 2 or local in FUSED_NAMES
 
 
 __all__ = [
@@ -431,7 +412,6 @@ __all__ = [
     "as_matrix",
     "block_view",
     "looks_fused",
-    "matrix_count",
     "parse_layout",
     "read_layouts",
     "validate_layouts",

@@ -404,11 +404,13 @@ def _warn_missing_attention(module: nn.Module, items: list[str], selected: list[
             continue
         by_param: dict[int, set[str]] = {}
         for t in selected:
-            by_param.setdefault(id(t.param), set()).add("q" if t.role == "qkv" else t.role)
             if t.role == "qkv":
-                by_param[id(t.param)].update({"q", "k", "v"})
-            elif t.role not in _ROLE_PRESETS["attention"]:  # chosen by a pattern: the user has taken charge of it
-                by_param[id(t.param)].update(roles)
+                got = {"q", "k", "v"}
+            elif t.role in _ROLE_PRESETS["attention"]:
+                got = {t.role}
+            else:  # chosen by a pattern: the user has taken charge of it
+                got = roles
+            by_param.setdefault(id(t.param), set()).update(got)
         missing = []
         for name, attn in _attention_modules(module):
             have: set[str] = set()

@@ -74,4 +74,3 @@ def test_pss_rank_is_floor_of_stable_rank_at_least_two_and_capped():
 def test_protection_seed_depends_only_on_the_counts():
     seeds = {protection_seed(p, i) for p in range(1, 6) for i in range(50)}
     assert len(seeds) == 5 * 50  # distinct for every (protection, target) of a run of this size
-    assert protection_seed(3, 7) == protection_seed(3, 7)

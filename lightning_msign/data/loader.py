@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Sized, Tupl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_msign.data._checks import check_int, check_seed
+from lightning_msign._validation import check_int, check_seed
 
 __all__ = ["ResumableDataLoader", "ResumableShuffleSampler"]
 
@@ -44,8 +44,8 @@ class ResumableShuffleSampler(DistributedSampler):
 
     def __init__(self, dataset: Sized, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         check_seed(seed)
-        check_int("num_replicas", num_replicas, 1)
-        check_int("rank", rank, 0)
+        check_int(num_replicas, "num_replicas", 1)
+        check_int(rank, "rank", 0)
         if rank >= num_replicas:
             raise ValueError(f"`rank` must be an int in [0, `num_replicas`={num_replicas}), got {rank!r}")
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -61,7 +61,7 @@ class ResumableShuffleSampler(DistributedSampler):
         Raises:
             ValueError: If ``position`` is not a non-negative int.
         """
-        check_int("position", position, 0)
+        check_int(position, "position", 0)
         self._start = position
 
     def __iter__(self) -> Iterator[int]:

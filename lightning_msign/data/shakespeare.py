@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lightning_msign.data._checks import check_int, check_seed
+from lightning_msign._validation import check_int, check_seed
 from lightning_msign.data.bpe import _encode_batch, _load_bpe, _train_bpe
 from lightning_msign.data.cache import (
     _CACHE_VERSION,
@@ -170,10 +170,10 @@ class ShakespeareDataModule(LightningDataModule):
         super().__init__()
         if tokenizer not in _TOKENIZERS:
             raise ValueError(f"`tokenizer` must be one of {_TOKENIZERS}, got {tokenizer!r}")
-        check_int("bpe_vocab_size", bpe_vocab_size, 257)
-        check_int("seq_len", seq_len, 1)
-        check_int("batch_size", batch_size, 1)
-        check_int("num_workers", num_workers, 0)
+        check_int(bpe_vocab_size, "bpe_vocab_size", 257)
+        check_int(seq_len, "seq_len", 1)
+        check_int(batch_size, "batch_size", 1)
+        check_int(num_workers, "num_workers", 0)
         if (
             isinstance(val_fraction, bool)
             or not isinstance(val_fraction, (int, float))

@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 from torch.utils.data import Dataset
 
-from lightning_msign.data._checks import check_int
+from lightning_msign._validation import check_int
 
 __all__ = ["TokenWindowDataset"]
 
@@ -28,7 +28,7 @@ class TokenWindowDataset(Dataset):
     def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
         if tokens.ndim != 1:
             raise ValueError(f"`tokens` must be 1-D, got shape {tuple(tokens.shape)}")
-        check_int("seq_len", seq_len, 1)
+        check_int(seq_len, "seq_len", 1)
         self.tokens = tokens
         self.seq_len = seq_len
 

@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_msign.functional.precision import check_matrix, compute_dtype
+from lightning_msign.functional.precision import as_compute, check_matrix
 from lightning_msign.functional.spectral import finite_matrices, stable_rank
 
 Backend = Literal["svd", "polar_express", "newton_schulz"]
@@ -127,7 +127,7 @@ def msign(W: Tensor, backend: Backend = "svd", steps: int | None = None) -> Tens
     elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int or None, got {steps!r}")
 
-    X = W.to(compute_dtype(W))
+    X = as_compute(W)
     if backend == "svd":
         out = _msign_svd(X)
     elif backend == "polar_express":
@@ -151,7 +151,7 @@ def msign_restore(W: Tensor, backend: Backend = "svd", steps: int | None = None)
     Returns:
         A new tensor of the shape and dtype of ``W`` (computed in float32 at least).
     """
-    X = W.to(compute_dtype(W))
+    X = as_compute(W)
     return _with_norm_of(X, msign(X, backend=backend, steps=steps)).to(W.dtype)
 
 
@@ -199,7 +199,7 @@ def sign_and_restore(
     check_matrix(X, "X")
     if X.ndim != 3:
         raise ValueError(f"`X` must be a batch (G, m, n) of matrices, got shape {tuple(X.shape)}")
-    X = X.to(compute_dtype(X))
+    X = as_compute(X)
     finite = finite_matrices(X)  # (G,)
     all_finite = bool(finite.all())
     safe = X if all_finite else torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_msign.functional.precision import check_matrix, compute_dtype
+from lightning_msign.functional.precision import as_compute, check_matrix
 
 Smoothing = Literal["softplus", "softmax", "conv"]
 SMOOTHINGS: tuple[str, ...] = typing.get_args(Smoothing)
@@ -150,7 +150,7 @@ def top_singular_triplets(
     m, n = W.shape
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
         raise ValueError(f"`k` must be an int in [1, {min(m, n)}] for a {m}x{n} matrix, got {k!r}")
-    X = W.to(compute_dtype(W))
+    X = as_compute(W)
     width = min(k + oversample, min(m, n))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, width, generator=gen, dtype=X.dtype).to(X.device)  # (n, k + p)
@@ -168,7 +168,7 @@ def pss_rank(W: Tensor, sigma_1: Tensor | float, max_rank: int | None = None) ->
     The paper uses ``floor(srank)``; at least two values are kept because a sum-preserving smoothing of a
     single value is the identity, and a collapsed matrix has ``srank < 2``.
     """
-    fro2 = float(torch.linalg.matrix_norm(W.to(compute_dtype(W))).square())
+    fro2 = float(torch.linalg.matrix_norm(as_compute(W)).square())
     s1 = float(sigma_1)
     k = int(math.floor(fro2 / (s1 * s1))) if s1 > 0 else 1
     limit = min(W.shape[-2:]) if max_rank is None else min(min(W.shape[-2:]), max_rank)
@@ -204,7 +204,7 @@ def pss_smooth(
         ``(W_star, sigma, f(sigma))``: the new matrix in ``W``'s dtype (computed in float32 at least)
         and the ``k`` singular values before and after.
     """
-    X = W.to(compute_dtype(W))
+    X = as_compute(W)
     U, sigma, V = top_singular_triplets(X, k, oversample=oversample, power_iters=power_iters, seed=seed)
     new = smooth_singular_values(sigma, smoothing, **(smoothing_kwargs or {}))
     W_star = X - (U * (sigma - new)) @ V.mT  # (m, n)

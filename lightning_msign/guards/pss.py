@@ -20,6 +20,7 @@ from lightning_msign._validation import (
     check_range,
 )
 from lightning_msign.distributed import MatrixResult, OwnedMatrix, any_process, global_grad_norm
+from lightning_msign.functional.precision import as_compute
 from lightning_msign.functional.smoothing import (
     Smoothing,
     protection_seed,
@@ -187,9 +188,9 @@ class PSS(TargetedGuard):
 
         ratio = norm / self._ewma if self._ewma else float("nan")
         armed = self._ewma is not None and current > self.warmup_steps and current > self._cooldown_until
-        triggered = any_process(armed and ratio >= self.tau, total.device) if self._distributed else (
-            armed and ratio >= self.tau
-        )
+        triggered = armed and ratio >= self.tau
+        if self._distributed:  # the same decision on every process
+            triggered = any_process(triggered, total.device)
         if triggered:
             self._triggers += 1
             self._cooldown_until = current + self.cooldown_steps
@@ -229,7 +230,7 @@ class PSS(TargetedGuard):
         results: dict[int, SmoothResult] = {}
         for o in owned:
             X = o.matrix
-            X = X.float() if X.dtype != torch.float64 else X
+            X = as_compute(X)
             if not bool(torch.isfinite(X).all()):
                 warnings.warn(f"PSS: {o.target.name} holds NaN/Inf; left as it is.", RuntimeWarning)
                 continue

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lightning_msign import metric_keys as keys
 from lightning_msign._validation import check_bool, check_choice, check_positive_int
 from lightning_msign.distributed import MatrixResult, OwnedMatrix, global_grad_norm
-from lightning_msign.functional.precision import compute_dtype
+from lightning_msign.functional.precision import as_compute
 from lightning_msign.functional.spectral import (
     finite_matrices,
     initial_vector,
@@ -160,20 +160,20 @@ class StableRank(TargetedGuard):
         return sranks, fro
 
     def _stable_ranks(self, owned: list[OwnedMatrix]) -> dict[int, MatrixResult]:
-        """Stable ranks of the owned matrices, one batched call per (shape, dtype, warm/cold) group."""
+        """Stable ranks of the owned matrices: small ones one batched call per (shape, dtype, warm/cold) group."""
         groups: dict[tuple, list[tuple[OwnedMatrix, Tensor]]] = {}
         for o in owned:
             m = o.matrix
             v = self._vectors.get(o.target.name) if self.mode == "power" else None
             warm = v is not None and v.shape[-1] == m.shape[-1]
             # Small matrices are stacked (one call instead of one dispatch each); large ones alone (the copy into
-            # a stack would cost more than it saves: measured on CPU in benchmarks/overhead_guards.py).
+            # a stack would cost more than it saves: `python benchmarks/overhead.py --only guards`, stacking table).
             alone = o.index if m.numel() > STACK_LIMIT else None
             groups.setdefault((tuple(m.shape), m.dtype, warm, alone), []).append((o, m))
         results: dict[int, MatrixResult] = {}
         for (_, _, warm, _), group in groups.items():
             X = group[0][1].unsqueeze(0) if len(group) == 1 else torch.stack([m for _, m in group])  # (G, m, n)
-            X = X.to(compute_dtype(X))
+            X = as_compute(X)
             fro = torch.linalg.matrix_norm(X) if self.log_norms else torch.zeros(len(group), device=X.device)
             if self.mode == "exact":  # singular values of a non-finite matrix are an error: measure zeros instead
                 finite = finite_matrices(X)
