@@ -64,6 +64,20 @@ DIAG_JACOBIAN_ALIGNMENT_PREFIX = "diag/jacobian_alignment/"  # |<u_1(J_l), v_1(J
 DIAG_JACOBIAN_ALIGNMENT_MAX = "diag/jacobian_alignment_max"  # largest alignment of adjacent blocks
 DIAG_TIME_MS = "diag/time_ms"  # wall time of the diagnostics, in milliseconds
 
+# --------------------------------------------------------------------------- CurvatureMonitor
+CURV_SHARPNESS = "curvature/preconditioned_sharpness"  # lambda_max of P^-1/2 H P^-1/2 (Adam's preconditioner P)
+CURV_STABILITY_RATIO = "curvature/stability_ratio"  # lambda_max of D^1/2 H D^1/2 (D = lr / P) over (2 + 2 beta1) / (1 - beta1)
+CURV_THRESHOLD = "curvature/threshold"  # (2 + 2 beta1) / ((1 - beta1) lr): the edge for the sharpness (one LR, one beta1)
+CURV_HVPS = "curvature/hvps"  # Hessian-vector products spent on this measurement
+CURV_RESIDUAL = "curvature/residual"  # ||A u - lambda u|| / |lambda| of the returned vector (0 at an exact eigenpair)
+CURV_COLD_START = "curvature/cold_start"  # 1.0 when this measurement started from a random vector, else 0.0
+CURV_TIME_MS = "curvature/time_ms"  # wall time of the measurement, in milliseconds
+
+# --------------------------------------------------------------------------- ArchitectureWarmup
+WARMUP_ACTIVE_BLOCKS = "warmup/active_blocks"  # number of active (computing, trainable) blocks
+WARMUP_UNLOCKED = "warmup/unlocked"  # blocks unlocked at this step (logged at unlock steps)
+WARMUP_DEFERRED = "warmup/deferred"  # 1.0 at a step where a due unlock waited for the curvature, else not logged
+
 # --------------------------------------------------------------------------- Lightning
 EPOCH = "epoch"  # added by Lightning to every `log_metrics` call, several times per step
 
