@@ -408,6 +408,14 @@ class LitGPTModule(L.LightningModule):
             return ce + z_term
         return ce
 
+    def curvature_loss(self, batch: Any) -> Tensor:
+        """The training objective of ``batch`` (cross-entropy plus the weighted z-loss), logging nothing.
+
+        :class:`~lightning_msign.CurvatureMonitor` differentiates it twice to measure the curvature.
+        """
+        ce, z_sq = self._loss(batch)
+        return ce + self.z_loss * z_sq if self.z_loss > 0 else ce
+
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         ce, _ = self._loss(batch)

@@ -1,8 +1,9 @@
 """Lightning callbacks: when and on which parameters the functional math runs."""
 
+from lightning_msign.callbacks.curvature import CurvatureMonitor
 from lightning_msign.callbacks.diagnostics import DiagnosticsMonitor
 from lightning_msign.callbacks.msign import MSignCallback
 from lightning_msign.callbacks.pss import PSSCallback
 from lightning_msign.callbacks.stable_rank import StableRankMonitor
 
-__all__ = ["DiagnosticsMonitor", "MSignCallback", "PSSCallback", "StableRankMonitor"]
+__all__ = ["CurvatureMonitor", "DiagnosticsMonitor", "MSignCallback", "PSSCallback", "StableRankMonitor"]

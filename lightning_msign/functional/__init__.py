@@ -1,6 +1,14 @@
 """Pure tensor math of lightning_msign: no Lightning import, usable in any training loop."""
 
 from lightning_msign.functional.attention import attention_logit_max, causal_allowed, output_logit_stats
+from lightning_msign.functional.curvature import (
+    adam_preconditioner,
+    edge_of_stability,
+    hessian_matrix,
+    hessian_vector_product,
+    power_iteration,
+    sdpa_math_kernel,
+)
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
 from lightning_msign.functional.msign import BACKENDS, SignedBatch, msign, msign_restore, sign_and_restore
 from lightning_msign.functional.precision import as_compute, check_matrix, compute_dtype
@@ -25,6 +33,12 @@ from lightning_msign.functional.spectral import (
 )
 
 __all__ = [
+    "adam_preconditioner",
+    "edge_of_stability",
+    "hessian_matrix",
+    "hessian_vector_product",
+    "power_iteration",
+    "sdpa_math_kernel",
     "finite_matrices",
     "attention_logit_max",
     "causal_allowed",

@@ -1,9 +1,12 @@
 """Loop-agnostic guards: they decide when and on which matrices the math runs; no Trainer needed."""
 
 from lightning_msign.guards.base import Guard, TargetedGuard
+from lightning_msign.guards.curvature import Curvature
 from lightning_msign.guards.diagnostics import Diagnostics
 from lightning_msign.guards.msign import MSign, SignResult
 from lightning_msign.guards.pss import PSS, SmoothResult
 from lightning_msign.guards.stable_rank import StableRank
 
-__all__ = ["PSS", "Diagnostics", "Guard", "MSign", "SignResult", "SmoothResult", "StableRank", "TargetedGuard"]
+__all__ = [
+    "PSS", "Curvature", "Diagnostics", "Guard", "MSign", "SignResult", "SmoothResult", "StableRank", "TargetedGuard",
+]
