@@ -12,6 +12,8 @@ Runs the parts (one thread setting, ``torch.set_num_threads``, for all) and rend
 4. ``guards`` (:mod:`overhead_guards`): the guards' batched paths before/after, side by side: the monitor's
    per-target power iterations vs one batched call per shape; MSign's svd path with two extra
    decompositions for the logged stable ranks vs one SVD; ``MSign.apply()`` with ``log_stable_rank`` on/off.
+5. ``curvature`` (:mod:`overhead_curvature`): a ``Curvature`` measurement (warm 1 and 5 HVPs, cold 20) against a
+   training step, interleaved; the cost at ``every_n_steps`` 1, 10 and 100.
 
 Usage::
 
@@ -19,6 +21,7 @@ Usage::
     python benchmarks/overhead.py --quick              # smoke version (~1-2 min), for CI
     python benchmarks/overhead.py --device cuda        # on a GPU machine
     python benchmarks/overhead.py --threads 1 --only guards    # before/after of the guards (~2 min)
+    python benchmarks/overhead.py --threads 1 --only curvature # the curvature monitor's cost
     python benchmarks/overhead.py --threads 1 --skip-training --skip-backends --skip-guards \
         --out benchmarks/results/overhead_distributed.json   # the distributed part only (~30 s)
 
@@ -43,6 +46,7 @@ import common  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
 import torch
 from common import RESULTS_DIR, atomic_write, log, machine_description, machine_line, quiet_measured_code
 from overhead_backends import backend_verdicts, render_backends, run_backend_part
+from overhead_curvature import curvature_verdicts, render_curvature, run_curvature_part
 from overhead_distributed import distributed_verdicts, render_distributed, run_distributed_part
 from overhead_guards import guards_verdicts, render_guards, run_guards_part
 from overhead_profiles import profile_verdicts, render_profiles, run_profiles
@@ -77,6 +81,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         lines += render_distributed(s, res["distributed"])
     if res.get("guards"):
         lines += render_guards(s, res["guards"])
+    if res.get("curvature"):
+        lines += render_curvature(s, res["curvature"])
     lines += ["", "## Against the targets", ""] + [f"- {v}" for v in res["verdicts"]]
     return "\n".join(lines) + "\n"
 
@@ -87,6 +93,8 @@ def verdicts(res: dict[str, Any]) -> list[str]:
         out += training_verdicts(res["training"]) + profile_verdicts(res["training"])
     if res.get("guards"):
         out += guards_verdicts(res["guards"])
+    if res.get("curvature"):
+        out += curvature_verdicts(res["curvature"])
     if res.get("distributed"):
         out += distributed_verdicts(res["distributed"])
     if res.get("backends"):
@@ -118,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-guards", action="store_true", help="skip the guards before/after part")
     p.add_argument("--skip-backends", action="store_true", help="skip the backend micro-benchmark")
     p.add_argument("--skip-distributed", action="store_true", help="skip the 1-vs-2-process MSign timing")
+    p.add_argument("--skip-curvature", action="store_true", help="skip the curvature monitor's cost")
     return p
 
 
@@ -156,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         res["training"] = training
         res["part_times_s"]["training, apply and profile"] = time.perf_counter() - t0
     for name, run in (("backends", run_backend_part), ("distributed", run_distributed_part),
-                      ("guards", run_guards_part)):
+                      ("guards", run_guards_part), ("curvature", run_curvature_part)):
         if name in parts:
             t0 = time.perf_counter()
             res[name] = run(s)

@@ -16,7 +16,7 @@ MONITOR_TARGET = 0.01  # issue: StableRankMonitor every step costs <= 1%
 SPEEDUP_TARGET = 5.0  # issue: a fast backend >= 5x faster than svd
 PSS_IDLE_TARGET = 0.001  # issue: PSSCallback costs <= 0.1% on steps where it does not trigger
 PSS_PAPER_PROTECTION = 2.4  # PSS paper: one protection step ~2.4x a training step (a reference, not a target)
-PARTS = ("training", "backends", "distributed", "guards")
+PARTS = ("training", "backends", "distributed", "guards", "curvature")
 
 # The main job's recipe: the guards part measures its model.
 MAIN_RECIPE = ROOT / "recipes" / "shakespeare" / "msign.yaml"

@@ -53,3 +53,22 @@ def test_first_key_of_the_gradient_norm_panel_wins_and_missing_keys_are_none():
         assert summary[key] is None, key
     with pytest.raises(ValueError, match="`run` must be a Run"):
         summarize({"train/loss": ([0], [1.0])})
+
+
+def test_curvature_and_unlock_steps(tmp_path):
+    from lightning_msign.report import render_report
+
+    run = make_run(
+        train__loss=([0, 1, 2, 3, 4, 5], [5.0, 4.0, 3.0, 2.5, 2.4, 2.3]),
+        curvature__stability_ratio=([1, 3, 5], [0.2, 1.7, float("nan")]),
+        warmup__active_blocks=([0, 1, 2, 3, 4, 5], [2.0, 2.0, 3.0, 3.0, 4.0, 4.0]),
+        warmup__unlocked=([2, 4], [1.0, 1.0]),
+    )
+    summary = summarize(run)
+    assert summary["max_stability_ratio"] == 1.7 and summary["unlock_steps"] == [2, 4]
+    assert summarize(make_run(train__loss=([0], [1.0])))["unlock_steps"] is None
+    png_path, html_path = render_report([run], tmp_path / "out")
+    assert png_path.stat().st_size > 10_000
+    page = Path(html_path).read_text(encoding="utf-8")
+    for title in ("Curvature / edge of stability", "Active blocks", "block unlock steps"):
+        assert title in page

@@ -2,7 +2,8 @@
 
 Events, in the run's color on every panel: MSign applications as short ticks along the bottom
 edge, PSS triggers as triangles along the top edge, one lane per run; the first non-finite loss
-as a dashed vertical line. Each lane band gets room of its own below or above the data.
+as a dashed vertical line; blocks unlocked by architecture warm-up as dotted vertical lines. A
+panel's threshold (the curvature's edge of stability) is a dotted gray horizontal line. Each lane band gets room of its own below or above the data.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ def _draw(runs, labels, colors, summaries, panels, panel_titles, title) -> bytes
                         ms=6, color=color, clip_on=False)
             if summary["first_nonfinite_loss_step"] is not None:
                 ax.axvline(summary["first_nonfinite_loss_step"], color=color, ls="--", lw=1.4)
+            for step in summary.get("unlock_steps") or ():
+                ax.axvline(step, color=color, ls=":", lw=1.1)
+        if panel.reference is not None and (not log or panel.reference > 0):
+            ax.axhline(panel.reference, color="0.25", ls=(0, (1, 2)), lw=1.2)
+            lo, hi = ylim
+            ylim = (min(lo, panel.reference), max(hi, panel.reference))
         ax.set_ylim(ylim)
         if not log and bottom:  # no tick labels in the MSign lane below the data (a stable rank of -10)
             ax.set_yticks([t for t in ax.get_yticks() if data_lim[0] <= t <= ylim[1]])
@@ -96,6 +103,11 @@ def _draw(runs, labels, colors, summaries, panels, panel_titles, title) -> bytes
         handles.append(Line2D([], [], color=gray, marker="v", ls="none", ms=6, label="PSS trigger (top)"))
     if any(x["first_nonfinite_loss_step"] is not None for x in summaries):
         handles.append(Line2D([], [], color=gray, ls="--", lw=1.4, label="first non-finite loss"))
+    if any(x.get("unlock_steps") for x in summaries):
+        handles.append(Line2D([], [], color=gray, ls=":", lw=1.1, label="blocks unlocked (architecture warm-up)"))
+    for panel in panels:
+        if panel.reference is not None:
+            handles.append(Line2D([], [], color="0.25", ls=(0, (1, 2)), lw=1.2, label=panel.reference_label))
     secondary = sorted({p.secondary for p in panels if p.secondary and any(p.secondary in r for r in runs)})
     if secondary:
         handles.append(Line2D([], [], color=gray, ls="--", marker="o", mfc="white", ms=4, label=", ".join(secondary)))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_msign.metric_keys import SRANK_MIN, TRAIN_LOSS, VAL_LOSS
+from lightning_msign.metric_keys import CURV_STABILITY_RATIO, SRANK_MIN, TRAIN_LOSS, VAL_LOSS
 
 
 def _fmt(value: Any) -> str:
@@ -58,6 +58,8 @@ _SUMMARY_COLUMNS = (
     ("msign_applications", "MSign applications"),
     ("msign_steps", "MSign steps"),
     ("pss_trigger_steps", "PSS trigger steps"),
+    ("max_stability_ratio", f"max {CURV_STABILITY_RATIO}"),
+    ("unlock_steps", "block unlock steps"),
 )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lightning_msign.metric_keys import (
+    CURV_STABILITY_RATIO,
     DIAG_ATTN_LOGIT_MAX,
     DIAG_JACOBIAN_ALIGNMENT_MAX,
     DIAG_OUTPUT_LOGIT_MAX,
@@ -14,6 +15,7 @@ from lightning_msign.metric_keys import (
     SRANK_MIN,
     TRAIN_LOSS,
     VAL_LOSS,
+    WARMUP_ACTIVE_BLOCKS,
 )
 
 __all__ = ["PANELS", "Panel"]
@@ -30,6 +32,8 @@ class Panel:
         secondary: an optional second metric drawn dashed with circles in the same color.
         log: ``"positive"``: log scale when every finite value is positive; ``"spread"``: log scale
             when values are positive and span more than two decades; ``"never"``.
+        reference: an optional constant drawn as a dotted horizontal line (a threshold), labelled
+            ``reference_label`` in the legend.
     """
 
     title: str
@@ -37,6 +41,8 @@ class Panel:
     keys: tuple[str, ...]
     secondary: Optional[str] = None
     log: str = "never"
+    reference: Optional[float] = None
+    reference_label: str = ""
 
     @property
     def all_keys(self) -> tuple[str, ...]:
@@ -51,6 +57,15 @@ ATTN_LOGIT_PANEL = Panel(
     "Attention-logit max", "max logit", (DIAG_ATTN_LOGIT_MAX,), secondary=DIAG_OUTPUT_LOGIT_MAX, log="positive"
 )
 JACOBIAN_PANEL = Panel("Jacobian alignment", "max alignment", (DIAG_JACOBIAN_ALIGNMENT_MAX,))
+#: ``CurvatureMonitor``: the preconditioned curvature of the step over Adam's edge of stability (1 = the edge).
+CURVATURE_PANEL = Panel(
+    "Curvature / edge of stability", "stability ratio", (CURV_STABILITY_RATIO,), log="positive", reference=1.0,
+    reference_label="edge of stability (stability ratio 1)",
+)
+#: ``ArchitectureWarmup``: blocks computing (the others are the identity).
+WARMUP_PANEL = Panel("Active blocks", "active blocks", (WARMUP_ACTIVE_BLOCKS,))
 
 #: The panels in drawing order, top to bottom.
-PANELS: tuple[Panel, ...] = (LOSS_PANEL, GRAD_NORM_PANEL, SRANK_PANEL, ATTN_LOGIT_PANEL, JACOBIAN_PANEL)
+PANELS: tuple[Panel, ...] = (
+    LOSS_PANEL, GRAD_NORM_PANEL, SRANK_PANEL, ATTN_LOGIT_PANEL, JACOBIAN_PANEL, CURVATURE_PANEL, WARMUP_PANEL,
+)

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lightning_msign.metric_keys import (
+    CURV_STABILITY_RATIO,
     DIAG_ATTN_LOGIT_MAX,
     DIAG_JACOBIAN_ALIGNMENT_MAX,
     DIAG_OUTPUT_LOGIT_MAX,
@@ -15,16 +16,19 @@ from lightning_msign.metric_keys import (
     SRANK_MIN,
     TRAIN_LOSS,
     VAL_LOSS,
+    WARMUP_UNLOCKED,
 )
 from lightning_msign.report.panels import GRAD_NORM_PANEL
 from lightning_msign.report.runs import Run
 
-__all__ = ["LOSS_KEYS", "MSIGN_KEY", "PSS_KEY", "summarize"]
+__all__ = ["LOSS_KEYS", "MSIGN_KEY", "PSS_KEY", "UNLOCK_KEY", "summarize"]
 
 #: Logged at each MSign application: the steps of the report's bottom ticks.
 MSIGN_KEY = MSIGN_APPLICATIONS
 #: 1 at a PSS trigger: the steps of the report's top triangles.
 PSS_KEY = PSS_TRIGGERED
+#: Logged at each unlock of ArchitectureWarmup: the steps of the report's dotted vertical lines.
+UNLOCK_KEY = WARMUP_UNLOCKED
 #: The losses whose first non-finite value marks a divergence.
 LOSS_KEYS = (TRAIN_LOSS, VAL_LOSS)
 
@@ -41,8 +45,9 @@ def summarize(run: Run) -> dict[str, Any]:
         ``grad_norm_key`` and ``max_grad_norm``, ``max_attn_logit``, ``max_output_logit``,
         ``max_jacobian_alignment`` (finite values only), ``msign_applications`` (last logged count),
         ``msign_steps`` (steps at which ``msign/applications`` was logged), ``pss_trigger_steps``
-        (steps with ``pss/triggered == 1``), ``first_nonfinite_loss_step``. Entries are ``None`` when
-        the run did not log the key (``msign_steps`` and ``pss_trigger_steps`` too).
+        (steps with ``pss/triggered == 1``), ``first_nonfinite_loss_step``, ``max_stability_ratio``
+        (``curvature/stability_ratio``), ``unlock_steps`` (steps at which ``warmup/unlocked`` was logged).
+        Entries are ``None`` when the run did not log the key (the step lists too).
 
     Raises:
         ValueError: ``run`` is not a :class:`Run`.
@@ -64,6 +69,7 @@ def summarize(run: Run) -> dict[str, Any]:
     grad_key = run.first_key(GRAD_NORM_PANEL.keys)
     msign = run.series(MSIGN_KEY)
     pss = run.series(PSS_KEY)
+    unlocks = run.series(UNLOCK_KEY)
     nonfinite = []
     for key in LOSS_KEYS:
         s = run.series(key)
@@ -89,4 +95,6 @@ def summarize(run: Run) -> dict[str, Any]:
         "msign_steps": None if msign is None else [int(x) for x in msign[0]],
         "pss_trigger_steps": None if pss is None else [int(x) for x in pss[0][pss[1] == 1]],
         "first_nonfinite_loss_step": min(nonfinite) if nonfinite else None,
+        "max_stability_ratio": extreme(CURV_STABILITY_RATIO, np.max),
+        "unlock_steps": None if unlocks is None else [int(x) for x in unlocks[0]],
     }
