@@ -5,18 +5,26 @@ Public API:
 - Guards, usable in any loop (plain PyTorch, Fabric, Lightning): :class:`MSign` (periodic matrix-sign
   restoration of stable rank, arXiv 2602.01734), :class:`PSS` (gradient-spike-triggered smoothing of
   dominant singular values, arXiv 2602.01308), :class:`StableRank` (stable rank and gradient norm),
-  :class:`Diagnostics` (attention- and output-logit magnitudes, Jacobian alignment).
+  :class:`Diagnostics` (attention- and output-logit magnitudes, Jacobian alignment), :class:`DepthWarmup`
+  (architecture warm-up: part of the blocks first, the rest unlocked in groups, arXiv 2606.16768).
 - Lightning callbacks over them: :class:`MSignCallback`, :class:`PSSCallback`, :class:`StableRankMonitor`,
-  and :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment).
+  :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment), and
+  :class:`ArchitectureWarmup` (over :class:`DepthWarmup`).
 - :class:`LitGPTModule` and :class:`ShakespeareDataModule`: the embedded default model and corpus.
 - :mod:`lightning_msign.functional`: the math on plain tensors; :mod:`lightning_msign.targets` and
   :mod:`lightning_msign.layouts`: which matrices, and how fused weights split.
 """
 
 from lightning_msign import functional
-from lightning_msign.callbacks import DiagnosticsMonitor, MSignCallback, PSSCallback, StableRankMonitor
+from lightning_msign.callbacks import (
+    ArchitectureWarmup,
+    DiagnosticsMonitor,
+    MSignCallback,
+    PSSCallback,
+    StableRankMonitor,
+)
 from lightning_msign.data import ShakespeareDataModule
-from lightning_msign.guards import PSS, Diagnostics, MSign, StableRank
+from lightning_msign.guards import PSS, DepthWarmup, Diagnostics, MSign, StableRank
 from lightning_msign.layouts import Layout, parse_layout
 from lightning_msign.litgpt_module import LitGPTModule
 from lightning_msign.targets import TargetMatrix, resolve_targets
@@ -25,6 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PSS",
+    "ArchitectureWarmup",
+    "DepthWarmup",
     "Diagnostics",
     "DiagnosticsMonitor",
     "Layout",

@@ -66,8 +66,10 @@ DIAG_TIME_MS = "diag/time_ms"  # wall time of the diagnostics, in milliseconds
 
 # --------------------------------------------------------------------------- CurvatureMonitor
 CURV_SHARPNESS = "curvature/preconditioned_sharpness"  # lambda_max of P^-1/2 H P^-1/2 (Adam's preconditioner P)
-CURV_STABILITY_RATIO = "curvature/stability_ratio"  # lambda_max of D^1/2 H D^1/2 (D = lr / P) over (2 + 2 beta1) / (1 - beta1)
-CURV_THRESHOLD = "curvature/threshold"  # (2 + 2 beta1) / ((1 - beta1) lr): the edge for the sharpness (one LR, one beta1)
+# lambda_max of D^1/2 H D^1/2 (D = lr / P) over (2 + 2 beta1) / (1 - beta1):
+CURV_STABILITY_RATIO = "curvature/stability_ratio"
+# (2 + 2 beta1) / ((1 - beta1) lr): the edge for the sharpness (one LR, one beta1):
+CURV_THRESHOLD = "curvature/threshold"
 CURV_HVPS = "curvature/hvps"  # Hessian-vector products spent on this measurement
 CURV_RESIDUAL = "curvature/residual"  # ||A u - lambda u|| / |lambda| of the returned vector (0 at an exact eigenpair)
 CURV_COLD_START = "curvature/cold_start"  # 1.0 when this measurement started from a random vector, else 0.0

@@ -5,5 +5,16 @@ from lightning_msign.guards.diagnostics import Diagnostics
 from lightning_msign.guards.msign import MSign, SignResult
 from lightning_msign.guards.pss import PSS, SmoothResult
 from lightning_msign.guards.stable_rank import StableRank
+from lightning_msign.guards.warmup import DepthWarmup
 
-__all__ = ["PSS", "Diagnostics", "Guard", "MSign", "SignResult", "SmoothResult", "StableRank", "TargetedGuard"]
+__all__ = [
+    "PSS",
+    "DepthWarmup",
+    "Diagnostics",
+    "Guard",
+    "MSign",
+    "SignResult",
+    "SmoothResult",
+    "StableRank",
+    "TargetedGuard",
+]
