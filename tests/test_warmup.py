@@ -92,6 +92,20 @@ def test_inactive_litgpt_blocks_are_the_identity(order):
     assert calls == []
 
 
+
+def test_litgpt_moe_unlock_zeroes_every_expert_and_keeps_the_output():
+    torch.manual_seed(0)
+    config = dict(TINY_CONFIG, n_layer=2, mlp_class_name="LLaMAMoE", n_expert=2, n_expert_per_token=1,
+                  moe_intermediate_size=16, intermediate_size=16)
+    module = LitGPTModule(config, vocab_size=TINY_VOCAB, block_size=TINY_SEQ)
+    guard = DepthWarmup(module, start_fraction=0.5, groups=1, interval=1, start_step=0)
+    assert guard.blocks[1].output_projections == ("attn.proj", "mlp.experts.0.proj", "mlp.experts.1.proj")
+    x = ids()
+    with torch.no_grad():
+        before = module(x)
+        assert guard.step(1) == {WARMUP_UNLOCKED: 1.0, WARMUP_ACTIVE_BLOCKS: 2.0}
+        assert torch.equal(module(x), before)
+
 def test_inactive_hf_gpt2_and_llama_blocks_are_the_identity():
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
