@@ -24,8 +24,9 @@ from overhead_settings import Settings
 
 
 def run_curvature_part(s: Settings) -> dict[str, Any]:
-    from lightning_msign import Curvature
     from overhead_guards import build_model
+
+    from lightning_msign import Curvature
 
     module = build_model(s)
     module.train()
@@ -67,7 +68,8 @@ def run_curvature_part(s: Settings) -> dict[str, Any]:
     assert set(hvps["warm5"]) == {5.0} and set(hvps["cold"]) == {20.0} and set(hvps["warm1"]) == {1.0}
     step_ms = summary(times["step"])["median_ms"]
     backward = summary(times["forward+backward"])["median_ms"]
-    warm1, warm5 = summary(times["measure, warm (1 HVP)"])["median_ms"], summary(times["measure, warm (5 HVPs)"])["median_ms"]
+    warm1 = summary(times["measure, warm (1 HVP)"])["median_ms"]
+    warm5 = summary(times["measure, warm (5 HVPs)"])["median_ms"]
     per_hvp = (warm5 - warm1) / 4
     return {
         "model": s.guards_model.get("recipe", "quick model"),

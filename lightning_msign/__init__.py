@@ -6,10 +6,11 @@ Public API:
   restoration of stable rank, arXiv 2602.01734), :class:`PSS` (gradient-spike-triggered smoothing of
   dominant singular values, arXiv 2602.01308), :class:`StableRank` (stable rank and gradient norm),
   :class:`Diagnostics` (attention- and output-logit magnitudes, Jacobian alignment), :class:`Curvature` (Adam's
-  preconditioned sharpness and its edge of stability, arXiv 2606.16768).
+  preconditioned sharpness and its edge of stability, arXiv 2606.16768), :class:`DepthWarmup` (architecture
+  warm-up: part of the blocks first, the rest unlocked in groups, arXiv 2606.16768).
 - Lightning callbacks over them: :class:`MSignCallback`, :class:`PSSCallback`, :class:`StableRankMonitor`,
-  :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment) and
-  :class:`CurvatureMonitor`.
+  :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment),
+  :class:`CurvatureMonitor` and :class:`ArchitectureWarmup`.
 - :class:`LitGPTModule` and :class:`ShakespeareDataModule`: the embedded default model and corpus.
 - :mod:`lightning_msign.functional`: the math on plain tensors; :mod:`lightning_msign.targets` and
   :mod:`lightning_msign.layouts`: which matrices, and how fused weights split.
@@ -17,6 +18,7 @@ Public API:
 
 from lightning_msign import functional
 from lightning_msign.callbacks import (
+    ArchitectureWarmup,
     CurvatureMonitor,
     DiagnosticsMonitor,
     MSignCallback,
@@ -24,7 +26,7 @@ from lightning_msign.callbacks import (
     StableRankMonitor,
 )
 from lightning_msign.data import ShakespeareDataModule
-from lightning_msign.guards import PSS, Curvature, Diagnostics, MSign, StableRank
+from lightning_msign.guards import PSS, Curvature, DepthWarmup, Diagnostics, MSign, StableRank
 from lightning_msign.layouts import Layout, parse_layout
 from lightning_msign.litgpt_module import LitGPTModule
 from lightning_msign.targets import TargetMatrix, resolve_targets
@@ -33,8 +35,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PSS",
+    "ArchitectureWarmup",
     "Curvature",
     "CurvatureMonitor",
+    "DepthWarmup",
     "Diagnostics",
     "DiagnosticsMonitor",
     "Layout",

@@ -6,7 +6,17 @@ from lightning_msign.guards.diagnostics import Diagnostics
 from lightning_msign.guards.msign import MSign, SignResult
 from lightning_msign.guards.pss import PSS, SmoothResult
 from lightning_msign.guards.stable_rank import StableRank
+from lightning_msign.guards.warmup import DepthWarmup
 
 __all__ = [
-    "PSS", "Curvature", "Diagnostics", "Guard", "MSign", "SignResult", "SmoothResult", "StableRank", "TargetedGuard",
+    "PSS",
+    "Curvature",
+    "DepthWarmup",
+    "Diagnostics",
+    "Guard",
+    "MSign",
+    "SignResult",
+    "SmoothResult",
+    "StableRank",
+    "TargetedGuard",
 ]

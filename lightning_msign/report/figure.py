@@ -3,7 +3,8 @@
 Events, in the run's color on every panel: MSign applications as short ticks along the bottom
 edge, PSS triggers as triangles along the top edge, one lane per run; the first non-finite loss
 as a dashed vertical line; blocks unlocked by architecture warm-up as dotted vertical lines. A
-panel's threshold (the curvature's edge of stability) is a dotted gray horizontal line. Each lane band gets room of its own below or above the data.
+panel's threshold (the curvature's edge of stability) is a dotted gray horizontal line. Each lane band
+gets room of its own below or above the data.
 """
 
 from __future__ import annotations

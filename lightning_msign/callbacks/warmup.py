@@ -1,0 +1,152 @@
+"""ArchitectureWarmup: the Lightning adapter of :class:`~lightning_msign.guards.warmup.DepthWarmup`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from typing_extensions import override
+
+from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
+from lightning_msign.guards.warmup import DepthWarmup, WarmupOrder
+
+
+def stability_ratio_source(trainer: pl.Trainer) -> Optional[Callback]:
+    """The first callback of the Trainer whose guard exposes ``latest_stability_ratio`` (a curvature monitor)."""
+    return next((cb for cb in trainer.callbacks if hasattr(getattr(cb, "guard", None), "latest_stability_ratio")), None)
+
+
+class ArchitectureWarmup(GuardCallback):
+    r"""Start training with part of the transformer's blocks and unlock the rest in groups (arXiv 2606.16768).
+
+    The math, the arguments and the metrics are those of :class:`~lightning_msign.guards.warmup.DepthWarmup`
+    (read its docstring): inactive blocks compute the exact identity and get no update; each group is
+    unlocked with zeroed output projections, so the model's output does not change at the unlock and the
+    new blocks train from the next step.
+
+    Hooks: the guard is attached at ``setup`` and ``on_fit_start`` (the identity forward is on the
+    inactive blocks before the first forward); ``on_before_optimizer_step`` drops the inactive blocks'
+    gradients (no update, no weight decay, no Adam state); ``on_train_batch_end`` advances the schedule
+    once per optimizer step (``trainer.global_step``: right under gradient accumulation and on resume) and
+    writes the metrics to the Trainer's loggers at the step index of that batch's ``train/loss``.
+
+    ``start_step=None`` unlocks the first group at the end of the learning-rate warm-up: the
+    LightningModule's int attribute ``warmup_steps`` (:class:`~lightning_msign.LitGPTModule` has it).
+    With ``curvature_margin``, the stability ratio is the ``guard.latest_stability_ratio`` of the curvature
+    monitor among the Trainer's callbacks (the latest measurement; under DDP rank zero's value decides).
+
+    Strategies: single device; DDP only with ``find_unused_parameters=True``
+    (``strategy="ddp_find_unused_parameters_true"``), since the inactive blocks' parameters are unused.
+    ``ModelParallelStrategy`` (FSDP2) is refused: the warm-up has not been tested under it. FSDP1 and
+    DeepSpeed are refused as by every callback of the package.
+
+    Raises:
+        ValueError: at construction, for any bad argument; at ``setup``, when ``start_step`` is None and the
+            module has no int ``warmup_steps``, when ``curvature_margin`` is set and no curvature monitor is
+            among the callbacks, under DDP without ``find_unused_parameters=True``, or when the model cannot
+            be handled (see :class:`~lightning_msign.guards.warmup.DepthWarmup`).
+        NotImplementedError: at ``setup``, for ``ModelParallelStrategy`` (FSDP2), FSDP1 and DeepSpeed.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_msign import ArchitectureWarmup
+
+        trainer = Trainer(callbacks=[ArchitectureWarmup(start_fraction=0.5, groups=4, interval=500)])
+    """
+
+    guard: DepthWarmup
+
+    def __init__(
+        self,
+        start_fraction: float = 0.5,
+        groups: int = 4,
+        interval: int = 500,
+        start_step: Optional[int] = None,
+        order: WarmupOrder = "stack",
+        blocks_attr: Optional[str] = None,
+        output_projections: Optional[list[str]] = None,
+        curvature_margin: Optional[float] = None,
+        max_defer_steps: Optional[int] = None,
+    ) -> None:
+        super().__init__(DepthWarmup(
+            None, start_fraction, groups, interval, start_step, order, blocks_attr, output_projections,
+            curvature_margin, max_defer_steps,
+        ))
+        self.start_step = start_step
+        self._source: Optional[Callback] = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        g = self.guard
+        return self._generate_state_key(
+            start_fraction=g.start_fraction, groups=g.groups, interval=g.interval, order=g.order
+        )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._check_strategy(trainer)
+        if self.start_step is None:
+            warmup_steps = getattr(pl_module, "warmup_steps", None)
+            if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+                raise ValueError(
+                    f"ArchitectureWarmup(start_step=None) unlocks at the end of the LR warm-up, read from the"
+                    f" module's int attribute `warmup_steps`, but {type(pl_module).__name__} has"
+                    f" warmup_steps={warmup_steps!r}: pass `start_step`"
+                )
+            self.guard.start_step = warmup_steps
+        if self.guard.curvature_margin is not None:
+            self._source = stability_ratio_source(trainer)
+            if self._source is None:
+                raise ValueError(
+                    f"ArchitectureWarmup(curvature_margin={self.guard.curvature_margin!r}) needs a CurvatureMonitor"
+                    " among the Trainer's callbacks (a callback whose guard has `latest_stability_ratio`): add"
+                    " one, or set curvature_margin=None"
+                )
+        super().setup(trainer, pl_module, stage)
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        strategy = trainer.strategy
+        names = {cls.__name__ for cls in type(strategy).__mro__}
+        if "ModelParallelStrategy" in names:
+            raise NotImplementedError(
+                "ArchitectureWarmup does not support ModelParallelStrategy (FSDP2): skipping fully_shard-ed blocks"
+                " has not been tested here. Use one device or DDP with"
+                " strategy='ddp_find_unused_parameters_true'."
+            )
+        if isinstance(strategy, DDPStrategy) and trainer.world_size > 1:
+            kwargs = getattr(strategy, "_ddp_kwargs", {}) or {}
+            if not kwargs.get("find_unused_parameters", False):
+                raise ValueError(
+                    f"ArchitectureWarmup under DDP needs find_unused_parameters=True (the inactive blocks' parameters"
+                    f" get no gradient), got {type(strategy).__name__} with"
+                    f" find_unused_parameters={kwargs.get('find_unused_parameters', False)!r}: use"
+                    " strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true', or"
+                    " DDPStrategy(find_unused_parameters=True))"
+                )
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.guard.clear_inactive_grads()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        ratio = None
+        if self._source is not None and step > self.guard.last_step and self.guard.unlock_due(step):
+            ratio = self._source.guard.latest_stability_ratio  # type: ignore[attr-defined]
+            if trainer.world_size > 1:  # one decision on every rank
+                ratio = trainer.strategy.broadcast(ratio, src=0)
+        metrics = self.guard.step(step, stability_ratio=ratio)
+        if metrics:
+            log_to_loggers(trainer, metrics, step=step - 1)
