@@ -384,3 +384,26 @@ def test_resume_is_exact(tmp_path):
     for a, b in zip(monitor.guard.state_dict()["vectors"]["stability"],
                     ref_monitor.guard.state_dict()["vectors"]["stability"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("margin", [1e9, 1e-9])
+def test_curvature_gates_architecture_warmup(tmp_path, margin):
+    """A real CurvatureMonitor feeds ArchitectureWarmup: an unlock waits while the ratio is above the margin;
+    inactive blocks are not measured, and an unlock changes the measured set (a cold start)."""
+    from lightning_msign import ArchitectureWarmup
+
+    seed_everything(0)
+    logger = RecordingLogger()
+    monitor = CurvatureMonitor(every_n_steps=1, iterations=2, cold_iterations=3)
+    warmup = ArchitectureWarmup(start_fraction=0.5, groups=1, interval=1, start_step=2, curvature_margin=margin,
+                                max_defer_steps=3)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=7, logger=logger, callbacks=[monitor, warmup]))
+    module = tiny_module()
+    n_blocks = len(module.model.transformer.h)
+    trainer.fit(module, tiny_data())
+    records = _curvature_records(logger)
+    unlock_step = 2 if margin > 1 else 2 + 3  # deferred to the limit: every ratio is above 1e-9
+    assert warmup.guard.unlock_steps == (unlock_step,)
+    assert warmup.guard.active_blocks == tuple(range(n_blocks))
+    cold = [s + 1 for s, m in sorted(records.items()) if m[K.CURV_COLD_START] == 1.0]
+    assert cold == [1, unlock_step + 1]  # the first measurement, and the first after the unlock
