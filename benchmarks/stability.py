@@ -24,8 +24,15 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``qk_cap_p10``          control: the same norm cap every 10 steps *without* the sign (benchmark-only callback)
 ``qk_norm``             LitGPT ``norm_qk=True`` (the known fix)
 ``z_loss``              ``LitGPTModule(z_loss=1e-4)`` (the known output-logit fix)
+``arch_warmup``         ``ArchitectureWarmup(start_fraction=0.5, groups=4)``: half the blocks (the bottom ones) from
+                        the start, the rest unlocked in 4 groups from the end of the LR warm-up, one every
+                        ``steps // 10`` steps (the paper's half depth and 4 groups, its 500-step interval scaled)
+``arch_warmup_curv``    the same, an unlock waiting while ``curvature/stability_ratio`` >= 1 (at most ``steps // 5``
+                        steps past its due step); needs ``--curvature-every``
 
-Every run also has ``StableRankMonitor`` (attention, every ``--diag-every`` steps) and, when available,
+With ``--curvature-every N`` every run also has ``CurvatureMonitor(every_n_steps=N)`` (Adam's preconditioned
+sharpness against its edge of stability; the curvature table gives its maximum and the first step at or above
+the edge). Every run also has ``StableRankMonitor`` (attention, every ``--diag-every`` steps) and, when available,
 ``DiagnosticsMonitor`` (attention-logit and output-logit magnitude), logging to a CSVLogger under
 ``--out/runs/<cell>``. A run *diverges* at the first step whose training loss is NaN/Inf, or whose mean
 training loss over the last ``--diverge-window`` steps (default 50) is above ``--diverge-loss`` (default:
@@ -87,6 +94,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "qk_cap_p10": {"cap": {"period": 10, "targets": "qk"}},
     "qk_norm": {"model": {"norm_qk": True}},
     "z_loss": {"module": {"z_loss": 1e-4}},
+    "arch_warmup": {"warmup": {"start_fraction": 0.5, "groups": 4}},
+    "arch_warmup_curv": {"warmup": {"start_fraction": 0.5, "groups": 4, "curvature_margin": 1.0}},
 }
 
 # The full sweep's methods: the list, MSign at P=100 (SVD) and at P=10 (polar express). `pss_early` is
@@ -178,6 +187,19 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks.append(MSignCallback(**method["msign"]))
     if "cap" in method:
         callbacks.append(_norm_cap_callback(**method["cap"]))
+    if spec.get("curvature_every"):  # before the warm-up, which reads its latest ratio
+        from lightning_msign import CurvatureMonitor
+
+        callbacks.append(CurvatureMonitor(every_n_steps=spec["curvature_every"]))
+    if "warmup" in method:
+        from lightning_msign import ArchitectureWarmup
+
+        options = dict(method["warmup"])
+        if "curvature_margin" in options:
+            if not spec.get("curvature_every"):
+                raise SystemExit(f"method {spec['method']} needs --curvature-every")
+            options["max_defer_steps"] = max(1, spec["steps"] // 5)
+        callbacks.append(ArchitectureWarmup(interval=max(1, spec["steps"] // 10), **options))
     callbacks.append(StableRankMonitor(targets="attention", every_n_steps=spec["diag_every"], log_grad_norm=True,
                                        log_norms=spec.get("log_norms", False)))
     try:
@@ -211,6 +233,8 @@ def summarize_logs(cell: dict[str, Any]) -> dict[str, Any]:
 
     path = Path(cell["log_dir"]) / "metrics.csv"
     out = {"min_srank": None, "max_attn_logit": None, "max_output_logit": None, "final_train_loss": None}
+    ratios: list[tuple[int, float]] = []  # (step, curvature/stability_ratio)
+    unlocks: list[int] = []
     if not path.exists():
         return out
     srank, attn, outl, train = [], [], [], []
@@ -221,6 +245,10 @@ def summarize_logs(cell: dict[str, Any]) -> dict[str, Any]:
                      if k.startswith("fro_norm/") and k.endswith((".q", ".k")) and v not in (None, "")]
             if norms:
                 qk_fro.append(max(norms))
+            if row.get("curvature/stability_ratio") not in (None, ""):
+                ratios.append((int(row["step"]), float(row["curvature/stability_ratio"])))
+            if row.get("warmup/unlocked") not in (None, ""):
+                unlocks.append(int(row["step"]) + 1)
             for key, acc in (("srank/min", srank), ("diag/attn_logit_max", attn), ("diag/output_logit_max", outl),
                              ("train/loss", train)):
                 value = row.get(key)
@@ -233,6 +261,15 @@ def summarize_logs(cell: dict[str, Any]) -> dict[str, Any]:
     out["final_train_loss"] = sum(finite[-20:]) / len(finite[-20:]) if finite else None
     if qk_fro:
         out["qk_fro_norm_first"], out["qk_fro_norm_max"] = qk_fro[0], max(qk_fro)
+    finite_ratios = [(s, r) for s, r in ratios if math.isfinite(r)]
+    if ratios:
+        out["max_stability_ratio"] = max(r for _, r in finite_ratios) if finite_ratios else None
+        # optimizer steps (1-based): a measurement after step t is logged at row t - 1
+        out["first_edge_step"] = next((s + 1 for s, r in finite_ratios if r >= 1.0), None)
+        out["stability_ratio_median"] = sorted(r for _, r in finite_ratios)[len(finite_ratios) // 2] \
+            if finite_ratios else None
+    if unlocks:
+        out["unlock_steps"] = unlocks
     return out
 
 
@@ -334,6 +371,18 @@ def render(res: dict[str, Any]) -> str:
             f"| {f(c['max_attn_logit'], '.3g')} | {f(c['max_output_logit'], '.3g')} | {f(c['max_grad_norm'], '.3g')} "
             f"| {c['wall_s']:.0f} |"
         )
+    if any("max_stability_ratio" in c for c in res["cells"]):
+        lines += ["", "## Curvature (CurvatureMonitor): stability ratio = lambda_max(D^1/2 H D^1/2) / 38, 1 = the edge",
+                  "", "| method | lr | seed | median ratio | max ratio | first step >= 1 | max attn logit "
+                  "| diverged at | blocks unlocked at |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for c in res["cells"]:
+            if "max_stability_ratio" in c:
+                lines.append(
+                    f"| {c['method']} | {c['lr']:g} | {c['seed']} | {f(c.get('stability_ratio_median'), '.3g')} "
+                    f"| {f(c['max_stability_ratio'], '.3g')} | {c['first_edge_step'] if c['first_edge_step'] else '-'} "
+                    f"| {f(c['max_attn_logit'], '.3g')} "
+                    f"| {c['diverged_step'] if c['diverged_step'] is not None else '-'} "
+                    f"| {', '.join(map(str, c.get('unlock_steps', []))) or '-'} |")
     if any("qk_fro_norm_max" in c for c in res["cells"]):
         lines += ["", "## Q and K weight norms (largest Frobenius norm of a Q or K block)", "",
                   "| method | lr | seed | at the first log | max | growth |", "|---|---:|---:|---:|---:|---:|"]
@@ -424,8 +473,10 @@ def machine_line() -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny model, 2 LRs, 2 methods, 40 steps")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3])
-    parser.add_argument("--methods", nargs="+", default=SWEEP_METHODS, choices=list(METHODS))
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="peak learning rates (default 0.003 0.01 0.03 0.1 0.3; --quick: 0.003 0.1)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                        help="methods (default: the sweep's, SWEEP_METHODS; --quick: baseline and msign_attn_p10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
@@ -442,6 +493,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--stable-margin", type=float, default=0.1, help="'stable': final loss within this of the best")
     parser.add_argument("--diag-every", type=int, default=25)
     parser.add_argument("--jacobian", action="store_true", help="also log Jacobian alignment (costly)")
+    parser.add_argument("--curvature-every", type=int, default=0,
+                        help="add CurvatureMonitor(every_n_steps=N) to every cell (0: none; each measurement costs "
+                        "about ten training steps, benchmarks/overhead.py --only curvature)")
     parser.add_argument("--log-norms", action="store_true",
                         help="also log Frobenius / spectral norms of the attention matrices (table: Q/K norm growth)")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, one process and thread each")
@@ -459,10 +513,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     if args.quick:
-        args.lrs, args.methods, args.seeds = [0.003, 0.1], ["baseline", "msign_attn_p10"], [0]
+        args.lrs, args.seeds = args.lrs or [0.003, 0.1], [0]
+        args.methods = args.methods or ["baseline", "msign_attn_p10"]
         args.steps, args.warmup, args.batch_size, args.seq_len, args.diag_every = 40, 5, 8, 64, 10
         args.diverge_window = 10
         args.model = args.model or MODEL_QUICK
+    args.methods = args.methods or SWEEP_METHODS
+    args.lrs = args.lrs or [0.003, 0.01, 0.03, 0.1, 0.3]
     out = args.out or (RESULTS.parent / "stability_quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": args.model or MODEL_12x64, "steps": args.steps, "warmup": args.warmup,
@@ -486,6 +543,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     specs[-1]["module"] = args.module
                 if args.log_norms:
                     specs[-1]["log_norms"] = True
+                if args.curvature_every:
+                    specs[-1]["curvature_every"] = args.curvature_every
 
     cell_dir = out / "cells"
     cell_dir.mkdir(exist_ok=True)

@@ -25,9 +25,14 @@ def test_overhead_quick_runs_and_writes_results(tmp_path):
     result = json.loads(out.read_text())
     assert result and out.with_suffix(".md").read_text().startswith("# lightning_msign overhead benchmark")
     assert "MSign P=100, backend svd" in proc.stdout and "svd_time / time" in proc.stdout
-    assert result["parts"] == ["training", "backends", "distributed", "guards"]
-    assert {"training", "backends", "distributed", "guards"} <= set(result)
+    assert result["parts"] == ["training", "backends", "distributed", "guards", "curvature"]
+    assert {"training", "backends", "distributed", "guards", "curvature"} <= set(result)
     assert "## 4. Guards: batched paths, before vs after" in proc.stdout
+    curvature = result["curvature"]
+    assert set(curvature["arms"]) == {"step", "forward+backward", "measure, warm (1 HVP)", "measure, warm (5 HVPs)",
+                                      "measure, cold (20 HVPs)"}
+    assert curvature["per_hvp_ms"] > 0 and curvature["every_n"]["1"] > curvature["every_n"]["10"] > 1
+    assert "## Curvature monitor" in proc.stdout
 
 
 def test_overhead_guards_part_measures_before_and_after(tmp_path):
@@ -94,6 +99,26 @@ def test_stability_quick_runs_and_writes_results(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count(": reused ") == 4
     assert json.loads((tmp_path / "stab" / "stability.json").read_text())["analysis"] == result["analysis"]
+
+
+def test_stability_with_curvature_and_architecture_warmup(tmp_path):
+    """The curvature series and both warm-up methods run in the benchmark's own cells and reach its tables."""
+    env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--quick", "--lrs", "0.1", "--methods",
+         "arch_warmup", "arch_warmup_curv", "--curvature-every", "5", "--out", str(tmp_path / "stab")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cells = {c["method"]: c for c in json.loads((tmp_path / "stab" / "stability.json").read_text())["cells"]}
+    assert set(cells) == {"arch_warmup", "arch_warmup_curv"}
+    for cell in cells.values():
+        assert cell["max_stability_ratio"] > 0 and cell["steps_done"] == 40
+    # 2 blocks: 1 active, 1 unlocked at the end of the LR warm-up (step 5) unless the curvature holds it back.
+    assert cells["arch_warmup"]["unlock_steps"] == [5]
+    assert len(cells["arch_warmup_curv"]["unlock_steps"]) == 1 and 5 <= cells["arch_warmup_curv"]["unlock_steps"][0]
+    md = (tmp_path / "stab" / "stability.md").read_text()
+    assert "## Curvature (CurvatureMonitor)" in md and "| arch_warmup_curv | 0.1 | 0 |" in md
 
 
 @pytest.mark.slow

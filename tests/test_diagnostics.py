@@ -450,3 +450,21 @@ def test_state_is_saved_and_restored():
     assert DiagnosticsMonitor(every_n_steps=5).state_key != DiagnosticsMonitor(every_n_steps=6).state_key
     with pytest.raises(RuntimeError, match="attach"):  # a forgotten attach() is noticed at once
         DiagnosticsMonitor().guard.step(torch.zeros(1, 4, dtype=torch.long), step=1)
+
+
+def test_blocks_held_inactive_by_architecture_warmup_are_skipped():
+    """A decoder under DepthWarmup: inactive blocks (the identity) report no attention logit and no Jacobian;
+    the active ones report what they report without the warm-up's blocks."""
+    from lightning_msign import DepthWarmup
+    from lightning_msign.metric_keys import DIAG_ATTN_LOGIT_MAX, DIAG_ATTN_LOGIT_MAX_PREFIX, DIAG_JACOBIAN_NORM_PREFIX
+
+    torch.manual_seed(0)
+    module = tiny_module()
+    n = len(module.model.transformer.h)
+    DepthWarmup(module, start_fraction=0.5, groups=1, interval=1, start_step=5)
+    ids = torch.randint(0, TINY_VOCAB, (2, 16))
+    metrics = Diagnostics(module, every_n_steps=1, jacobian=True, jacobian_iters=3).compute(ids)
+    active = [i for i in range(n) if f"{DIAG_ATTN_LOGIT_MAX_PREFIX}{i}" in metrics]
+    assert active == list(range((n + 1) // 2))
+    assert [i for i in range(n) if f"{DIAG_JACOBIAN_NORM_PREFIX}{i}" in metrics] == active
+    assert metrics[DIAG_ATTN_LOGIT_MAX] == max(metrics[f"{DIAG_ATTN_LOGIT_MAX_PREFIX}{i}"] for i in active)

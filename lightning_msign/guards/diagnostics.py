@@ -19,6 +19,7 @@ from lightning_msign._validation import (
 from lightning_msign.functional.attention import output_logit_stats
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
 from lightning_msign.guards.base import Guard
+from lightning_msign.guards.warmup import is_inactive
 from lightning_msign.metric_keys import (
     DIAG_ATTN_LOGIT_MAX,
     DIAG_ATTN_LOGIT_MAX_PREFIX,
@@ -246,9 +247,10 @@ class Diagnostics(Guard):
                 with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
                     output, block_inputs, logit_max = self._forward(decoder, ids)
                     if self.attention_logits:
-                        for i, value in enumerate(logit_max):
+                        ran = [(i, value) for i, value in enumerate(logit_max) if value is not None]
+                        for i, value in ran:
                             metrics[f"{DIAG_ATTN_LOGIT_MAX_PREFIX}{i}"] = value
-                        metrics[DIAG_ATTN_LOGIT_MAX] = torch.stack(logit_max).max()
+                        metrics[DIAG_ATTN_LOGIT_MAX] = torch.stack([value for _, value in ran]).max()
                     if self.output_logits:
                         z_max, z_rms = output_logit_stats(output_logits(output))
                         metrics[DIAG_OUTPUT_LOGIT_MAX], metrics[DIAG_OUTPUT_LOGIT_RMS] = z_max, z_rms
@@ -288,25 +290,31 @@ class Diagnostics(Guard):
         finally:
             for handle in handles:
                 handle.remove()
-        if self.jacobian and any(entry is None for entry in block_inputs):
+        # Blocks held inactive by an architecture warm-up compute the identity: no attention, no Jacobian.
+        active = [not is_inactive(block) for block in blocks]
+        if self.jacobian and any(entry is None for entry, on in zip(block_inputs, active) if on):
             raise RuntimeError(f"Diagnostics: the model's forward did not call every block of `{decoder.blocks_path}`")
-        if any(p.value is None for p in probes):
+        if any(p.value is None for p, on in zip(probes, active) if on):
             raise RuntimeError("Diagnostics: the model's forward did not call every block's attention")
-        return output, block_inputs, [p.value for p in probes]  # type: ignore[misc]
+        return output, block_inputs, [p.value if on else None for p, on in zip(probes, active)]  # type: ignore[misc]
 
     def _jacobians(self, blocks: list[nn.Module], block_inputs: list[tuple[tuple, dict]]) -> dict[str, Tensor]:
         metrics: dict[str, Tensor] = {}
         alignments: list[Tensor] = []
         previous_u: Optional[Tensor] = None
-        for i, (block, (args, kwargs)) in enumerate(zip(blocks, block_inputs)):
+        previous = -1
+        for i, (block, inputs) in enumerate(zip(blocks, block_inputs)):
+            if is_inactive(block):  # the identity of an architecture warm-up: adjacent active blocks are paired
+                continue
+            args, kwargs = inputs
             x = args[0] if args else kwargs["hidden_states"]
             f = partial(_call_block, block, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
             sigma, u, v = jacobian_top_singular(f, x, num_iters=self.jacobian_iters, seed=self.seed + i)
             metrics[f"{DIAG_JACOBIAN_NORM_PREFIX}{i}"] = sigma
-            if previous_u is not None:
+            if previous_u is not None:  # labelled by the first block of the pair
                 alignments.append(jacobian_alignment(previous_u, v))
-                metrics[f"{DIAG_JACOBIAN_ALIGNMENT_PREFIX}{i - 1}"] = alignments[-1]
-            previous_u = u
+                metrics[f"{DIAG_JACOBIAN_ALIGNMENT_PREFIX}{previous}"] = alignments[-1]
+            previous_u, previous = u, i
         if alignments:
             metrics[DIAG_JACOBIAN_ALIGNMENT_MAX] = torch.stack(alignments).max()
         return metrics

@@ -81,6 +81,11 @@ class InactiveForward:
         return len(out) if isinstance(out, (tuple, list)) else 0
 
 
+def is_inactive(block: nn.Module) -> bool:
+    """Whether ``block`` is held inactive (the identity, no compute) by a :class:`DepthWarmup`."""
+    return isinstance(block.__dict__.get("forward"), InactiveForward)
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """One block as the warm-up sees it.
