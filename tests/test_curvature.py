@@ -407,3 +407,34 @@ def test_curvature_gates_architecture_warmup(tmp_path, margin):
     assert warmup.guard.active_blocks == tuple(range(n_blocks))
     cold = [s + 1 for s, m in sorted(records.items()) if m[K.CURV_COLD_START] == 1.0]
     assert cold == [1, unlock_step + 1]  # the first measurement, and the first after the unlock
+
+
+def test_monitor_under_lightning_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
+    """A real 2-process ``strategy="ddp"`` run: both processes log the same estimate, the one a single process
+    computes from the same weights and optimizer state on the two processes' batches concatenated."""
+    import os
+    import subprocess
+    import sys
+
+    job = Path(__file__).resolve().parent / "curvature_ddp_job.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, str(job), "--out", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    untimed = lambda m: {k: v for k, v in m.items() if k != K.CURV_TIME_MS}  # noqa: E731
+    assert untimed(r0["latest"]) == untimed(r1["latest"]) and r0["latest"][K.CURV_COLD_START] == 1.0
+    for a, b in zip(r0["state"]["vectors"]["stability"], r1["state"]["vectors"]["stability"]):
+        assert torch.equal(a, b)
+    module = tiny_module()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(r0["params"][name])
+    optimizer = torch.optim.AdamW(module.param_groups(), betas=module.betas, eps=module.eps)
+    optimizer.load_state_dict(r0["optimizer"])
+    batch = {k: torch.cat([r0["batch"][k], r1["batch"][k]]) for k in r0["batch"]}
+    assert not torch.equal(r0["batch"]["input_ids"], r1["batch"]["input_ids"])  # the processes had their own data
+    single = Curvature(module, optimizer, iterations=3, cold_iterations=8).compute(lambda: module.curvature_loss(batch))
+    for key in (K.CURV_STABILITY_RATIO, K.CURV_SHARPNESS, K.CURV_THRESHOLD):
+        assert r0["latest"][key] == pytest.approx(single[key], rel=1e-5)
