@@ -12,7 +12,6 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_msign._validation import check_non_negative_int, check_positive_int
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
 from lightning_msign.guards.curvature import Curvature
 from lightning_msign.targets import TargetsArg
@@ -84,9 +83,8 @@ class CurvatureMonitor(GuardCallback):
         seed: int = 0,
     ) -> None:
         super().__init__(Curvature(
-            None, None, every_n_steps=check_positive_int(every_n_steps, "every_n_steps"), iterations=iterations,
-            cold_iterations=cold_iterations, targets=targets, max_gap=max_gap,
-            seed=check_non_negative_int(seed, "seed"),
+            None, None, every_n_steps=every_n_steps, iterations=iterations, cold_iterations=cold_iterations,
+            targets=targets, max_gap=max_gap, seed=seed,
         ))
         self.loss_fn = loss_fn
         self._loss_fn = None if loss_fn is None else import_function(loss_fn, "loss_fn")
