@@ -100,7 +100,8 @@ def render_curvature(s: dict[str, Any], cv: dict[str, Any]) -> list[str]:
         "## Curvature monitor",
         "",
         f"Model: {cv['model']} ({cv['parameters']:,} parameters), batch {cv['batch'][0]} x {cv['batch'][1]}, "
-        f"{cv['repeats']} interleaved rounds (medians, interquartile ranges; the cold start in 2 rounds of its own with a step).",
+        f"{cv['repeats']} interleaved rounds (medians, interquartile ranges; the cold start in 2 rounds of its own"
+        " with a training step).",
         "",
         "| arm | time | / training step |",
         "|---|---|---|",
