@@ -7,7 +7,8 @@ On the main job's model (the LitGPT of ``recipes/shakespeare/msign.yaml``; ``--q
 - ``step``: one training step (forward, backward, ``AdamW.step``): the unit;
 - ``forward+backward``: the same without the optimizer (to express a Hessian-vector product in backward passes);
 - ``measure, warm (k HVPs)``: ``Curvature.compute()`` warm-started from the previous round's vector, for
-  ``k = 1`` and ``k = 5`` (the default ``iterations``); their difference over 4 is one HVP's marginal cost;
+  ``k = 1`` (power iteration: Lanczos needs 2) and ``k = 5`` (the default: Lanczos); their difference over 4 is
+  one HVP's marginal cost (Lanczos's reorthogonalisation included);
 - ``measure, cold (20 HVPs)``: a fresh guard (a cold start, the default ``cold_iterations``), in two rounds of
   its own with a training step each (it costs four warm measurements).
 
@@ -50,7 +51,8 @@ def run_curvature_part(s: Settings) -> dict[str, Any]:
         loss_fn().backward()
 
     train_step()  # Adam state exists from here on
-    warm = {k: Curvature(module, optimizer, iterations=k, cold_iterations=20) for k in (1, 5)}
+    warm = {k: Curvature(module, optimizer, iterations=k, cold_iterations=20, method="power" if k == 1 else "lanczos")
+            for k in (1, 5)}
     for guard in warm.values():
         guard.compute(loss_fn)  # the cold start, untimed: the rounds are warm
     hvps: dict[str, list[float]] = {}

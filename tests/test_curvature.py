@@ -22,6 +22,7 @@ from lightning_msign.functional.curvature import (
     edge_of_stability,
     hessian_matrix,
     hessian_vector_product,
+    lanczos,
     power_iteration,
     random_unit_vector,
 )
@@ -117,11 +118,38 @@ def test_power_iteration_on_a_known_spectrum():
         power_iteration(operator, [torch.zeros(20, dtype=torch.float64)], 3)
 
 
+def test_lanczos_finds_the_largest_algebraic_eigenvalue_where_power_iteration_does_not():
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64))
+    eigenvalues = torch.tensor([4.0, 3.5, -9.0, -8.0] + list(torch.linspace(-1.0, 1.0, 26)), dtype=torch.float64)
+    A = Q @ torch.diag(eigenvalues) @ Q.T
+    operator = lambda u: [A @ u[0]]  # noqa: E731
+    start = [torch.randn(30, dtype=torch.float64)]
+    power = power_iteration(operator, start, 30)
+    assert power.value == pytest.approx(-9.0, rel=1e-3)  # the largest magnitude: the wrong answer for lambda_max
+    full = lanczos(operator, start, 30)
+    assert full.value == pytest.approx(4.0, rel=1e-10) and full.residual < 1e-6 and full.products == 30
+    y = full.vector[0]
+    assert float(y.norm()) == pytest.approx(1.0) and float((A @ y - 4.0 * y).norm()) < 1e-6
+    # Never below power iteration's Rayleigh quotient from the same products; never above lambda_max.
+    for k in (1, 2, 3, 5, 8):
+        s = [torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(k))]
+        assert power_iteration(operator, s, k).value <= lanczos(operator, s, k).value + 1e-12 <= 4.0 + 1e-9
+    # From the top eigenvector one step is exact; an invariant start stops early.
+    warm = lanczos(operator, [Q[:, 0] * 2.0], 3)
+    assert warm.value == pytest.approx(4.0, rel=1e-12) and warm.residual < 1e-9
+    with pytest.raises(ValueError, match="`num_iters`.*0"):
+        lanczos(operator, start, 0)
+    with pytest.raises(ValueError, match="`start`"):
+        lanczos(operator, [torch.zeros(30, dtype=torch.float64)], 3)
+
+
 # ---------------------------------------------------------------------------------------------- guard
-def test_guard_matches_the_dense_reference_after_warm_started_steps():
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_guard_matches_the_dense_reference_after_warm_started_steps(method):
     model, x, y, optimizer = mlp_problem()
     loss_fn = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
-    guard = Curvature(model, optimizer, every_n_steps=1, iterations=4, cold_iterations=30)
+    guard = Curvature(model, optimizer, every_n_steps=1, iterations=4, cold_iterations=30, method=method)
     hvps = []
     for step in range(1, 16):
         train_step(model, optimizer, loss_fn)
@@ -216,9 +244,12 @@ def test_errors_name_the_argument_and_the_value():
     loss_fn = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
     for kwargs, match in [({"every_n_steps": 0}, "`every_n_steps`.*0"), ({"iterations": -1}, "`iterations`.*-1"),
                           ({"cold_iterations": 1.5}, "`cold_iterations`.*1.5"), ({"max_gap": 0}, "`max_gap`.*0"),
-                          ({"seed": -2}, "`seed`.*-2")]:
+                          ({"seed": -2}, "`seed`.*-2"), ({"method": "arnoldi"}, "`method`.*'arnoldi'")]:
         with pytest.raises(ValueError, match=match):
             Curvature(**kwargs)
+    with pytest.raises(ValueError, match="at least 2 with method='lanczos'.*iterations=1"):
+        Curvature(iterations=1)
+    Curvature(iterations=1, cold_iterations=1, method="power")  # power iteration moves its vector with 1
     with pytest.raises(NotImplementedError, match="SGD"):
         Curvature(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(RuntimeError, match="needs the optimizer"):

@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
-from lightning_msign.guards.curvature import Curvature
+from lightning_msign.guards.curvature import Curvature, CurvatureMethod
 from lightning_msign.targets import TargetsArg
 
 
@@ -42,8 +42,10 @@ class CurvatureMonitor(GuardCallback):
     the Trainer's loggers at the step index of that batch's ``train/loss``. DDP: every process measures the
     Hessian of the global loss and logs the same values. FSDP2, FSDP1 and DeepSpeed are refused at ``setup``.
 
-    Cost: about ``2 + 3 x iterations`` backward passes per measurement (``benchmarks/overhead.py``); every 10
-    steps with 5 iterations is the default. Raise ``every_n_steps`` for large models; a gap above ``max_gap``
+    Cost: one forward, one backward with ``create_graph=True`` and ``iterations`` Hessian-vector products (each
+    about 2.75 forward+backward passes) per measurement: on the main job's model a warm measurement with 5 costs
+    about 14 training steps, so the default ``every_n_steps=100`` adds about 15% to training time and
+    ``every_n_steps=10`` about 150% (``python benchmarks/overhead.py --only curvature``). A gap above ``max_gap``
     steps makes every measurement a cold start of ``cold_iterations`` products.
 
     Raises:
@@ -57,7 +59,7 @@ class CurvatureMonitor(GuardCallback):
         from lightning.pytorch import Trainer
         from lightning_msign import CurvatureMonitor
 
-        trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=10, iterations=5)])
+        trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=100, iterations=5)])
 
     Args:
         every_n_steps: measure after every ``n``-th optimizer step.
@@ -67,6 +69,8 @@ class CurvatureMonitor(GuardCallback):
         max_gap: a carried eigenvector older than this many steps is dropped.
         loss_fn: import path of ``fn(pl_module, batch) -> Tensor``, or ``None``.
         seed: seed of the cold-start vectors.
+        method: ``"lanczos"`` (default: the largest algebraic eigenvalue) or ``"power"`` (the paper's power
+            iteration: the eigenvalue of largest magnitude).
     """
 
     guard: Curvature
@@ -74,17 +78,18 @@ class CurvatureMonitor(GuardCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 10,
+        every_n_steps: int = 100,
         iterations: int = 5,
         cold_iterations: int = 20,
         targets: Optional[TargetsArg] = None,
-        max_gap: int = 100,
+        max_gap: int = 1000,
         loss_fn: Optional[str] = None,
         seed: int = 0,
+        method: CurvatureMethod = "lanczos",
     ) -> None:
         super().__init__(Curvature(
             None, None, every_n_steps=every_n_steps, iterations=iterations, cold_iterations=cold_iterations,
-            targets=targets, max_gap=max_gap, seed=seed,
+            targets=targets, max_gap=max_gap, seed=seed, method=method,
         ))
         self.loss_fn = loss_fn
         self._loss_fn = None if loss_fn is None else import_function(loss_fn, "loss_fn")

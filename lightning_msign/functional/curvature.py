@@ -20,7 +20,7 @@ are folded into :math:`P` so that the step is exactly :math:`\eta P^{-1} m_t`). 
 :math:`S` the symmetric operator :math:`A = S H S` has the eigenvalues of :math:`S^2 H`: with
 :math:`S = P^{-1/2}` it is the preconditioned Hessian whose top eigenvalue is the *preconditioned sharpness*;
 with :math:`S = (\eta / P)^{1/2}` (per-parameter learning rates) it is the curvature of the step itself.
-:func:`power_iteration` estimates the top eigenpair of such an operator.
+:func:`lanczos` (default) or :func:`power_iteration` estimates the top eigenpair of such an operator.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ __all__ = [
     "edge_of_stability",
     "hessian_matrix",
     "hessian_vector_product",
+    "lanczos",
     "list_dot",
     "list_norm",
     "power_iteration",
@@ -134,11 +135,13 @@ def hessian_vector_product(
 
 
 class EigenEstimate(NamedTuple):
-    """What :func:`power_iteration` returns.
+    """What :func:`power_iteration` and :func:`lanczos` return.
 
     Attributes:
-        value: the Rayleigh quotient :math:`u^\\top A u` of the last iterate :math:`u` (a Python float).
-        vector: :math:`A u / \\|A u\\|`, the next iterate (carry it to warm-start the next call).
+        value: the estimate (a Python float): the Rayleigh quotient :math:`u^\\top A u` of the last iterate
+            (power iteration), the top Ritz value (Lanczos).
+        vector: the vector to carry to warm-start the next call: :math:`A u / \\|A u\\|` (power iteration), the
+            unit Ritz vector (Lanczos).
         residual: :math:`\\|A u - \\lambda u\\| / |\\lambda|` (0 at an exact eigenpair; ``inf`` when
             :math:`\\lambda = 0`).
         products: operator applications spent.
@@ -190,6 +193,77 @@ def power_iteration(
             return EigenEstimate(0.0, u, math.inf, k + 1)
         u = [t / au_norm for t in au]
     return EigenEstimate(value, u, residual, num_iters)
+
+
+def lanczos(operator: Callable[[Vector], Vector], start: Sequence[Tensor], num_iters: int) -> EigenEstimate:
+    r"""The largest (algebraic) eigenvalue of a symmetric operator by ``num_iters`` Lanczos steps from ``start``.
+
+    Builds an orthonormal basis :math:`q_1 = u_0 / \|u_0\|, \dots, q_k` of the Krylov space
+    :math:`\mathcal{K}_k(A, u_0) = \mathrm{span}(u_0, A u_0, \dots, A^{k-1} u_0)` with full
+    reorthogonalisation (one operator application per step) and returns the top Ritz pair of
+    :math:`T_k = Q_k^\top A Q_k`: :math:`\theta = \max_{y \in \mathcal{K}_k} y^\top A y / y^\top y`.
+
+    Compared with :func:`power_iteration` on the same applications: power iteration's Rayleigh quotient is that
+    of :math:`A^{k-1} u_0 \in \mathcal{K}_k`, so :math:`\theta` is never below it, and :math:`\theta` converges
+    to the largest *algebraic* eigenvalue even when a negative eigenvalue has a larger magnitude (where power
+    iteration converges to that negative one). It is a lower bound of :math:`\lambda_{\max}`.
+
+    Memory: the ``num_iters`` basis vectors (each the size of ``start``). Arithmetic in the tensors' dtype, inner
+    products and the small eigenproblem in float64.
+
+    Args:
+        operator: :math:`v \mapsto A v` on tensor lists.
+        start: :math:`u_0`, one tensor per parameter (any nonzero norm): a warm start (the previous Ritz vector)
+            makes few steps enough.
+        num_iters: applications of ``operator`` (the Krylov dimension), at least 1.
+
+    Returns:
+        An :class:`EigenEstimate`: ``value`` :math:`\theta`, ``vector`` the unit Ritz vector (carry it to warm-start
+        the next call), ``residual`` :math:`|\beta_k s_k| / |\theta|` (:math:`= \|A y - \theta y\| / |\theta|` in
+        exact arithmetic; 0 when the Krylov space is invariant), ``products``. A non-finite product stops the
+        iteration and returns ``value=nan``.
+    """
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
+        raise ValueError(f"`num_iters` must be a positive int, got {num_iters!r}")
+    norm = float(list_norm(start))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise ValueError(f"`start` must be a finite nonzero vector, got norm {norm}")
+    basis: list[Vector] = [[t / norm for t in start]]
+    alphas: list[float] = []
+    betas: list[float] = []
+    beta = 0.0
+    products = 0
+    for k in range(num_iters):
+        w = operator(basis[-1])
+        products += 1
+        alpha = float(list_dot(basis[-1], w))
+        if not math.isfinite(alpha):
+            return EigenEstimate(math.nan, basis[0], math.inf, products)
+        alphas.append(alpha)
+        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+            for q in basis:
+                c = float(list_dot(q, w))
+                w = [wi - c * qi for wi, qi in zip(w, q)]
+        beta = float(list_norm(w))
+        if not math.isfinite(beta):
+            return EigenEstimate(math.nan, basis[0], math.inf, products)
+        if k == num_iters - 1 or beta <= 1e-12 * max(abs(a) for a in alphas):
+            break  # the last step, or an invariant subspace (the Ritz values are exact)
+        betas.append(beta)
+        basis.append([wi / beta for wi in w])
+    m = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(T)
+    theta, s = float(values[-1]), vectors[:, -1]
+    ritz = [torch.zeros_like(t) for t in basis[0]]
+    for coefficient, q in zip(s.tolist(), basis):
+        ritz = [r + coefficient * qi for r, qi in zip(ritz, q)]
+    ritz = unit(ritz) or basis[0]
+    residual = abs(beta * float(s[-1])) / abs(theta) if theta != 0.0 else math.inf
+    return EigenEstimate(theta, ritz, residual, products)
 
 
 def hessian_matrix(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> Tensor:

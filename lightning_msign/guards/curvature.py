@@ -5,19 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_msign._validation import check_non_negative_int, check_positive_int
+from lightning_msign._validation import check_choice, check_non_negative_int, check_positive_int
 from lightning_msign.distributed import is_sharded
 from lightning_msign.functional.curvature import (
     EigenEstimate,
     adam_preconditioner,
     edge_of_stability,
     hessian_vector_product,
+    lanczos,
     power_iteration,
     random_unit_vector,
     scaled,
@@ -40,6 +41,9 @@ from lightning_msign.targets import TargetsArg, resolve_targets, validate_target
 SUPPORTED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
 _STABILITY, _SHARPNESS = "stability", "sharpness"
+
+CurvatureMethod = Literal["lanczos", "power"]
+_ESTIMATORS = {"lanczos": lanczos, "power": power_iteration}
 
 
 class Curvature(Guard):
@@ -66,15 +70,21 @@ class Curvature(Guard):
     The learning rate :math:`\eta` is the group's current ``lr`` (in Lightning, after the scheduler's step: the
     rate of the next step).
 
+    *Estimator.* ``method="lanczos"`` (default): ``iterations`` Lanczos steps (:func:`~lightning_msign.functional.
+    curvature.lanczos`), the top Ritz value of the Krylov space of the start: it converges to the largest
+    *algebraic* eigenvalue, is never below power iteration's estimate from the same products, and keeps the
+    ``iterations`` basis vectors in memory. ``method="power"``: the paper's power iteration (the Rayleigh quotient
+    of the last iterate; two vectors of memory), which converges to the eigenvalue of largest *magnitude* and so
+    reads a negative number when a negative eigenvalue dominates (measured: ``benchmarks/curvature_accuracy.py``).
+    Both give lower bounds of the top eigenvalue; ``curvature/residual`` says how far from an eigenpair the
+    returned vector is.
+
     *Warm start.* The eigenvector is carried from one measurement to the next in parameter space
     (:math:`w = D^{1/2} u`) and mapped through the new scale (:math:`u_0 = D_t^{-1/2} w`, i.e.
     :math:`D_t^{-1/2} D_{t-1}^{1/2} u_{t-1}`), then renormalised; ``iterations`` Hessian-vector products refine
     it. A cold start (a seeded random vector, ``cold_iterations`` products) happens at the first measurement,
     when the measured parameters change (a block unlocked by :class:`~lightning_msign.ArchitectureWarmup`, say),
-    when the carried vector is more than ``max_gap`` optimizer steps old or not finite. The estimate is a
-    Rayleigh quotient (a lower bound of the top eigenvalue when that eigenvalue is positive and the largest in
-    magnitude; power iteration finds the eigenvalue of largest magnitude); ``curvature/residual`` says how far
-    from an eigenpair the returned vector is.
+    when the carried vector is more than ``max_gap`` optimizer steps old or not finite.
 
     *Cost.* One forward pass and one backward pass with ``create_graph=True``, then one double backward per
     Hessian-vector product (each about 2-3 backward passes), with the attention on SDPA's math kernel (the fused
@@ -91,12 +101,12 @@ class Curvature(Guard):
 
     Usage in any loop::
 
-        curvature = Curvature(model, optimizer, every_n_steps=10)
+        curvature = Curvature(model, optimizer, every_n_steps=100)
         for x, y in loader:
             loss_fn(model(x), y).backward()
             optimizer.step()
             optimizer.zero_grad()
-            metrics = curvature.step(lambda: loss_fn(model(x), y))  # {} except after steps 10, 20, ...
+            metrics = curvature.step(lambda: loss_fn(model(x), y))  # {} except after steps 100, 200, ...
 
     Args:
         module: the model (or attach later with :meth:`attach`).
@@ -104,12 +114,14 @@ class Curvature(Guard):
             :meth:`set_optimizer`). Others raise ``NotImplementedError``: Muon-type optimizers orthogonalise
             the momentum, a step that is no diagonal :math:`P^{-1} m`.
         every_n_steps: measure after every ``n``-th optimizer step.
-        iterations: Hessian-vector products per warm-started measurement (per eigenproblem).
+        iterations: Hessian-vector products per warm-started measurement (per eigenproblem); at least 2 with
+            Lanczos.
         cold_iterations: Hessian-vector products of a cold start.
         targets: ``None`` for every trainable parameter, else a selection as for the other guards (preset or
             globs, :mod:`lightning_msign.targets`): the parameters holding the selected matrices.
         max_gap: a carried vector older than this many optimizer steps is dropped (cold start).
         seed: seed of the cold-start vectors (the ``k``-th cold start uses ``seed + k``).
+        method: ``"lanczos"`` or ``"power"`` (see *Estimator*).
 
     Raises:
         ValueError: at construction, for a bad argument; at :meth:`compute`, when the closure does not return
@@ -129,12 +141,13 @@ class Curvature(Guard):
         self,
         module: Optional[nn.Module] = None,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        every_n_steps: int = 10,
+        every_n_steps: int = 100,
         iterations: int = 5,
         cold_iterations: int = 20,
         targets: Optional[TargetsArg] = None,
-        max_gap: int = 100,
+        max_gap: int = 1000,
         seed: int = 0,
+        method: CurvatureMethod = "lanczos",
     ) -> None:
         super().__init__()
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
@@ -143,6 +156,13 @@ class Curvature(Guard):
         self.targets = None if targets is None else validate_targets(targets, False)
         self.max_gap = check_positive_int(max_gap, "max_gap")
         self.seed = check_non_negative_int(seed, "seed")
+        self.method = check_choice(method, "method", CurvatureMethod)
+        if self.method == "lanczos" and min(self.iterations, self.cold_iterations) < 2:
+            raise ValueError(
+                "`iterations` and `cold_iterations` must be at least 2 with method='lanczos' (one Lanczos step returns"
+                f" its start vector, so a warm start would never move), got iterations={iterations!r},"
+                f" cold_iterations={cold_iterations!r}: use 2 or more, or method='power'"
+            )
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._selected: Optional[set[int]] = None  # ids of the parameters of `targets`
         self._names: dict[int, str] = {}
@@ -301,7 +321,9 @@ class Curvature(Guard):
                         iters = self.iterations
                         if start is None:
                             start, iters, cold = self._cold_start(params), self.cold_iterations, True
-                        estimate = power_iteration(lambda u, s=scale: scaled(hvp(scaled(u, s)), s), start, iters)
+                        estimate = _ESTIMATORS[self.method](
+                            lambda u, s=scale: scaled(hvp(scaled(u, s)), s), start, iters
+                        )
                         hvps += estimate.products
                         estimates[key] = estimate
                         self._vectors[key] = [v.detach() for v in scaled(estimate.vector, scale)]
