@@ -43,9 +43,9 @@ class CurvatureMonitor(GuardCallback):
     Hessian of the global loss and logs the same values. FSDP2, FSDP1 and DeepSpeed are refused at ``setup``.
 
     Cost: one forward, one backward with ``create_graph=True`` and ``iterations`` Hessian-vector products (each
-    about 2.75 forward+backward passes) per measurement: on the main job's model a warm measurement with 5 costs
-    about 14 training steps, so the default ``every_n_steps=100`` adds about 15% to training time and
-    ``every_n_steps=10`` about 150% (``python benchmarks/overhead.py --only curvature``). A gap above ``max_gap``
+    about 2.8 forward+backward passes) per measurement: on the main job's model a warm measurement with 5 costs
+    about 15 training steps, so the default ``every_n_steps=100`` adds about 16% to training time and
+    ``every_n_steps=10`` about 155% (``python benchmarks/overhead.py --only curvature``). A gap above ``max_gap``
     steps makes every measurement a cold start of ``cold_iterations`` products.
 
     Raises:
