@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_msign._validation import check_choice, check_non_negative_int, check_positive_int
-from lightning_msign.distributed import is_sharded
+from lightning_msign.distributed import any_process, is_sharded
 from lightning_msign.functional.curvature import (
     EigenEstimate,
     adam_preconditioner,
@@ -308,6 +308,8 @@ class Curvature(Guard):
                     raise ValueError(f"Curvature: `loss_fn` must return a scalar tensor, got {_describe(loss)}")
                 loss = loss.reshape(())
                 finite = bool(torch.isfinite(loss.detach()))
+                if self._distributed:  # one decision everywhere: a process skipping the all-reduces would hang
+                    finite = not any_process(not finite, loss.device)
                 if finite:
                     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
                     used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
