@@ -288,7 +288,6 @@ class Curvature(Guard):
         names, params, precond, lrs, thresholds = self._operands()
         # D^1/2 = sqrt(lr / (P * threshold)): the top eigenvalue of D^1/2 H D^1/2 is the stability ratio.
         scale_stability = [(lr / (P * thr)).sqrt() for P, lr, thr in zip(precond, lrs, thresholds)]
-        scale_sharpness = [P.rsqrt() for P in precond]
         single = len(set(lrs)) == 1 and len(set(thresholds)) == 1
         fresh = (
             names != self._vector_names
@@ -302,7 +301,9 @@ class Curvature(Guard):
         cold = False
         hvps = 0
         with self._timed(device) as elapsed:
-            with _forked_rng(device), sdpa_math_kernel(), torch.enable_grad(), _uncompiled(module):
+            # The global RNG (and the CUDA device's) is restored: dropout here does not shift the training's draws.
+            rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+            with rng, sdpa_math_kernel(), torch.enable_grad(), _uncompiled(module):
                 loss = loss_fn()
                 if not isinstance(loss, Tensor) or loss.numel() != 1:
                     raise ValueError(f"Curvature: `loss_fn` must return a scalar tensor, got {_describe(loss)}")
@@ -316,7 +317,7 @@ class Curvature(Guard):
                     hvp = self._hvp_fn(params, grads, used)
                     problems = [(_STABILITY, scale_stability)]
                     if not single:
-                        problems.append((_SHARPNESS, scale_sharpness))
+                        problems.append((_SHARPNESS, [P.rsqrt() for P in precond]))
                     estimates: dict[str, EigenEstimate] = {}
                     for key, scale in problems:
                         start = self._warm_start(key, scale)
@@ -405,14 +406,6 @@ class Curvature(Guard):
         self._vector_step = int(state_dict.get("vector_step", 0))
         self._cold_starts = int(state_dict.get("cold_starts", 0))
         self._latest = {k: float(v) for k, v in state_dict.get("latest", {}).items()}
-
-
-@contextmanager
-def _forked_rng(device: torch.device) -> Iterator[None]:
-    """The global RNG (and the CUDA device's) as it was before the block."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        yield
 
 
 @contextmanager
