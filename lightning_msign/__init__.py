@@ -12,11 +12,13 @@ Public API:
   :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment),
   :class:`CurvatureMonitor` and :class:`ArchitectureWarmup`.
 - :class:`LitGPTModule` and :class:`ShakespeareDataModule`: the embedded default model and corpus.
+- :mod:`lightning_msign.optim`: :class:`~lightning_msign.optim.Muon` and :class:`~lightning_msign.optim.NuMuon`
+  (rank-k Muon, arXiv 2603.03597), each with AdamW for the non-matrix parameters, as one optimizer.
 - :mod:`lightning_msign.functional`: the math on plain tensors; :mod:`lightning_msign.targets` and
   :mod:`lightning_msign.layouts`: which matrices, and how fused weights split.
 """
 
-from lightning_msign import functional
+from lightning_msign import functional, optim
 from lightning_msign.callbacks import (
     ArchitectureWarmup,
     CurvatureMonitor,
@@ -51,6 +53,7 @@ __all__ = [
     "StableRankMonitor",
     "TargetMatrix",
     "functional",
+    "optim",
     "parse_layout",
     "resolve_targets",
 ]

@@ -6,6 +6,7 @@ rates, the schedule) and nothing else: gradient clipping, precision and logging 
 """
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -23,10 +24,14 @@ from typing_extensions import override
 from lightning_msign._validation import check_choice, check_optional_positive_int, check_range
 from lightning_msign.distributed import is_sharded
 from lightning_msign.metric_keys import TEST_LOSS, TRAIN_LOSS, TRAIN_Z_LOSS, VAL_LOSS
+from lightning_msign.optim.numuon import Muon, NuMuon, matrix_layouts
 
 __all__ = ["LitGPTModule", "build_config", "lr_schedule_factor"]
 
 LRDecay = Literal["linear", "cosine", "constant"]
+OptimizerName = Literal["adamw", "muon", "numuon"]
+# Options of Muon / NuMuon the module sets itself from its own arguments.
+_MODULE_OWNED_OPTIONS = ("lr", "weight_decay", "betas", "eps", "params")
 _IGNORE_INDEX = -100
 
 
@@ -156,9 +161,10 @@ class LitGPTModule(L.LightningModule):
     - ``"no_decay"``: parameters with ``ndim < 2`` (norm weights, biases); learning rate ``lr``,
       no weight decay.
 
-    Empty groups are dropped. The learning rate is not logged here: add
-    ``lightning.pytorch.callbacks.LearningRateMonitor``, which logs ``lr/<group>`` (the scheduler is
-    named ``"lr"``).
+    With ``optimizer="muon"`` or ``"numuon"`` the ``"weights"`` group has ``use_muon=True`` (and the layouts of
+    its fused weights), the others ``use_muon=False``. Empty groups are dropped. The learning rate is not
+    logged here: add ``lightning.pytorch.callbacks.LearningRateMonitor``, which logs ``lr/<group>`` (the
+    scheduler is named ``"lr"``).
 
     Args:
         model_config: A LitGPT config name (``"pythia-14m"``), a dict of ``litgpt.Config`` fields
@@ -191,6 +197,16 @@ class LitGPTModule(L.LightningModule):
             target names stay those of the uncompiled model, so checkpoints load either way. Outside a
             Trainer, call ``configure_model()`` first. The first step pays for the compilation (tens of
             seconds on a CPU, even for a tiny model); do not also ``torch.compile`` the whole module.
+        optimizer: ``"adamw"`` (``torch.optim.AdamW``), ``"muon"`` (:class:`lightning_msign.optim.Muon`) or
+            ``"numuon"`` (:class:`lightning_msign.optim.NuMuon`). With Muon / NuMuon the ``"weights"`` group
+            (every hidden matrix; fused Q/K/V split by the model's layout) takes Muon steps at
+            ``lr * lr_mult_2d`` (scaled per matrix shape, ``adjust_lr_fn``: by default the update's RMS matches
+            AdamW's, so the same ``lr`` serves), the other groups AdamW steps with ``betas`` and ``eps``; every
+            group keeps its ``weight_decay``. The step's metrics (``numuon/rank_fraction``,
+            ``numuon/captured_energy``, ...) are logged every step.
+        optimizer_options: further arguments of Muon / NuMuon (``momentum``, ``nesterov``,
+            ``rank_fraction`` -- a float or a schedule dict --, ``krylov_iterations``, ``oversample``,
+            ``backend``, ``ns_steps``, ``adjust_lr_fn``), checked here; ``None`` with ``"adamw"``.
 
     Raises:
         ValueError: If an argument is out of range (the message names it, the valid range and the
@@ -240,6 +256,8 @@ class LitGPTModule(L.LightningModule):
         lr_mult_embedding: float = 1.0,
         z_loss: float = 0.0,
         compile: bool = False,
+        optimizer: OptimizerName = "adamw",
+        optimizer_options: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         check_optional_positive_int(vocab_size, "vocab_size")
@@ -269,6 +287,8 @@ class LitGPTModule(L.LightningModule):
         check_range(z_loss, "z_loss", low=0.0)
         if not isinstance(compile, bool):
             raise ValueError(f"`compile` must be a bool, got {compile!r}")
+        check_choice(optimizer, "optimizer", OptimizerName)
+        options = _check_optimizer_options(optimizer, optimizer_options)
 
         config = build_config(model_config, vocab_size=vocab_size, block_size=block_size)
 
@@ -292,6 +312,8 @@ class LitGPTModule(L.LightningModule):
         self.lr_mult_embedding = lr_mult_embedding
         self.z_loss = z_loss
         self.compile_model = compile  # not `self.compile`: that is `nn.Module.compile`
+        self.optimizer_name = optimizer
+        self.optimizer_options = options
 
         self.model = GPT(config)
         self.reset_parameters()
@@ -417,6 +439,17 @@ class LitGPTModule(L.LightningModule):
         return ce + self.z_loss * z_sq if self.z_loss > 0 else ce
 
     @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log what a Muon / NuMuon step did (:meth:`lightning_msign.optim.NuMuon.metrics`)."""
+        if self.optimizer_name == "adamw" or self._trainer is None:
+            return
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        if isinstance(optimizer, NuMuon):
+            metrics = optimizer.metrics()
+            if metrics:
+                self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         ce, _ = self._loss(batch)
         self.log(VAL_LOSS, ce, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
@@ -453,6 +486,13 @@ class LitGPTModule(L.LightningModule):
             },
             {"name": "no_decay", "params": no_decay, "lr": self.lr, "weight_decay": 0.0},
         ]
+        if self.optimizer_name != "adamw":
+            layouts = matrix_layouts(self.model)
+            missing = [p for p in weights if id(p) not in layouts]
+            if missing:  # not expected for a LitGPT model: its matrices are all in the catalog
+                raise ValueError(f"{len(missing)} matrices of the model have no known layout for Muon")
+            groups[0].update(use_muon=True, layouts=[layouts[id(p)][1] for p in weights])
+            groups[1]["use_muon"] = groups[2]["use_muon"] = False
         return [group for group in groups if group["params"]]
 
     @override
@@ -474,7 +514,15 @@ class LitGPTModule(L.LightningModule):
                     f"`warmup_steps` ({self.warmup_steps}) exceeds the {max_steps} optimizer steps of this run:"
                     " the learning rate never reaches `lr` and never decays"
                 )
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=self.betas, eps=self.eps)
+        optimizer: torch.optim.Optimizer
+        if self.optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=self.betas, eps=self.eps)
+        else:
+            cls = Muon if self.optimizer_name == "muon" else NuMuon
+            optimizer = cls(
+                self.param_groups(), lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps,
+                **self.optimizer_options,
+            )
         factor = partial(
             lr_schedule_factor,
             warmup_steps=self.warmup_steps,
@@ -487,6 +535,32 @@ class LitGPTModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},
         }
+
+
+def _check_optimizer_options(optimizer: str, options: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Validate ``optimizer_options`` against the chosen optimizer now, not at the first step."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"`optimizer_options` must be None or a dict of Muon / NuMuon arguments, got {options!r}")
+    options = dict(options)
+    if optimizer == "adamw":
+        if options:
+            raise ValueError(
+                "`optimizer_options` applies to optimizer='muon' or 'numuon'; AdamW takes the module's own `lr`,"
+                f" `weight_decay`, `betas` and `eps`, got optimizer='adamw' with {options!r}"
+            )
+        return options
+    owned = sorted(set(options) & set(_MODULE_OWNED_OPTIONS))
+    if owned:
+        raise ValueError(f"`optimizer_options` must not set {owned}: they are LitGPTModule arguments of their own")
+    cls = Muon if optimizer == "muon" else NuMuon
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", *_MODULE_OWNED_OPTIONS}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"`optimizer_options` keys {unknown} are not arguments of {cls.__name__}: {sorted(allowed)}")
+    cls([nn.Parameter(torch.zeros(2, 2))], **options)  # raises ValueError naming a bad value
+    return options
 
 
 def _unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:

@@ -42,6 +42,12 @@ MSIGN_SRANK_AFTER_PREFIX = "msign/srank_after/"  # exact stable rank after the a
 MSIGN_SRANK_BEFORE_MIN = "msign/srank_before_min"  # minimum over matrices before the application
 MSIGN_SRANK_AFTER_MIN = "msign/srank_after_min"  # minimum over matrices after the application
 
+# --------------------------------------------------------------------------- optim.NuMuon / optim.Muon
+NUMUON_RANK_FRACTION = "numuon/rank_fraction"  # rank fraction r(t) of the step (first Muon group)
+NUMUON_CAPTURED_ENERGY = "numuon/captured_energy"  # mean ||S_k||^2 / ||M||_F^2 over matrices: momentum followed
+NUMUON_SKIPPED_NONFINITE = "numuon/skipped_nonfinite"  # parameters not updated so far (non-finite gradient)
+MUON_SKIPPED_NONFINITE = "muon/skipped_nonfinite"  # the same for Muon
+
 # --------------------------------------------------------------------------- PSSCallback
 PSS_GRAD_NORM = "pss/grad_norm"  # global gradient 2-norm the trigger watches
 PSS_RATIO = "pss/ratio"  # gradient norm over its running average

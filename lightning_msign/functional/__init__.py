@@ -10,7 +10,7 @@ from lightning_msign.functional.curvature import (
     sdpa_math_kernel,
 )
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
-from lightning_msign.functional.lowrank import block_krylov_topk
+from lightning_msign.functional.lowrank import LowRankSign, block_krylov_topk, rank_k_sign
 from lightning_msign.functional.msign import BACKENDS, SignedBatch, msign, msign_restore, sign_and_restore
 from lightning_msign.functional.precision import as_compute, check_matrix, compute_dtype
 from lightning_msign.functional.smoothing import (
@@ -34,7 +34,9 @@ from lightning_msign.functional.spectral import (
 )
 
 __all__ = [
+    "LowRankSign",
     "block_krylov_topk",
+    "rank_k_sign",
     "adam_preconditioner",
     "edge_of_stability",
     "hessian_matrix",

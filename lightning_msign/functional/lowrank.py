@@ -5,6 +5,7 @@ Plain functions on tensors, no Lightning. The exact reference is ``torch.linalg.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from lightning_msign.functional.precision import as_compute, check_matrix
 
-__all__ = ["block_krylov_topk"]
+__all__ = ["LowRankSign", "block_krylov_topk", "rank_k_sign"]
 
 
 def block_krylov_topk(
@@ -87,3 +88,58 @@ def block_krylov_topk(
     Q = torch.cat(blocks, dim=1)  # (m, (q+1) b)
     Ub, S, Vh = torch.linalg.svd(Q.mT @ X, full_matrices=False)
     return (Q @ Ub)[:, :k], S[:k], Vh[:k].mT
+
+
+@dataclass
+class LowRankSign:
+    """What :func:`rank_k_sign` returns.
+
+    Attributes:
+        sign: ``U_k V_k^T`` (``(m, n)``, compute dtype): rank ``<= k``, every non-zero singular value 1.
+        right: ``V_k`` (``(n, k)``), the start block of the next call (warm start).
+        values: ``S_k`` (``(k,)``), the top singular values found.
+        captured: ``||S_k||^2 / ||M||_F^2``, the share of ``M``'s energy in the directions kept (1 for zero ``M``).
+        rank: how many of the ``k`` directions were kept (singular values above the zero threshold).
+    """
+
+    sign: Tensor
+    right: Tensor
+    values: Tensor
+    captured: float
+    rank: int
+
+
+def rank_k_sign(
+    M: Tensor,
+    k: int,
+    iterations: int = 2,
+    oversample: int = 8,
+    start: Optional[Tensor] = None,
+    seed: int = 0,
+) -> LowRankSign:
+    r"""The rank-``k`` matrix sign :math:`U_k V_k^\top` of ``M``: its top-``k`` singular directions, unit values.
+
+    This is the update direction of a rank-``k`` Muon step (NuMuon): the maximiser of
+    :math:`\langle M, X\rangle` over :math:`\|X\|_2 \le 1,\ \|X\|_* \le k`. The top-``k`` triplets come from
+    :func:`block_krylov_topk` (``iterations``, ``oversample``, ``start``, ``seed`` as there). Singular values
+    at or below ``max(m, n) * eps * sigma_1`` count as zero and their directions are dropped, as in
+    :func:`~lightning_msign.functional.msign` (the sign of zero is zero): a matrix of rank below ``k`` gives
+    an update of its own rank, and a zero matrix a zero update. With ``k = min(m, n)`` and a block that
+    spans the whole space the result is the exact sign.
+
+    Args:
+        M: ``(m, n)`` matrix (any float dtype; computed in float32 at least).
+        k: directions kept, ``1 <= k <= min(m, n)``.
+
+    Returns:
+        A :class:`LowRankSign`.
+    """
+    U, S, V = block_krylov_topk(M, k, iterations=iterations, oversample=oversample, start=start, seed=seed)
+    m, n = M.shape
+    tol = S[:1].amax() * (max(m, n) * torch.finfo(S.dtype).eps) if S.numel() else S.new_zeros(())
+    keep = S > tol
+    kept = int(keep.sum())
+    sign = (U * keep.to(U.dtype)) @ V.mT
+    total = float(as_compute(M).square().sum())
+    captured = float(S.square().sum()) / total if total > 0 else 1.0
+    return LowRankSign(sign, V, S, min(captured, 1.0), kept)
