@@ -33,7 +33,8 @@ def block_krylov_topk(
 
         K = [M\Omega,\ (MM^\top) M\Omega,\ \dots,\ (MM^\top)^{q} M\Omega] \in \mathbb{R}^{m \times (q+1) b}
 
-    is orthonormalised block by block (``Q``), and the SVD of the small ``Q^T M`` gives the triplets. This returns
+    is orthonormalised block by block (``Q``), and the SVD of the small ``Q^T M`` gives the triplets. When
+    ``(q + 1) b >= min(m, n)`` the space would be all of it, and the exact SVD is returned instead. This returns
     the best rank-``k`` approximation of ``M`` within ``range(Q)``: exact when ``rank(M) <= (q + 1) b``, otherwise
     accurate to a factor that falls with the gap :math:`\sigma_k / \sigma_{(q+1)b+1}` and with ``q``. Computed in
     float32 at least (:func:`~lightning_msign.functional.precision.as_compute`). Cost:
@@ -60,13 +61,18 @@ def block_krylov_topk(
         raise ValueError(f"`iterations` must be a non-negative int, got {iterations!r}")
     if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
         raise ValueError(f"`oversample` must be a non-negative int, got {oversample!r}")
+    if start is not None and (start.ndim != 2 or start.shape[0] != n):
+        raise ValueError(f"`start` must be an (n={n}, j) block, got shape {tuple(start.shape)}")
     X = as_compute(M)
     width = min(k + oversample, min(m, n))
+    if (iterations + 1) * width >= min(m, n):
+        # The Krylov space would be the whole space (and its basis could not stay orthonormal in R^m): the
+        # exact SVD is cheaper and exact.
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k].mT
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     omega = torch.randn(n, width, generator=generator, dtype=X.dtype).to(X.device)  # (n, b)
     if start is not None:
-        if start.ndim != 2 or start.shape[0] != n:
-            raise ValueError(f"`start` must be an (n={n}, j) block, got shape {tuple(start.shape)}")
         j = min(start.shape[1], width)
         omega[:, :j] = start[:, :j].to(X.dtype)
     blocks = []
