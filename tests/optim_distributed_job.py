@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--optimizer", required=True, choices=("muon", "numuon"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (ModelCheckpoint)")
+    parser.add_argument("--ckpt-path", default=None, help="resume from this checkpoint")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -87,14 +89,21 @@ def main() -> None:
     store: dict[str, Any] = {}
     logger = RecordingLogger()
     options = {"rank_fraction": 0.25, "oversample": 2, "krylov_iterations": 1} if args.optimizer == "numuon" else {}
+    callbacks: list[Callback] = [Record(store)]
+    if args.save_every:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.save_every,
+                                         save_top_k=-1))
     trainer = Trainer(
         **trainer_kwargs(args.out, devices=2, strategy=strategy, max_steps=args.steps, logger=logger,
-                         log_every_n_steps=1),
-        callbacks=[Record(store)],
+                         log_every_n_steps=1, enable_checkpointing=bool(args.save_every)),
+        callbacks=callbacks,
     )
     trainer.callbacks.append(Save(args.out, store, logger))
-    module = tiny_module(optimizer=args.optimizer, optimizer_options=options, lr=1e-2)
-    trainer.fit(module, tiny_data(num_workers=0))
+    # max_steps fixed: one LR schedule whatever the Trainer's max_steps (a resumed run continues the same one)
+    module = tiny_module(optimizer=args.optimizer, optimizer_options=options, lr=1e-2, max_steps=8)
+    trainer.fit(module, tiny_data(num_workers=0), ckpt_path=args.ckpt_path)
 
 
 if __name__ == "__main__":

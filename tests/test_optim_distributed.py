@@ -83,3 +83,27 @@ def test_distributed_step_is_the_whole_matrix_step(tmp_path, strategy, optimizer
             assert all(torch.equal(v, r1["krylov"][name][k]) for k, v in state.items())
         logged = [m["numuon/rank_fraction"] for _, m in r0["records"] if "numuon/rank_fraction" in m]
         assert logged == [0.25] * STEPS
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_is_exact(tmp_path):
+    """A sharded (DCP) checkpoint holds the momentum shards, the Krylov warm starts and the group counters."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("MASTER_PORT", None)
+
+    def launch(name: str, *extra: str) -> tuple[dict, dict]:
+        cmd = [sys.executable, str(JOB), "--strategy", "fsdp2", "--optimizer", "numuon", "--out",
+               str(tmp_path / name), *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return tuple(torch.load(tmp_path / name / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+    straight, _ = launch("straight", "--steps", "4")
+    launch("first", "--steps", "2", "--save-every", "2")
+    resumed, resumed1 = launch("resumed", "--steps", "4", "--ckpt-path",
+                               str(tmp_path / "first" / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert sorted(resumed["steps"]) == [3, 4] and resumed["groups"][0]["steps"] == 4
+    for name, value in straight["params"].items():
+        assert torch.equal(value, resumed["params"][name]) and torch.equal(value, resumed1["params"][name]), name
+    for name, state in straight["krylov"].items():
+        assert all(torch.equal(v, resumed["krylov"][name][k]) for k, v in state.items()), name
