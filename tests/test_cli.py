@@ -208,3 +208,34 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["model"]["model_config"]["n_layer"] == 2
+
+
+@pytest.mark.parametrize("recipe", ["muon", "numuon"])
+def test_optimizer_recipes_differ_from_baseline_only_by_the_optimizer(recipe):
+    baseline = yaml.safe_load((ROOT / "recipes/shakespeare/baseline.yaml").read_text())
+    other = yaml.safe_load((ROOT / f"recipes/shakespeare/{recipe}.yaml").read_text())
+    assert other["model"].pop("optimizer") == recipe
+    options = other["model"].pop("optimizer_options")
+    assert ("rank_fraction" in options) == (recipe == "numuon")
+    callbacks = other["trainer"].pop("callbacks")
+    assert [c["class_path"] for c in callbacks if "lightning_msign" in c["class_path"]] == [
+        "lightning_msign.StableRankMonitor"]
+    assert [c for c in callbacks if "lightning_msign" not in c["class_path"]] == baseline["trainer"].pop("callbacks")
+    for run in (baseline, other):
+        run["trainer"]["logger"] = [
+            {**lg, "init_args": {k: v for k, v in lg["init_args"].items() if k != "name"}}
+            for lg in run["trainer"]["logger"]
+        ]
+    assert baseline == other
+
+
+@pytest.mark.parametrize("recipe", ["muon", "numuon"])
+def test_optimizer_recipes_build_their_optimizer(recipe, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", str(ROOT / f"recipes/shakespeare/{recipe}.yaml")], cache_dir)
+    cli.model.max_steps = cli.trainer.max_steps  # the schedule's length, without a fitting Trainer
+    optimizer = cli.model.configure_optimizers()["optimizer"]
+    from lightning_msign.optim import Muon, NuMuon
+
+    assert type(optimizer) is (Muon if recipe == "muon" else NuMuon)
+    assert optimizer.param_groups[0]["use_muon"] and optimizer.param_groups[0]["layouts"][0] == "rows:q=256,k=256,v=256"
