@@ -375,3 +375,11 @@ def test_litgpt_module_optimizer_arguments():
     groups = module.param_groups()
     assert [(g["name"], g["use_muon"]) for g in groups] == [("weights", True), ("embeddings", False),
                                                             ("no_decay", False)]
+
+
+def test_curvature_monitor_refuses_muon_type_optimizers(tmp_path):
+    from lightning_msign import CurvatureMonitor
+
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[CurvatureMonitor(every_n_steps=1)])
+    with pytest.raises(NotImplementedError, match="got NuMuon: .*Muon and NuMuon orthogonalise the momentum"):
+        trainer.fit(tiny_module(optimizer="numuon"), tiny_data())
