@@ -31,6 +31,7 @@ from lightning_msign.data import ShakespeareDataModule
 from lightning_msign.guards import PSS, Curvature, DepthWarmup, Diagnostics, MSign, StableRank
 from lightning_msign.layouts import Layout, parse_layout
 from lightning_msign.litgpt_module import LitGPTModule
+from lightning_msign.optim import Muon, NuMuon
 from lightning_msign.targets import TargetMatrix, resolve_targets
 
 __version__ = "0.1.0"
@@ -47,6 +48,8 @@ __all__ = [
     "LitGPTModule",
     "MSign",
     "MSignCallback",
+    "Muon",
+    "NuMuon",
     "PSSCallback",
     "ShakespeareDataModule",
     "StableRank",
