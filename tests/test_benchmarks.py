@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -99,6 +100,67 @@ def test_stability_quick_runs_and_writes_results(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count(": reused ") == 4
     assert json.loads((tmp_path / "stab" / "stability.json").read_text())["analysis"] == result["analysis"]
+
+
+@pytest.mark.slow
+def test_optimizers_quick_runs_and_writes_results(tmp_path):
+    env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "opt"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "optimizers.json").read_text())
+
+    def finite(x):
+        return isinstance(x, float) and math.isfinite(x)
+
+    per = res["train"]["per_method"]
+    assert set(per) == {"adamw", "muon", "numuon_r0.25"}
+    for m, pm in per.items():
+        assert pm["tuned_lr"] == 0.01, m
+        a = pm["at_tuned"]
+        assert a["diverged"] == 0 and finite(a["final_val_loss"]) and a["final_val_loss"] < math.log(256), m
+        assert finite(a["srank_end_mean"]) and 1.0 <= a["srank_end_min"] <= a["srank_end_mean"], m
+        for key in ("0.5", "0.25"):
+            t = a["truncation"][key]
+            assert finite(t["val_loss"]) and finite(t["increase"]) and 0 < t["energy_kept_mean"] <= 1, (m, key)
+        assert [s for s, *_ in a["srank_series"]] == [10, 20, 30, 40], m
+        assert all(finite(v) for _, *vs in a["srank_series"] for v in vs), m
+    assert finite(per["numuon_r0.25"]["at_tuned"]["captured_energy_mean"])
+    for c in res["cells"]:  # every cell trained to the end, its own evaluation agreeing with Lightning's
+        assert c["steps_done"] == 40 and c["n_matrices"] == 12, c["name"]
+        assert abs(c["val_loss_eval"] - c["final_val_loss"]) < 1e-4, c["name"]
+        assert (out / "runs" / c["name"] / "version_0" / "metrics.csv").exists()
+    # Part 2: one guard on each optimizer, beside the unguarded run; MSign acted on the last step, so the
+    # weights it was given are measured as well.
+    rows = {(r["base"], r["guard"]): r for r in res["guards"]["rows"]}
+    assert set(rows) == {(b, g) for b in ("muon", "numuon_r0.25") for g in (None, "msign_qk_p10")}
+    for (base, guard), r in rows.items():
+        assert finite(r["agg"]["final_val_loss"]) and finite(r["agg"]["truncation"]["0.25"]["val_loss"])
+        if guard:
+            assert r["agg"]["msign_applications"] == 4
+            assert r["agg"]["srank_end_by_role"]["qk"] > r["agg"]["before_last_guard"]["srank_end_by_role"]["qk"]
+    # Part 3: step times and ratios to AdamW.
+    over = res["overhead"]["methods"]
+    assert set(over) == {"adamw", "muon", "numuon_r0.25"}
+    for m, r in over.items():
+        for key in ("optimizer_step_vs_adamw", "train_step_vs_adamw"):
+            assert len(r[key]["ratios"]) == 3 and finite(r[key]["median"]) and r[key]["median"] > 0, (m, key)
+        assert r["optimizer_step"]["median_ms"] > 0 and r["train_step"]["median_ms"] > 0
+    md = (out / "optimizers.md").read_text()
+    assert "Machine: " in md and "python benchmarks/optimizers.py --quick" in md and "| numuon_r0.25 |" in md
+    assert (out / "figures" / "stable_rank.png").stat().st_size > 1000
+
+    # Saved cells and timings are reused, not recomputed.
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--quick", "--reuse-only", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count(": reused ") == 8 and "training" not in again.stderr
+    assert json.loads((out / "optimizers.json").read_text())["train"] == res["train"]
 
 
 def test_stability_with_curvature_and_architecture_warmup(tmp_path):
