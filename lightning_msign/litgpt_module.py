@@ -200,8 +200,9 @@ class LitGPTModule(L.LightningModule):
         optimizer: ``"adamw"`` (``torch.optim.AdamW``), ``"muon"`` (:class:`lightning_msign.optim.Muon`) or
             ``"numuon"`` (:class:`lightning_msign.optim.NuMuon`). With Muon / NuMuon the ``"weights"`` group
             (every hidden matrix; fused Q/K/V split by the model's layout) takes Muon steps at
-            ``lr * lr_mult_2d`` (scaled per matrix shape, ``adjust_lr_fn``: by default the update's RMS matches
-            AdamW's, so the same ``lr`` serves), the other groups AdamW steps with ``betas`` and ``eps``; every
+            ``lr * lr_mult_2d`` (scaled per matrix shape, ``adjust_lr_fn``: by default a full-rank update's RMS
+            matches AdamW's, so the same ``lr`` serves Muon; NuMuon's is ``sqrt(rank_fraction)`` of that, so
+            tune its ``lr``), the other groups AdamW steps with ``betas`` and ``eps``; every
             group keeps its ``weight_decay``. The step's metrics (``numuon/rank_fraction``,
             ``numuon/captured_energy``, ...) are logged every step.
         optimizer_options: further arguments of Muon / NuMuon (``momentum``, ``nesterov``,

@@ -57,12 +57,18 @@ def test_full_rank_is_a_muon_step_with_the_exact_sign(nesterov, adjust):
         torch.testing.assert_close(W.detach().double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_rank_fraction_step_has_rank_k_with_equal_singular_values():
+@pytest.mark.parametrize(("shape", "fraction", "krylov"), [
+    ((200, 160), 0.05, True),  # 3 * (8 + 8) < 160: the Krylov path (2 iterations, block k + 8)
+    ((64, 64), 0.25, False),  # 3 * (16 + 8) >= 64: the Krylov space would be all of it, the exact SVD
+    ((64, 64), 0.5, False),
+    ((64, 256), 0.125, True),
+])
+def test_rank_fraction_step_has_rank_k_with_equal_singular_values(shape, fraction, krylov):
     torch.manual_seed(1)
-    W = nn.Parameter(torch.randn(200, 160, dtype=torch.float64))  # float64: the difference below is exact
-    opt = NuMuon([W], lr=0.01, weight_decay=0.0, rank_fraction=0.05, adjust_lr_fn="original")
-    k, scale = rank_of(0.05, (200, 160)), math.sqrt(200 / 160)
-    assert k == 8 and 3 * (k + 8) < 160  # the Krylov path (2 iterations, block k + 8), not the exact SVD
+    W = nn.Parameter(torch.randn(*shape, dtype=torch.float64))  # float64: the difference below is exact
+    opt = NuMuon([W], lr=0.01, weight_decay=0.0, rank_fraction=fraction, adjust_lr_fn="original")
+    k, scale = rank_of(fraction, shape), math.sqrt(max(1.0, shape[0] / shape[1]))
+    assert (3 * (k + 8) < min(shape)) == krylov
     for t in range(3):
         before = W.detach().clone()
         W.grad = grads_for([W], t)[0]
@@ -70,7 +76,7 @@ def test_rank_fraction_step_has_rank_k_with_equal_singular_values():
         S = torch.linalg.svdvals(before - W.detach())
         torch.testing.assert_close(S[:k], torch.full((k,), 0.01 * scale, dtype=torch.float64), rtol=1e-10, atol=0)
         assert S[k:].max() < 1e-10 * S[0]
-    assert opt.state[W]["krylov_right_0"].shape == (160, k)
+    assert opt.state[W]["krylov_right_0"].shape == (shape[1], k)
 
 
 def test_rank_k_update_follows_the_top_singular_directions_of_the_momentum():

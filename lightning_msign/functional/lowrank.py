@@ -147,5 +147,5 @@ def rank_k_sign(
     kept = int(keep.sum())
     sign = (U * keep.to(U.dtype)) @ V.mT
     total = float(as_compute(M).square().sum())
-    captured = float(S.square().sum()) / total if total > 0 else 1.0
-    return LowRankSign(sign, V, S, min(captured, 1.0), kept)
+    captured = float(S.square().sum()) / total if total > 0 else 1.0  # above 1 only by rounding
+    return LowRankSign(sign, V, S, captured, kept)
