@@ -526,12 +526,19 @@ def render(res: dict[str, Any]) -> str:
     if train:
         per = train["per_method"]
         lrs = sorted({float(lr) for m in per.values() for lr in m["mean_final_loss"]})
+        most = max((a["seeds"] for pm in per.values() for a in pm["per_lr"].values()), default=1)
         lines += ["", "## 1. Final validation loss per learning rate (mean over seeds)", "",
                   "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | tuned LR |",
                   "|---|" + "---:|" * len(lrs) + "---:|"]
+
+        def loss_cell(pm: dict[str, Any], lr: float) -> str:
+            agg = pm["per_lr"].get(f"{lr:g}")
+            text = fmt(pm["mean_final_loss"].get(f"{lr:g}"), ".3f")
+            return text + (f" ({agg['seeds']} seed{'s' if agg['seeds'] > 1 else ''})"
+                           if agg is not None and agg["seeds"] < most else "")
+
         for m, pm in per.items():
-            lines.append(f"| {m} | " + " | ".join(fmt(pm["mean_final_loss"].get(f"{lr:g}"), ".3f") for lr in lrs)
-                         + f" | {pm['tuned_lr']:g} |")
+            lines.append(f"| {m} | " + " | ".join(loss_cell(pm, lr) for lr in lrs) + f" | {pm['tuned_lr']:g} |")
         adamw_ms = per.get("adamw", {}).get("at_tuned", {}).get("step_ms_mean")
         lines += ["", "## 1. Each method at its tuned LR", "",
                   "| method | tuned LR | final val | " + " | ".join(f"val after {p} truncation" for p in pcts)
@@ -664,7 +671,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--methods", nargs="+", type=method_name, default=None,
                         help=f"part 1 methods (default {' '.join(TRAIN_METHODS)}; any numuon_r<fraction> works)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="peak LRs (default 0.003 0.01 0.03)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="peak LRs (default 0.003 0.01 0.03 0.1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--guards", nargs="+", choices=list(GUARDS), default=None,
                         help="part 2 guards (default all; --quick: msign_qk_p10)")
@@ -703,7 +710,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.diverge_window, args.srank_every = 10, 10
         args.model = args.model or MODEL_QUICK
     args.methods = args.methods or TRAIN_METHODS
-    args.lrs = args.lrs or [0.003, 0.01, 0.03]
+    args.lrs = args.lrs or [0.003, 0.01, 0.03, 0.1]
     args.guards = args.guards or list(GUARDS)
     if not 0.0 < args.guard_rank <= 1.0:
         parser.error(f"--guard-rank must be in (0, 1], got {args.guard_rank}")
