@@ -54,6 +54,7 @@ PSS_RATIO = "pss/ratio"  # gradient norm over its running average
 PSS_EWMA = "pss/ewma"  # running (exponentially weighted) average of the gradient norm
 PSS_TRIGGERED = "pss/triggered"  # 1.0 at a step that triggered a protection, else 0.0
 PSS_TRIGGERS = "pss/triggers"  # protections so far
+PSS_ADAPTATIONS = "pss/adaptations"  # times the average restarted at a new gradient-norm level so far
 PSS_NONFINITE = "pss/nonfinite"  # steps so far with a non-finite gradient norm
 PSS_TIME_MS = "pss/time_ms"  # wall time of the protection, in milliseconds
 PSS_SIGMA1_BEFORE_PREFIX = "pss/sigma1_before/"  # sigma_1 before smoothing: pss/sigma1_before/<matrix>

@@ -16,22 +16,25 @@ from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_da
 
 
 class SpikyModule(LitGPTModule):
-    """Multiplies the loss by ``factor`` on one optimizer step: a gradient spike at a known step."""
+    """Multiplies the loss by ``factor`` on one optimizer step (a gradient spike at a known step), or on every
+    step from it on (``level=True``: the gradient-norm level moves up for good)."""
 
-    def __init__(self, *args, spike_at: int = 0, factor: float = 100.0, **kwargs):
+    def __init__(self, *args, spike_at: int = 0, factor: float = 100.0, level: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.spike_at, self.factor = spike_at, factor
+        self.spike_at, self.factor, self.level = spike_at, factor, level
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        return loss * self.factor if self.trainer.global_step + 1 == self.spike_at else loss
+        step = self.trainer.global_step + 1
+        hit = step >= self.spike_at > 0 if self.level else step == self.spike_at
+        return loss * self.factor if hit else loss
 
 
-def spiky(spike_at: int, factor: float = 100.0, **kwargs) -> SpikyModule:
+def spiky(spike_at: int, factor: float = 100.0, level: bool = False, **kwargs) -> SpikyModule:
     kwargs.setdefault("lr", 1e-3)
     kwargs.setdefault("warmup_steps", 10)
     return SpikyModule(dict(TINY_CONFIG), vocab_size=TINY_VOCAB, block_size=TINY_SEQ, spike_at=spike_at,
-                       factor=factor, **kwargs)
+                       factor=factor, level=level, **kwargs)
 
 
 class CheckedPSSGuard(PSS):
@@ -117,6 +120,42 @@ def test_triggering_norm_does_not_enter_ewma_and_cooldown_blocks_retrigger(tmp_p
     ewma = dict(zip(logger.steps_with("pss/ewma"), logger.values("pss/ewma")))
     assert ewma[9] == ewma[8]  # step index 9 = optimizer step 10, the trigger: average unchanged
     assert cb.guard.trigger_steps == [10]
+
+
+@pytest.mark.parametrize("adapt_after", [None, 3])
+def test_average_adapts_to_a_new_level_after_consecutive_triggers(tmp_path, adapt_after):
+    """The gradient norm jumps 1000x for good at step 10: without adaptation the slow average makes PSS fire
+    every cooldown_steps + 1 steps; with adapt_after=3 it fires 3 times, restarts the average at the new
+    level, and stays quiet."""
+    seed_everything(0)
+    logger = RecordingLogger()
+    cb = PSSCallback(warmup_steps=5, cooldown_steps=2, alpha=0.02, adapt_after=adapt_after, action="skip")
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=40, logger=logger), callbacks=[cb])
+    if adapt_after is None:
+        trainer.fit(spiky(spike_at=10, factor=1000.0, level=True), tiny_data(batch_size=16))
+        assert cb.guard.trigger_steps == list(range(10, 41, 3)) and cb.guard.adaptations == 0
+        return
+    with pytest.warns(RuntimeWarning, match="3 consecutive triggers up to optimizer step 16; the gradient-norm"):
+        trainer.fit(spiky(spike_at=10, factor=1000.0, level=True), tiny_data(batch_size=16))
+    assert cb.guard.trigger_steps == [10, 13, 16] and cb.guard.adaptations == 1
+    norms = dict(zip(logger.steps_with("pss/grad_norm"), logger.values("pss/grad_norm")))
+    ewma = dict(zip(logger.steps_with("pss/ewma"), logger.values("pss/ewma")))
+    assert ewma[15] == norms[15]  # optimizer step 16: the average restarts at that step's norm
+    ratios = dict(zip(logger.steps_with("pss/ratio"), logger.values("pss/ratio")))
+    assert max(ratios[s] for s in range(16, 40)) < cb.guard.tau
+    assert logger.values("pss/adaptations")[-1] == 1.0
+    assert cb.guard.state_dict()["adaptations"] == 1 and cb.guard.state_dict()["streak"] == 0
+
+
+def test_a_quiet_step_between_triggers_resets_the_streak():
+    guard = PSS(torch.nn.Linear(4, 4), tau=2.0, alpha=0.5, warmup_steps=0, cooldown_steps=0, adapt_after=2,
+                targets="*weight", action="skip")
+    levels = [1.0, 1.0, 10.0, 1.0, 10.0, 1.0, 10.0, 30.0]  # triggers at 3, 5, 7, 8: only 7-8 are consecutive
+    for step, level in enumerate(levels, 1):
+        for p in guard.module.parameters():
+            p.grad = torch.full_like(p, level)
+        guard.before_optimizer_step(step)
+    assert guard.trigger_steps == [3, 5, 7, 8] and guard.adaptations == 1
 
 
 def test_skip_action_drops_the_optimizer_step(tmp_path):

@@ -54,10 +54,11 @@ class PSSCallback(GuardCallback):
         power_iters: int = 4,
         log_every_n_steps: int = 1,
         layouts: Optional[dict[str, str]] = None,
+        adapt_after: Optional[int] = 3,
     ) -> None:
         super().__init__(PSS(
             None, tau, alpha, warmup_steps, targets, smoothing, smoothing_kwargs, rank, max_rank, cooldown_steps,
-            action, skip_nonfinite, split_qkv, power_iters, log_every_n_steps, layouts,
+            action, skip_nonfinite, split_qkv, power_iters, log_every_n_steps, layouts, adapt_after,
         ))
 
     @property

@@ -62,7 +62,12 @@ class PSS(TargetedGuard):
 
     EWMA policy: the norm of a triggering step does not enter the average (one spike cannot mask the
     next); every other finite norm does, cooldown steps included. The average starts at the first
-    step's norm and learns during ``warmup_steps`` (the detector is not armed before).
+    step's norm and learns during ``warmup_steps`` (the detector is not armed before). When the gradient
+    norm moves to a higher level for good (after a failure, or a raised learning rate), a detector whose
+    average only learns between triggers would fire every ``cooldown_steps + 1`` steps for as long as the
+    average lags: after ``adapt_after`` consecutive triggers (no armed, non-triggering step between them)
+    the average restarts at the current norm, the new level is taken as normal, and the adaptation is
+    counted (``pss/adaptations``).
 
     Actions: ``"smooth"`` (the paper); ``"skip"`` drops the optimizer step by setting every gradient to
     ``None`` (torch optimizers then leave those parameters, their moments and step counts untouched);
@@ -86,9 +91,12 @@ class PSS(TargetedGuard):
         power_iters: power iterations of the randomized range finder.
         log_every_n_steps: return the detector's metrics every n optimizer steps (always on triggers).
         layouts: layouts of fused weights the readers do not know.
+        adapt_after: consecutive triggers after which the average restarts at the current norm (>= 1);
+            ``None``: never (the average then learns only from the steps between triggers).
 
     Metrics (returned by :meth:`before_optimizer_step`):
-        ``pss/grad_norm``, ``pss/ratio``, ``pss/ewma``, ``pss/triggered``, ``pss/triggers``, ``pss/nonfinite``;
+        ``pss/grad_norm``, ``pss/ratio``, ``pss/ewma``, ``pss/triggered``, ``pss/triggers``, ``pss/nonfinite``,
+        ``pss/adaptations``;
         on a protection ``pss/time_ms`` and per target ``pss/sigma1_before/<name>``,
         ``pss/sigma1_after/<name>``, ``pss/rank/<name>``.
     """
@@ -111,6 +119,7 @@ class PSS(TargetedGuard):
         power_iters: int = 4,
         log_every_n_steps: int = 1,
         layouts: LayoutsArg = None,
+        adapt_after: Optional[int] = 3,
     ) -> None:
         super().__init__(targets, split_qkv, layouts)
         self.tau = check_range(tau, "tau", 1.0, low_open=True)
@@ -135,6 +144,9 @@ class PSS(TargetedGuard):
         self.skip_nonfinite = check_bool(skip_nonfinite, "skip_nonfinite")
         self.power_iters = check_positive_int(power_iters, "power_iters")
         self.log_every_n_steps = check_positive_int(log_every_n_steps, "log_every_n_steps")
+        self.adapt_after = check_optional_positive_int(adapt_after, "adapt_after")
+        self._streak = 0  # consecutive triggers (cooldown steps in between do not break it)
+        self._adaptations = 0
         self._ewma: Optional[float] = None
         self._triggers = 0
         self._nonfinite = 0
@@ -147,6 +159,11 @@ class PSS(TargetedGuard):
     def triggers(self) -> int:
         """Triggers so far (restored on resume)."""
         return self._triggers
+
+    @property
+    def adaptations(self) -> int:
+        """Restarts of the average at a new level after ``adapt_after`` consecutive triggers (kept on resume)."""
+        return self._adaptations
 
     @property
     def ewma(self) -> Optional[float]:
@@ -193,13 +210,25 @@ class PSS(TargetedGuard):
             triggered = any_process(triggered, total.device)
         if triggered:
             self._triggers += 1
+            self._streak += 1
             self._cooldown_until = current + self.cooldown_steps
             self.trigger_steps.append(current)
             if self.action in ("smooth", "smooth_and_skip"):
                 metrics.update(self.protect())
             if self.action in ("skip", "smooth_and_skip"):
                 _drop_gradients(params)
+            if self.adapt_after is not None and self._streak >= self.adapt_after:
+                # The level has moved for good: take it as the new normal instead of firing on it forever.
+                self._ewma, self._streak = norm, 0
+                self._adaptations += 1
+                warnings.warn(
+                    f"PSS: {self.adapt_after} consecutive triggers up to optimizer step {current}; the gradient-norm"
+                    f" average restarts at the current norm {norm:.4g} (the new level is taken as normal)",
+                    RuntimeWarning,
+                )
         else:
+            if armed:
+                self._streak = 0
             self._ewma = norm if self._ewma is None else (1 - self.alpha) * self._ewma + self.alpha * norm
         if not (triggered or current % self.log_every_n_steps == 0):
             return {}
@@ -209,6 +238,7 @@ class PSS(TargetedGuard):
             keys.PSS_TRIGGERED: float(triggered),
             keys.PSS_TRIGGERS: float(self._triggers),
             keys.PSS_NONFINITE: float(self._nonfinite),
+            keys.PSS_ADAPTATIONS: float(self._adaptations),
         })
         return metrics
 
@@ -258,6 +288,8 @@ class PSS(TargetedGuard):
             "nonfinite": self._nonfinite,
             "cooldown_until": self._cooldown_until,
             "trigger_steps": list(self.trigger_steps),
+            "streak": self._streak,
+            "adaptations": self._adaptations,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -268,6 +300,8 @@ class PSS(TargetedGuard):
         self._nonfinite = int(state_dict.get("nonfinite", 0))
         self._cooldown_until = int(state_dict.get("cooldown_until", 0))
         self.trigger_steps = [int(s) for s in state_dict.get("trigger_steps", [])]
+        self._streak = int(state_dict.get("streak", 0))
+        self._adaptations = int(state_dict.get("adaptations", 0))
 
 
 def _drop_gradients(params: list[nn.Parameter]) -> None:
