@@ -26,6 +26,7 @@ from lightning_msign.callbacks import (
     MSignCallback,
     PSSCallback,
     StableRankMonitor,
+    StepProgressBar,
 )
 from lightning_msign.data import ShakespeareDataModule
 from lightning_msign.guards import PSS, Curvature, DepthWarmup, Diagnostics, MSign, StableRank
@@ -54,6 +55,7 @@ __all__ = [
     "ShakespeareDataModule",
     "StableRank",
     "StableRankMonitor",
+    "StepProgressBar",
     "TargetMatrix",
     "functional",
     "optim",

@@ -9,11 +9,14 @@ context length; both are linked into the model, so a recipe never repeats them.
 """
 
 import sys
-from typing import Optional
+from typing import Any, Optional
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from lightning_msign.callbacks.progress import StepProgressBar
 from lightning_msign.data import ShakespeareDataModule
 from lightning_msign.litgpt_module import LitGPTModule
 
@@ -37,6 +40,24 @@ class MSignCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.block_size", apply_on="instantiate")
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with :class:`~lightning_msign.StepProgressBar` unless the recipe turns the progress bar
+        off or names its own (a pretraining run counts steps, not the epochs of ``max_epochs=-1``)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        bars = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
+        if len(bars) == 1 and type(bars[0]) in (TQDMProgressBar, RichProgressBar) and not self._named_progress_bar():
+            index = trainer.callbacks.index(bars[0])
+            trainer.callbacks[index] = StepProgressBar()
+        return trainer
+
+    def _named_progress_bar(self) -> bool:
+        """Whether the recipe or command line names a progress bar among the trainer's callbacks."""
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        callbacks = config.get("trainer", {}).get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        return any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
 
 
 def cli_main(args: Optional[ArgsType] = None) -> None:

@@ -239,3 +239,33 @@ def test_optimizer_recipes_build_their_optimizer(recipe, tmp_path, monkeypatch, 
 
     assert type(optimizer) is (Muon if recipe == "muon" else NuMuon)
     assert optimizer.param_groups[0]["use_muon"] and optimizer.param_groups[0]["layouts"][0] == "rows:q=256,k=256,v=256"
+
+
+def test_progress_bar_counts_steps_not_epochs(tmp_path, cache_dir, monkeypatch, capsys):
+    """A step-limited run (max_epochs=-1) shows 'Steps n/max_steps', not Lightning's 'Epoch 0/-2', also with
+    gradient accumulation (steps, not batches)."""
+    monkeypatch.chdir(tmp_path)
+    cli_main([*debug_args(tmp_path, cache_dir), "--trainer.enable_progress_bar", "true", "--trainer.max_steps", "3",
+              "--trainer.accumulate_grad_batches", "2"])
+    captured = capsys.readouterr()
+    err = (captured.out + captured.err).replace("\r", "\n")
+    assert "Steps: 100%" in err and "3/3" in err and "Epoch 0/-2" not in err and "6/6" not in err
+
+
+def test_progress_bar_choice_is_kept(tmp_path, cache_dir, monkeypatch):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from lightning_msign import StepProgressBar
+
+    monkeypatch.chdir(tmp_path)
+    run = ["--config", str(DEBUG), "--data.cache_dir", cache_dir]
+    on = MSignCLI(LitGPTModule, ShakespeareDataModule, auto_configure_optimizers=False, run=False,
+                  args=[*run, "--trainer.enable_progress_bar", "true"])
+    assert type(on.trainer.progress_bar_callback) is StepProgressBar
+    off = MSignCLI(LitGPTModule, ShakespeareDataModule, auto_configure_optimizers=False, run=False, args=run)
+    assert off.trainer.progress_bar_callback is None
+    named = MSignCLI(LitGPTModule, ShakespeareDataModule, auto_configure_optimizers=False, run=False,
+                     args=[*run, "--trainer.enable_progress_bar", "true", '--trainer.callbacks+={"class_path":'
+                           ' "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 2}}'])
+    assert type(named.trainer.progress_bar_callback) is TQDMProgressBar  # the recipe's own, not replaced
+    assert named.trainer.progress_bar_callback.refresh_rate == 2
