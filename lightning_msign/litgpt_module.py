@@ -218,6 +218,8 @@ class LitGPTModule(L.LightningModule):
         - ``train/loss``: cross-entropy of the training batch, every step (progress bar).
         - ``train/z_loss``: the weighted z-loss term added to the objective (only if ``z_loss > 0``).
         - ``val/loss`` / ``test/loss``: cross-entropy averaged over the epoch, synced over ranks.
+        - ``numuon/rank_fraction``, ``numuon/captured_energy``, ``numuon/skipped_nonfinite`` (``optimizer="numuon"``)
+          or ``muon/skipped_nonfinite`` (``"muon"``): what the step did, every step.
 
     Example::
 
