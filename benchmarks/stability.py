@@ -27,6 +27,13 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``arch_warmup``         ``ArchitectureWarmup(start_fraction=0.5, groups=4)``: half the blocks (the bottom ones) from
                         the start, the rest unlocked in 4 groups from the end of the LR warm-up, one every
                         ``steps // 10`` steps (the paper's half depth and 4 groups, its 500-step interval scaled)
+``zclip``              ZClip-style adaptive clipping *instead of* the fixed clip at 1.0 (benchmark-side control,
+                        below): EMA mean and variance of the gradient norm (weight 0.97, initialised from the
+                        first 25 steps); a norm whose z-score exceeds 2.5 is scaled down to mean + 2.5 std, and the
+                        EMA takes the clipped norm (Kumar et al. 2025, arXiv 2504.02507)
+``skip_step``           OLMo-core-style step skipping on top of the fixed clip: the optimizer step is skipped when the
+                        gradient norm is above mean + 6 std of the last 128 kept steps (at least 20 of them), or
+                        non-finite (benchmark-side control, below)
 ``arch_warmup_curv``    the same, an unlock waiting while ``curvature/stability_ratio`` >= 1 (at most ``steps // 5``
                         steps past its due step); needs ``--curvature-every``
 
@@ -96,6 +103,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "z_loss": {"module": {"z_loss": 1e-4}},
     "arch_warmup": {"warmup": {"start_fraction": 0.5, "groups": 4}},
     "arch_warmup_curv": {"warmup": {"start_fraction": 0.5, "groups": 4, "curvature_margin": 1.0}},
+    "zclip": {"zclip": {"z": 2.5, "alpha": 0.97, "warmup": 25}, "clip": None},
+    "skip_step": {"skip": {"sigma": 6.0, "window": 128, "min_window": 20}},
 }
 
 # The full sweep's methods: the issue's list, MSign at P=100 (SVD) and at P=10 (polar express). `pss_early` is
@@ -132,6 +141,77 @@ def _norm_cap_callback(period: int, targets: str) -> Any:
                         t.write(W * (ref / norm))
 
     return NormCap()
+
+
+def _grad_norm(pl_module: Any) -> tuple[list[Any], float]:
+    import torch
+
+    grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+    return grads, float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
+
+
+def _zclip_callback(z: float, alpha: float, warmup: int) -> Any:
+    """``zclip``: ZClip-style adaptive clipping (z-score mode), a benchmark-side control. Single process only."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class ZClipControl(Callback):
+        def __init__(self) -> None:
+            self.first: list[float] = []
+            self.mean: Optional[float] = None
+            self.var = 0.0
+            self.clips = 0
+
+        @torch.no_grad()
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads, norm = _grad_norm(pl_module)
+            if not math.isfinite(norm):
+                return  # left to the run (the divergence test records it)
+            if self.mean is None:
+                self.first.append(norm)
+                if len(self.first) == warmup:
+                    self.mean = sum(self.first) / warmup
+                    self.var = sum((x - self.mean) ** 2 for x in self.first) / warmup
+                return
+            std = math.sqrt(self.var)
+            if (norm - self.mean) / (std + 1e-6) > z:
+                target = self.mean + z * std
+                torch._foreach_mul_(grads, target / norm)
+                norm, self.clips = target, self.clips + 1
+            self.mean = alpha * self.mean + (1 - alpha) * norm
+            self.var = alpha * self.var + (1 - alpha) * (norm - self.mean) ** 2
+
+    return ZClipControl()
+
+
+def _skip_step_callback(sigma: float, window: int, min_window: int) -> Any:
+    """``skip_step``: skip the optimizer step on a gradient-norm outlier (OLMo-core style), a benchmark-side control.
+    Single process only (a skipped step sets every gradient to None: AdamW leaves parameters and moments)."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class SkipStepControl(Callback):
+        def __init__(self) -> None:
+            self.kept: list[float] = []
+            self.skips = 0
+
+        @torch.no_grad()
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            _, norm = _grad_norm(pl_module)
+            recent = self.kept[-window:]
+            outlier = not math.isfinite(norm)
+            if not outlier and len(recent) >= min_window:
+                mean = sum(recent) / len(recent)
+                std = math.sqrt(sum((x - mean) ** 2 for x in recent) / len(recent))
+                outlier = norm > mean + sigma * std
+            if outlier:
+                self.skips += 1
+                for p in pl_module.parameters():
+                    p.grad = None
+            else:
+                self.kept.append(norm)
+
+    return SkipStepControl()
 
 
 # --------------------------------------------------------------------------- one cell (own process)
@@ -187,6 +267,11 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks.append(MSignCallback(**method["msign"]))
     if "cap" in method:
         callbacks.append(_norm_cap_callback(**method["cap"]))
+    controls: dict[str, Any] = {}
+    if "zclip" in method:
+        callbacks.append(controls.setdefault("zclip_clips", _zclip_callback(**method["zclip"])))
+    if "skip" in method:
+        callbacks.append(controls.setdefault("skipped_steps", _skip_step_callback(**method["skip"])))
     if spec.get("curvature_every"):  # before the warm-up, which reads its latest ratio
         from lightning_msign import CurvatureMonitor
 
@@ -210,7 +295,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         pass
     trainer = pl.Trainer(
         accelerator=spec.get("accelerator", "cpu"), devices=1, precision=spec["precision"], max_steps=spec["steps"],
-        gradient_clip_val=spec["clip"], val_check_interval=spec["val_every"], limit_val_batches=spec["val_batches"],
+        gradient_clip_val=method["clip"] if "clip" in method else spec["clip"], val_check_interval=spec["val_every"],
+        limit_val_batches=spec["val_batches"],
         num_sanity_val_steps=0, log_every_n_steps=spec["log_every"], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
         logger=CSVLogger(spec["log_dir"], name=spec["name"], version=0),
@@ -224,7 +310,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         val = float("nan")
     return {**{k: spec[k] for k in ("name", "method", "lr", "seed")}, "diverged_step": divergence.step,
             "final_val_loss": float(val), "max_grad_norm": divergence.max_grad_norm, "wall_s": wall,
-            "steps_done": trainer.global_step, "log_dir": str(Path(spec["log_dir"]) / spec["name"] / "version_0")}
+            "steps_done": trainer.global_step, "log_dir": str(Path(spec["log_dir"]) / spec["name"] / "version_0"),
+            **{key: getattr(cb, "clips", getattr(cb, "skips", None)) for key, cb in controls.items()}}
 
 
 def summarize_logs(cell: dict[str, Any]) -> dict[str, Any]:

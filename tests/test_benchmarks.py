@@ -208,3 +208,44 @@ def test_pss_recovery_quick_resumes_exactly_and_writes_results(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pss_recovery.py"), "--render-only", "--out",
                             str(out)], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert again.returncode == 0 and (out / "pss_recovery.md").read_text() == md  # the table is the JSON's
+
+
+def test_zclip_and_skip_step_controls_act_on_outliers_only():
+    """The stability benchmark's ZClip-style and skip-step controls: calm norms pass untouched; an outlier is
+    clipped to mean + z std (ZClip) or its step skipped (skip-step)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import stability
+
+    module = torch.nn.Linear(4, 4)
+    direction = [torch.randn_like(p) for p in module.parameters()]
+    scale = float(torch.nn.utils.get_total_norm(direction))
+
+    def set_norm(norm):
+        for p, d in zip(module.parameters(), direction):
+            p.grad = d * (norm / scale)
+
+    def total():
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+    calm = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.02]
+    zclip = stability._zclip_callback(z=2.5, alpha=0.97, warmup=5)
+    for norm in calm:
+        set_norm(norm)
+        zclip.on_before_optimizer_step(None, module, None)
+        assert total() == pytest.approx(norm, rel=1e-5)
+    mean, std = zclip.mean, math.sqrt(zclip.var)
+    set_norm(50.0)
+    zclip.on_before_optimizer_step(None, module, None)
+    assert total() == pytest.approx(mean + 2.5 * std, rel=1e-4) and zclip.clips == 1
+
+    skip = stability._skip_step_callback(sigma=6.0, window=128, min_window=5)
+    for norm in calm:
+        set_norm(norm)
+        skip.on_before_optimizer_step(None, module, None)
+        assert total() == pytest.approx(norm, rel=1e-5)
+    set_norm(50.0)
+    skip.on_before_optimizer_step(None, module, None)
+    assert total() is None and skip.skips == 1 and len(skip.kept) == len(calm)
