@@ -84,7 +84,7 @@ from common import (
     ratio_cell,
     summary,
 )
-from stability import LOSS_AT_INIT, MODEL_QUICK, MODEL_12x64
+from stability import LOSS_AT_INIT, MODEL_QUICK, MODEL_12x64, divergence_callback
 
 PARTS = ("train", "guards", "overhead")
 TRAIN_METHODS = ["adamw", "muon", "numuon_r0.5", "numuon_r0.25", "numuon_r0.125"]
@@ -140,22 +140,6 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         resolve_targets,
     )
 
-    class Divergence(Callback):
-        """Stops the run at the first non-finite loss, or when the mean loss of the window is above the limit."""
-
-        def __init__(self) -> None:
-            self.step: Optional[int] = None
-            self.recent: list[float] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-            self.recent = (self.recent + [loss])[-spec["diverge_window"]:]
-            too_high = (len(self.recent) == spec["diverge_window"]
-                        and sum(self.recent) / len(self.recent) > spec["diverge_loss"])
-            if self.step is None and (not math.isfinite(loss) or too_high):
-                self.step = trainer.global_step
-                trainer.should_stop = True
-
     class StepTimer(Callback):
         """Wall time of each training step: batch start to the end of the callbacks' ``on_train_batch_end``
         (forward, backward, clipping, optimizer step, guards, monitor); last in the list."""
@@ -189,7 +173,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             if trainer.global_step >= spec["steps"]:
                 self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
-    divergence, timer, snapshot = Divergence(), StepTimer(), Snapshot()
+    divergence = divergence_callback(spec["diverge_window"], spec["diverge_loss"], grad_norm=False)
+    timer, snapshot = StepTimer(), Snapshot()
     # The monitor reads the weights before a guard acts at that step: what the optimizer made of them since the
     # guard's last application (after it, MSign's targets would always read as full rank).
     callbacks: list[Any] = [divergence, StableRankMonitor(targets="all_2d", every_n_steps=spec["srank_every"])]

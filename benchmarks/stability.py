@@ -143,6 +143,34 @@ def _norm_cap_callback(period: int, targets: str) -> Any:
     return NormCap()
 
 
+def divergence_callback(window: int, limit: float, grad_norm: bool = True) -> Any:
+    """Stops the run at the first non-finite training loss, or when the mean loss of the last ``window`` steps is
+    above ``limit``, recording the step in ``.step``; with ``grad_norm`` also the largest gradient norm before
+    clipping (``.max_grad_norm``, inf once one was non-finite). Put it first among the callbacks."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Divergence(Callback):
+        def __init__(self) -> None:
+            self.step: Optional[int] = None
+            self.max_grad_norm = 0.0
+            self.recent: list[float] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if grad_norm:
+                norm = _grad_norm(pl_module)[1]
+                self.max_grad_norm = max(self.max_grad_norm, norm) if math.isfinite(norm) else float("inf")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+            self.recent = (self.recent + [loss])[-window:]
+            too_high = len(self.recent) == window and sum(self.recent) / len(self.recent) > limit
+            if self.step is None and (not math.isfinite(loss) or too_high):
+                self.step = trainer.global_step
+                trainer.should_stop = True
+
+    return Divergence()
+
+
 def _grad_norm(pl_module: Any) -> tuple[list[Any], float]:
     import torch
 
@@ -221,34 +249,11 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_msign import LitGPTModule, MSignCallback, PSSCallback, ShakespeareDataModule, StableRankMonitor
 
     method = METHODS[spec["method"]]
-
-    class Divergence(Callback):
-        """Stops the run at the first non-finite loss or a loss above the limit; records the maxima."""
-
-        def __init__(self) -> None:
-            self.step: Optional[int] = None
-            self.max_grad_norm = 0.0
-            self.recent: list[float] = []
-
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.get_total_norm(grads))
-            self.max_grad_norm = max(self.max_grad_norm, norm) if math.isfinite(norm) else float("inf")
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-            self.recent = (self.recent + [loss])[-spec["diverge_window"]:]
-            too_high = (len(self.recent) == spec["diverge_window"]
-                        and sum(self.recent) / len(self.recent) > spec["diverge_loss"])
-            if self.step is None and (not math.isfinite(loss) or too_high):
-                self.step = trainer.global_step
-                trainer.should_stop = True
 
     pl.seed_everything(spec["seed"], verbose=False)
     model_config = {**spec["model"], **method.get("model", {})}
@@ -259,7 +264,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     )
     data = ShakespeareDataModule(tokenizer="byte", seq_len=spec["seq_len"], batch_size=spec["batch_size"],
                                  seed=spec["seed"])
-    divergence = Divergence()
+    divergence = divergence_callback(spec["diverge_window"], spec["diverge_loss"])
     callbacks: list[Any] = [divergence]
     if "pss" in method:
         callbacks.append(PSSCallback(**method["pss"]))

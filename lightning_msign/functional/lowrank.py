@@ -142,7 +142,7 @@ def rank_k_sign(
     """
     U, S, V = block_krylov_topk(M, k, iterations=iterations, oversample=oversample, start=start, seed=seed)
     m, n = M.shape
-    tol = S[:1].amax() * (max(m, n) * torch.finfo(S.dtype).eps) if S.numel() else S.new_zeros(())
+    tol = S[0] * (max(m, n) * torch.finfo(S.dtype).eps)  # S holds k >= 1 values, largest first
     keep = S > tol
     kept = int(keep.sum())
     sign = (U * keep.to(U.dtype)) @ V.mT

@@ -531,17 +531,10 @@ class NuMuon(Optimizer):
             )
         results: dict[str, _BlockResult] = {}
         if blocks:
-            plan = WholeMatrixPlan(blocks, distributed)
-            options = {id(g): g for g in groups}
-
             def compute(owned: list[OwnedMatrix]) -> dict[int, _BlockResult]:
-                out = {}
-                for o in owned:
-                    group = options[id(owners[o.index][0])]
-                    out[o.index] = self._orthogonalize(o, group, starts[o.index])
-                return out
+                return {o.index: self._orthogonalize(o, owners[o.index][0], starts[o.index]) for o in owned}
 
-            results = plan.run(compute, _BlockResult)
+            results = WholeMatrixPlan(blocks, distributed).run(compute, _BlockResult)
         captured, by_param_bad = [], set()
         for block, (group, p, slot) in zip(blocks, owners):
             r = results.get(block.name)
