@@ -34,6 +34,15 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``skip_step``           OLMo-core-style step skipping on top of the fixed clip: the optimizer step is skipped when the
                         gradient norm is above mean + 6 std of the last 128 kept steps (at least 20 of them), or
                         non-finite (benchmark-side control, below)
+``msign_qk_logit``      ``MSignCallback(period=None, max_attn_logit=100, targets="qk", backend="polar_express",
+                        min_spacing=1)``: MSign on a layer's Q and K after any step whose attention logits (first 4
+                        sequences of the batch) exceed 100; nothing otherwise
+``msign_qk_logit50``    the same with the threshold at 50
+``msign_qk_logit30``    the same with the threshold at 30
+``qk_clip``             QK-Clip (Kimi K2, arXiv 2507.20534; benchmark-side control, below): after every step, each
+                        head whose largest logit s_h (first 4 sequences of the batch) exceeds tau = 100 has its Q and K
+                        rows scaled by sqrt(tau / s_h)
+``qk_clip_30``          the same with tau = 30
 ``arch_warmup_curv``    the same, an unlock waiting while ``curvature/stability_ratio`` >= 1 (at most ``steps // 5``
                         steps past its due step); needs ``--curvature-every``
 
@@ -105,6 +114,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "arch_warmup_curv": {"warmup": {"start_fraction": 0.5, "groups": 4, "curvature_margin": 1.0}},
     "zclip": {"zclip": {"z": 2.5, "alpha": 0.97, "warmup": 25}, "clip": None},
     "skip_step": {"skip": {"sigma": 6.0, "window": 128, "min_window": 20}},
+    "msign_qk_logit": {"msign": {"period": None, "targets": "qk", "backend": "polar_express", "max_attn_logit": 100.0,
+                                 "min_spacing": 1}},
+    "msign_qk_logit50": {"msign": {"period": None, "targets": "qk", "backend": "polar_express",
+                                   "max_attn_logit": 50.0, "min_spacing": 1}},
+    "msign_qk_logit30": {"msign": {"period": None, "targets": "qk", "backend": "polar_express",
+                                   "max_attn_logit": 30.0, "min_spacing": 1}},
+    "qk_clip": {"qk_clip": {"tau": 100.0}},
+    "qk_clip_30": {"qk_clip": {"tau": 30.0}},
 }
 
 # The full sweep's methods: the issue's list, MSign at P=100 (SVD) and at P=10 (polar express). `pss_early` is
@@ -243,6 +260,57 @@ def _skip_step_callback(sigma: float, window: int, min_window: int) -> Any:
 
 
 # --------------------------------------------------------------------------- one cell (own process)
+def _qk_clip_callback(tau: float, probe_batch_size: int = 4) -> Any:
+    """QK-Clip for LitGPT multi-head attention (benchmark-side control): after each optimizer step, measure each
+    head's largest attention logit s_h on the first sequences of the batch just trained on; for s_h > tau scale the
+    head's query and key rows of ``attn.qkv.weight`` by sqrt(tau / s_h), so that its logits shrink by tau / s_h.
+    Kimi K2 reads s_h from its attention kernel during the training forward; here it is one extra forward pass of
+    ``probe_batch_size`` sequences. Single process."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_msign.functional import attention_logit_max_per_head
+    from lightning_msign.guards.diagnostics import batch_input_ids
+    from lightning_msign.models.base import attention_module, attention_probe, find_decoder
+
+    class QKClip(Callback):
+        def __init__(self) -> None:
+            self.clips = 0  # (step, head) pairs rescaled
+
+        def on_fit_start(self, trainer, pl_module):
+            self.decoder = find_decoder(pl_module)
+            config = self.decoder.model.config
+            if config.n_query_groups != config.n_head or getattr(config, "bias", False):
+                raise SystemExit("qk_clip: this control handles multi-head attention without biases only")
+            self.n_head, self.hs = config.n_head, config.head_size
+
+        @torch.no_grad()
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            ids = batch_input_ids(batch)[:probe_batch_size]
+            probes = [attention_probe(attention_module(b), keep=True) for b in self.decoder.blocks]
+            handles = [h for p in probes for h in p.attach()]
+            modes = [(m, m.training) for m in pl_module.modules()]
+            try:
+                pl_module.eval()
+                self.decoder(ids.to(next(pl_module.parameters()).device))
+            finally:
+                for h in handles:
+                    h.remove()
+                for m, training in modes:
+                    m.training = training
+            C = self.n_head * self.hs
+            for block, probe in zip(self.decoder.blocks, probes):
+                s = attention_logit_max_per_head(probe.query, probe.key, probe.scale)
+                w = attention_module(block).qkv.weight
+                for h in torch.nonzero(s > tau).flatten().tolist():
+                    factor = math.sqrt(tau / float(s[h]))
+                    w[h * self.hs:(h + 1) * self.hs].mul_(factor)  # W_q of head h
+                    w[C + h * self.hs:C + (h + 1) * self.hs].mul_(factor)  # W_k of head h
+                    self.clips += 1
+
+    return QKClip()
+
+
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one (method, lr, seed) cell and return its summary; runs in a fresh process."""
     import torch
@@ -266,13 +334,17 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                                  seed=spec["seed"])
     divergence = divergence_callback(spec["diverge_window"], spec["diverge_loss"])
     callbacks: list[Any] = [divergence]
+    controls: dict[str, Any] = {}
     if "pss" in method:
         callbacks.append(PSSCallback(**method["pss"]))
     if "msign" in method:
         callbacks.append(MSignCallback(**method["msign"]))
+        if method["msign"].get("period", 100) is None:
+            controls["msign_triggers"] = callbacks[-1]
     if "cap" in method:
         callbacks.append(_norm_cap_callback(**method["cap"]))
-    controls: dict[str, Any] = {}
+    if "qk_clip" in method:
+        callbacks.append(controls.setdefault("qk_clips", _qk_clip_callback(**method["qk_clip"])))
     if "zclip" in method:
         callbacks.append(controls.setdefault("zclip_clips", _zclip_callback(**method["zclip"])))
     if "skip" in method:
@@ -316,7 +388,16 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     return {**{k: spec[k] for k in ("name", "method", "lr", "seed")}, "diverged_step": divergence.step,
             "final_val_loss": float(val), "max_grad_norm": divergence.max_grad_norm, "wall_s": wall,
             "steps_done": trainer.global_step, "log_dir": str(Path(spec["log_dir"]) / spec["name"] / "version_0"),
-            **{key: getattr(cb, "clips", getattr(cb, "skips", None)) for key, cb in controls.items()}}
+            **{key: _count(cb) for key, cb in controls.items()}}
+
+
+def _count(callback: Any) -> Optional[int]:
+    """What a control counted: clips, skipped steps, or triggered MSign applications."""
+    for attr in ("clips", "skips"):
+        if hasattr(callback, attr):
+            return getattr(callback, attr)
+    guard = getattr(callback, "guard", None)
+    return getattr(guard, "triggers", None)
 
 
 def summarize_logs(cell: dict[str, Any]) -> dict[str, Any]:

@@ -108,6 +108,24 @@ def any_process(flag: bool, device: Optional[torch.device] = None) -> bool:
     return bool(value.item() > 0)
 
 
+def max_over_processes(values: Sequence[float], device: Optional[torch.device] = None) -> list[float]:
+    """Element-wise maximum of ``values`` over every process (one ``all_reduce``; a NaN loses to a number).
+
+    Every process must pass a list of the same length, so a decision taken from the result is the same on
+    all of them. On a single process the values come back as floats.
+    """
+    out = [float(v) for v in values]
+    if not is_distributed() or not out:
+        return out
+    backend = dist.get_backend()
+    dev = device if device is not None and backend != "gloo" else torch.device("cpu")
+    if backend == "nccl" and (device is None or device.type != "cuda"):
+        dev = torch.device("cuda", torch.cuda.current_device())
+    tensor = torch.tensor([-math.inf if math.isnan(v) else v for v in out], dtype=torch.float64, device=dev)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [math.nan if v == -math.inf else v for v in tensor.tolist()]
+
+
 class MatrixResult:
     """Base of the per-matrix results a computation returns (subclasses are dataclasses).
 

@@ -41,6 +41,12 @@ MSIGN_SRANK_BEFORE_PREFIX = "msign/srank_before/"  # exact stable rank before th
 MSIGN_SRANK_AFTER_PREFIX = "msign/srank_after/"  # exact stable rank after the application: .../<matrix>
 MSIGN_SRANK_BEFORE_MIN = "msign/srank_before_min"  # minimum over matrices before the application
 MSIGN_SRANK_AFTER_MIN = "msign/srank_after_min"  # minimum over matrices after the application
+MSIGN_TRIGGERS = "msign/triggers"  # applications a precursor trigger caused, so far; logged at each application
+MSIGN_MATRICES = "msign/matrices"  # matrices signed in this application
+MSIGN_ATTN_LOGIT_MAX = "msign/attn_logit_max"  # largest attention logit the trigger read (max over layers, processes)
+MSIGN_SRANK_FRACTION_MIN = "msign/srank_fraction_min"  # min over targets of stable rank / its reference
+MSIGN_GRAD_RATIO = "msign/grad_ratio"  # gradient norm / its EWMA, as the trigger read it
+MSIGN_CURVATURE_RATIO = "msign/curvature_ratio"  # the curvature monitor's stability ratio the trigger read
 
 # --------------------------------------------------------------------------- optim.NuMuon / optim.Muon
 NUMUON_RANK_FRACTION = "numuon/rank_fraction"  # rank fraction r(t) of the step (first Muon group)

@@ -9,21 +9,28 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
+from lightning_msign.callbacks.warmup import stability_ratio_source
+from lightning_msign.guards.diagnostics import batch_input_ids
 from lightning_msign.guards.msign import MSign, MSignBackend
 
 
 class MSignCallback(GuardCallback):
-    r"""Restore the stable rank of target matrices every ``period`` optimizer steps (MSign, arXiv 2602.01734).
+    r"""Restore the stable rank of target matrices every ``period`` optimizer steps, or when a measured precursor
+    (attention logits, stable rank, gradient-norm ratio, curvature) says so (MSign, arXiv 2602.01734).
 
-    The math, the arguments and the metrics are those of :class:`~lightning_msign.MSign` (read its
-    docstring); this callback applies it after the optimizer steps ``period, 2 * period, ...``
-    (``trainer.global_step``: once per optimizer step under gradient accumulation, right on resume) and
-    writes its metrics straight to the Trainer's loggers at the step index of that batch's
-    ``train/loss``. Under DDP and FSDP2 (``ModelParallelStrategy``) each whole matrix is signed on one
-    process and shared; a shard is never signed.
+    The math, the arguments, the triggers and the metrics are those of :class:`~lightning_msign.MSign` (read
+    its docstring). This callback checks and applies after each optimizer step (``trainer.global_step``: once
+    per optimizer step under gradient accumulation, right on resume), on the token ids of the batch just
+    trained on (``max_attn_logit``: a tensor, a dict's ``"input_ids"`` or a sequence's first element), reads
+    the gradient norm in ``on_before_optimizer_step`` (``max_grad_ratio``) and the latest stability ratio of
+    the Trainer's curvature monitor (``max_curvature_ratio``), and writes its metrics straight to the
+    Trainer's loggers at the step index of that batch's ``train/loss``. Under DDP and FSDP2
+    (``ModelParallelStrategy``) each whole matrix is signed on one process and shared; a shard is never
+    signed; every process takes the same decision.
 
-    What it really does here: at a failing learning rate it closed only part of the loss gap that
-    qk-norm closes, and at healthy ones it costs loss (README, "Measured stability").
+    What it really does here: periodic MSign at a failing learning rate closed only part of the loss gap
+    that qk-norm closes, and at healthy ones it costs loss; triggered by attention logits it leaves healthy
+    runs alone (README, "Measured stability").
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, for targets that match no matrix
@@ -44,34 +51,73 @@ class MSignCallback(GuardCallback):
 
     def __init__(
         self,
-        period: int = 100,
+        period: Optional[int] = 100,
         targets: Union[str, list[str]] = "attention",
         backend: MSignBackend = "svd",
         steps: Optional[int] = None,
         split_qkv: bool = True,
         log_stable_rank: bool = True,
         layouts: Optional[dict[str, str]] = None,
+        max_attn_logit: Optional[float] = None,
+        min_srank_fraction: Optional[float] = None,
+        max_grad_ratio: Optional[float] = None,
+        max_curvature_ratio: Optional[float] = None,
+        check_every: int = 1,
+        min_spacing: int = 10,
+        warmup_steps: int = 100,
+        grad_alpha: float = 0.1,
+        probe_batch_size: Optional[int] = 4,
+        probe_seq_len: Optional[int] = 128,
+        model_attr: Optional[str] = None,
     ) -> None:
-        super().__init__(MSign(None, period, targets, backend, steps, split_qkv, log_stable_rank, layouts))
+        super().__init__(MSign(
+            None, period, targets, backend, steps, split_qkv, log_stable_rank, layouts, max_attn_logit,
+            min_srank_fraction, max_grad_ratio, max_curvature_ratio, check_every, min_spacing, warmup_steps,
+            grad_alpha, probe_batch_size, probe_seq_len, model_attr,
+        ))
+        self._curvature: Any = None
 
     @property
     @override
     def state_key(self) -> str:
         g = self.guard
-        return self._generate_state_key(period=g.period, targets=g.targets, backend=g.backend)
+        names = ("max_attn_logit", "min_srank_fraction", "max_grad_ratio", "max_curvature_ratio")
+        triggers = {k: getattr(g, k) for k in names if getattr(g, k) is not None}
+        return self._generate_state_key(period=g.period, targets=g.targets, backend=g.backend, **triggers)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         g = self.guard
-        rank_zero_info(
-            f"MSignCallback: {len(g.matrices)} matrices, every {g.period} optimizer steps, backend {g.backend!r}"
-        )
+        if g.max_curvature_ratio is not None:
+            self._curvature = stability_ratio_source(trainer)
+            if self._curvature is None:
+                raise ValueError(
+                    f"MSignCallback(max_curvature_ratio={g.max_curvature_ratio!r}) needs a CurvatureMonitor among the"
+                    " Trainer's callbacks (a callback whose guard has `latest_stability_ratio`): add one, or set"
+                    " max_curvature_ratio=None"
+                )
+        when = [] if g.period is None else [f"every {g.period} optimizer steps"]
+        when += [f"{k} {v:g}" for k, v in (("attention logit >", g.max_attn_logit),
+                                            ("stable rank < reference x", g.min_srank_fraction),
+                                            ("gradient-norm ratio >=", g.max_grad_ratio),
+                                            ("stability ratio >=", g.max_curvature_ratio)) if v is not None]
+        rank_zero_info(f"MSignCallback: {len(g.matrices)} matrices, {'; '.join(when)}, backend {g.backend!r}")
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if self.guard.max_grad_ratio is not None:
+            self.guard.before_optimizer_step(trainer.global_step + 1)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        metrics = self.guard.step(trainer.global_step)
+        g = self.guard
+        ids = batch_input_ids(batch) if g.max_attn_logit is not None else None
+        curvature = None if self._curvature is None else self._curvature.guard.latest_stability_ratio
+        metrics = g.step(trainer.global_step, input_ids=ids, curvature_ratio=curvature)
         if metrics:
             log_to_loggers(trainer, metrics, step=trainer.global_step - 1)

@@ -1,6 +1,11 @@
 """Pure tensor math of lightning_msign: no Lightning import, usable in any training loop."""
 
-from lightning_msign.functional.attention import attention_logit_max, causal_allowed, output_logit_stats
+from lightning_msign.functional.attention import (
+    attention_logit_max,
+    attention_logit_max_per_head,
+    causal_allowed,
+    output_logit_stats,
+)
 from lightning_msign.functional.curvature import (
     adam_preconditioner,
     edge_of_stability,
@@ -45,6 +50,7 @@ __all__ = [
     "sdpa_math_kernel",
     "finite_matrices",
     "attention_logit_max",
+    "attention_logit_max_per_head",
     "causal_allowed",
     "output_logit_stats",
     "SignedBatch",

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["attention_logit_max", "causal_allowed", "output_logit_stats"]
+__all__ = ["attention_logit_max", "attention_logit_max_per_head", "causal_allowed", "output_logit_stats"]
 
 
 def causal_allowed(T: int, window: Optional[int] = None, device: Optional[torch.device] = None) -> Tensor:
@@ -65,6 +65,18 @@ def attention_logit_max(q: Tensor, k: Tensor, scale: float, window: Optional[int
         >>> attention_logit_max(q, q, scale=0.5).item()  # pair (1, 1): 9 * 0.5; pair (0, 1) is not causal
         4.5
     """
+    return attention_logit_max_per_head(q, k, scale, window).amax()
+
+
+def attention_logit_max_per_head(q: Tensor, k: Tensor, scale: float, window: Optional[int] = None) -> Tensor:
+    r"""Largest attention logit in absolute value of each query head, :math:`\max_{b,t,\,j \in A(t)} |s_{b,h,t,j}|`.
+
+    The per-head maxima that QK-Clip (Kimi K2, arXiv 2507.20534) rescales by; arguments, checks and memory as
+    :func:`attention_logit_max`, whose value is the maximum of this vector.
+
+    Returns:
+        A tensor ``(n_head,)`` of ``q``'s dtype.
+    """
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"`q` and `k` must be 4-dimensional (B, heads, T, hs), got shapes {tuple(q.shape)}"
                          f" and {tuple(k.shape)}")
@@ -78,12 +90,13 @@ def attention_logit_max(q: Tensor, k: Tensor, scale: float, window: Optional[int
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"`window` must be None or a positive int, got {window!r}")
     allowed = causal_allowed(T, window, q.device)
-    q = q.reshape(B, n_groups, n_head // n_groups, T, hs)
-    best = q.new_zeros(())
+    per_group = n_head // n_groups
+    q = q.reshape(B, n_groups, per_group, T, hs)
+    out = []
     for g in range(n_groups):
         scores = q[:, g] @ k[:, g, None].mT  # (B, heads per group, T, T)
-        best = torch.maximum(best, scores.abs().masked_fill(~allowed, 0).amax())
-    return best * scale
+        out.append(scores.abs().masked_fill(~allowed, 0).amax(dim=(0, 2, 3)))
+    return torch.cat(out) * scale
 
 
 def output_logit_stats(logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,72 @@
+"""A 2-process run for tests/test_msign_triggers.py (run as a script, not collected).
+
+``python tests/triggers_job.py --strategy ddp|fsdp2 --out DIR`` trains the tiny LitGPT of tests/conftest.py at a
+learning rate where its attention logits run away, with MSign triggered by them; every process writes
+``DIR/rank<r>.pt``: the attention-logit maxima it measured on its own batch after each step (before MSign acts),
+the steps MSign applied after, the guard's state and the whole parameters at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
+from test_msign_triggers import LogitRecorder  # noqa: E402
+
+from lightning_msign import MSignCallback  # noqa: E402
+from lightning_msign.targets import is_sharded  # noqa: E402
+
+from conftest import tiny_data, tiny_module, trainer_kwargs  # noqa: E402
+
+# At step 5 layer 0's largest logit (one sequence each) is 21.5 on rank 0 and 24.7 on rank 1, layer 1's 32 on
+# both, everything below 17 before: with 23 the processes see different hot layers at the first trigger.
+THRESHOLD, SPACING, STEPS = 23.0, 3, 16
+
+
+class Save(Callback):
+    def __init__(self, out: str, msign: MSignCallback, recorder: LogitRecorder) -> None:
+        self.out, self.msign, self.recorder = out, msign, recorder
+
+    def on_fit_end(self, trainer, pl_module):
+        whole = {n: (p.full_tensor() if is_sharded(p) else p.data).detach().clone().cpu()
+                 for n, p in pl_module.named_parameters()}
+        torch.save({
+            "per_layer": self.recorder.per_layer, "trigger_steps": list(self.msign.guard.trigger_steps),
+            "state": self.msign.guard.state_dict(), "whole_params": whole, "threshold": self.msign.guard.max_attn_logit,
+            "spacing": SPACING, "target_names": self.msign.guard.target_names,
+        }, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", required=True, choices=("ddp", "fsdp2"))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--threshold", type=float, default=THRESHOLD)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(1)
+    seed_everything(0, verbose=False)
+    strategy: Any = args.strategy
+    if args.strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    recorder = LogitRecorder(batch_size=1)
+    msign = MSignCallback(period=None, targets="qk", max_attn_logit=args.threshold, min_spacing=SPACING,
+                          probe_batch_size=1)
+    trainer = Trainer(**trainer_kwargs(args.out, devices=2, strategy=strategy, max_steps=STEPS),
+                      callbacks=[recorder, msign])
+    trainer.callbacks.append(Save(args.out, msign, recorder))
+    trainer.fit(tiny_module(lr=0.1), tiny_data(batch_size=8, num_workers=0))
+
+
+if __name__ == "__main__":
+    main()
