@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test bench clean
+.PHONY: setup train train-healthy test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# The main job: a short MSign training of a ~5M LitGPT on the shipped Shakespeare corpus, with
-# stable-rank logging to CSV and TensorBoard under logs/ (see recipes/shakespeare/msign.yaml).
+# The main job: the same LitGPT run on the shipped Shakespeare corpus at a learning rate where its attention
+# logits run away, unguarded and with the suite's recommended guard, watched by the monitors (logs under logs/),
+# then `lightning-msign report` of both (reports/high-lr/report.png and .html) and a one-line verdict.
 train: $(STAMP)
-	$(VENV)/bin/lightning-msign fit --config recipes/shakespeare/msign.yaml
+	$(VENV)/bin/lightning-msign fit --config recipes/shakespeare/high_lr.yaml
+	$(VENV)/bin/lightning-msign fit --config recipes/shakespeare/high_lr_guarded.yaml
+	$(VENV)/bin/lightning-msign report logs/csv/shakespeare-high-lr logs/csv/shakespeare-high-lr-guarded \
+		--label "unguarded (LR 0.03)" --label "guarded (LR 0.03)" --out reports/high-lr \
+		--title "LR 0.03: unguarded vs the recommended guard"
+
+# A healthy-learning-rate run of a ~5M LitGPT (recipes/shakespeare/baseline.yaml; the other recipes there add
+# one method each).
+train-healthy: $(STAMP)
+	$(VENV)/bin/lightning-msign fit --config recipes/shakespeare/baseline.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

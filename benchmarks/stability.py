@@ -311,6 +311,27 @@ def _qk_clip_callback(tau: float, probe_batch_size: int = 4) -> Any:
     return QKClip()
 
 
+def _lr_jump_callback(step: int, factor: float) -> Any:
+    """Before optimizer step ``step + 1``, multiply every parameter group's learning rate and the scheduler's base
+    rates by ``factor`` (the schedule goes on from there, ``factor`` times higher): a run resumed with a raised LR."""
+    from lightning.pytorch.callbacks import Callback
+
+    class LRJump(Callback):
+        done = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.done or trainer.global_step != step:
+                return
+            for config in trainer.lr_scheduler_configs:
+                config.scheduler.base_lrs = [lr * factor for lr in config.scheduler.base_lrs]
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] *= factor
+            self.done = True
+
+    return LRJump()
+
+
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one (method, lr, seed) cell and return its summary; runs in a fresh process."""
     import torch
@@ -335,6 +356,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     divergence = divergence_callback(spec["diverge_window"], spec["diverge_loss"])
     callbacks: list[Any] = [divergence]
     controls: dict[str, Any] = {}
+    if spec.get("lr_jump"):
+        callbacks.append(_lr_jump_callback(*spec["lr_jump"]))
     if "pss" in method:
         callbacks.append(PSSCallback(**method["pss"]))
     if "msign" in method:
@@ -501,7 +524,9 @@ def render(res: dict[str, Any]) -> str:
         f"Setup: {json.dumps(res['settings']['model'])}, batch {res['settings']['batch_size']} x "
         f"{res['settings']['seq_len']}, {res['settings']['steps']} steps, clip {res['settings']['clip']}, "
         f"{res['settings']['precision']}, warm-up {res['settings']['warmup']}, seeds {res['settings']['seeds']}"
-        + (f", module {json.dumps(res['settings']['module'])}." if res["settings"].get("module") else "."),
+        + (f", module {json.dumps(res['settings']['module'])}" if res["settings"].get("module") else "")
+        + (f", learning rate x{res['settings']['lr_jump'][1]:g} from step {res['settings']['lr_jump'][0]:g} on"
+           if res["settings"].get("lr_jump") else "") + ".",
         "",
         "## Final validation loss (mean over seeds; a diverged run counts as ln 256 = 5.55)",
         "",
@@ -660,6 +685,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="extra LitGPTModule arguments as JSON (e.g. the muP-style knobs lr_mult_2d, "
                         "zero_init_query)")
     parser.add_argument("--no-clip", action="store_true", help="no gradient clipping (default: clip at 1.0)")
+    parser.add_argument("--lr-jump", type=float, nargs=2, default=None, metavar=("STEP", "FACTOR"),
+                        help="before optimizer step STEP + 1, multiply the learning rate (and its schedule) by FACTOR:"
+                             " a run resumed with a raised learning rate")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--diverge-loss", type=float, default=LOSS_AT_INIT + 1.0)
     parser.add_argument("--diverge-window", type=int, default=50, help="steps averaged by the divergence test")
@@ -698,7 +726,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = {"model": args.model or MODEL_12x64, "steps": args.steps, "warmup": args.warmup,
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "clip": None if args.no_clip else 1.0,
                 "precision": args.precision, "seeds": args.seeds, "lrs": args.lrs, "methods": args.methods,
-                "module": args.module}
+                "module": args.module, **({"lr_jump": args.lr_jump} if args.lr_jump else {})}
     specs = []
     for seed in args.seeds:  # seed-major: an interrupted sweep has whole seeds (cells are saved as they end)
         for lr in args.lrs:
@@ -716,6 +744,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     specs[-1]["module"] = args.module
                 if args.log_norms:
                     specs[-1]["log_norms"] = True
+                if args.lr_jump:
+                    specs[-1]["lr_jump"] = [int(args.lr_jump[0]), float(args.lr_jump[1])]
                 if args.curvature_every:
                     specs[-1]["curvature_every"] = args.curvature_every
 

@@ -269,3 +269,38 @@ def test_progress_bar_choice_is_kept(tmp_path, cache_dir, monkeypatch):
                            ' "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 2}}'])
     assert type(named.trainer.progress_bar_callback) is TQDMProgressBar  # the recipe's own, not replaced
     assert named.trainer.progress_bar_callback.refresh_rate == 2
+
+
+def test_main_job_recipes_differ_only_by_the_guard():
+    """`make train`'s two runs: the guarded recipe is the unguarded one plus one MSignCallback (and other names)."""
+    plain = yaml.safe_load((ROOT / "recipes/shakespeare/high_lr.yaml").read_text())
+    guarded = yaml.safe_load((ROOT / "recipes/shakespeare/high_lr_guarded.yaml").read_text())
+    names = {lg["init_args"].pop("name") for run in (plain, guarded) for lg in run["trainer"]["logger"]}
+    assert names == {"shakespeare-high-lr", "shakespeare-high-lr-guarded"}
+    (guard,) = [c for c in guarded["trainer"]["callbacks"] if c["class_path"] == "lightning_msign.MSignCallback"]
+    guarded["trainer"]["callbacks"].remove(guard)
+    assert plain == guarded
+    assert guard["init_args"]["period"] is None and guard["init_args"]["max_attn_logit"] > 0
+    assert guard["init_args"]["targets"] == "qk"
+
+
+def test_main_job_runs_both_recipes_and_reports_them(tmp_path, monkeypatch, cache_dir, capsys):
+    """The Makefile's `train` target, shortened to 12 steps of a 2-layer model: two fits, then the report and its
+    verdict; the guard fires at this LR and model within those steps."""
+    monkeypatch.chdir(tmp_path)
+    make = (ROOT / "Makefile").read_text()
+    assert "recipes/shakespeare/high_lr.yaml" in make and "recipes/shakespeare/high_lr_guarded.yaml" in make
+    short = ["--trainer.max_steps", "12", "--model.max_steps", "12", "--model.warmup_steps", "2",
+             "--model.model_config.n_layer", "2", "--model.lr", "0.1", "--trainer.val_check_interval", "6",
+             "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+             "--data.cache_dir", cache_dir]
+    for recipe in ("high_lr", "high_lr_guarded"):
+        cli_main(["fit", "--config", str(ROOT / f"recipes/shakespeare/{recipe}.yaml"), *short])
+    capsys.readouterr()
+    cli_main(["report", "logs/csv/shakespeare-high-lr", "logs/csv/shakespeare-high-lr-guarded", "--label", "unguarded",
+              "--label", "guarded", "--out", "reports/high-lr"])
+    printed = capsys.readouterr().out.splitlines()
+    assert (tmp_path / "reports/high-lr/report.png").exists() and (tmp_path / "reports/high-lr/report.html").exists()
+    assert printed[-1].startswith("guarded vs unguarded: final val loss ")
+    applied = column(read_metrics(tmp_path / "logs/csv/shakespeare-high-lr-guarded"), "msign/applications")
+    assert applied and printed[-1].endswith(f"MSign applications {int(applied[-1])} vs 0")

@@ -76,9 +76,14 @@ def test_report_of_two_real_runs_through_the_cli(two_runs, tmp_path, capsys):
         ["report", str(two_runs["a_parent"]), str(two_runs["b_tb"]), "--out", str(out),
          "--label", "A (pss)", "--label", "B (tb)", "--title", "two runs"]
     )
-    printed = capsys.readouterr().out.split()
+    printed = capsys.readouterr().out.splitlines()
     png, page_path = out / "report.png", out / "report.html"
-    assert printed == [str(png), str(page_path)]
+    assert printed[:2] == [str(png), str(page_path)] and len(printed) == 3
+    # The verdict: the last run against the first, from what they logged.
+    a, b = (summarize(load_run(p)) for p in (two_runs["a_parent"], two_runs["b_tb"]))
+    assert printed[2].startswith("B (tb) vs A (pss): final val loss ")
+    assert f"{b['final_val_loss']:.3f} vs {a['final_val_loss']:.3f}" in printed[2]
+    assert printed[2].endswith(f"MSign applications {b['msign_applications']} vs {a['msign_applications']}")
 
     image = Image.open(png)
     image.verify()

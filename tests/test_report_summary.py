@@ -72,3 +72,19 @@ def test_curvature_and_unlock_steps(tmp_path):
     page = Path(html_path).read_text(encoding="utf-8")
     for title in ("Curvature / edge of stability", "Active blocks", "block unlock steps"):
         assert title in page
+
+
+def test_verdict_compares_the_last_run_with_the_first(tmp_path):
+    from report_logs import synthetic_run
+
+    from lightning_msign.report import load_run, verdict
+
+    calm = load_run(synthetic_run(tmp_path / "calm", n=30, diag=True), label="guarded")
+    failed = load_run(synthetic_run(tmp_path / "failed", n=30, diverge_at=20, diag=True), label="unguarded")
+    # train losses only (no val/loss logged): the last finite-or-not values, the logits' maxima, the counts
+    assert verdict([failed, calm]) == (
+        "guarded vs unguarded: final train loss 2.1 vs nan; largest attention logit 31 vs 31; MSign applications 3 vs 3"
+    )
+    assert verdict([calm, calm]).startswith("guarded vs guarded: final train loss 2.100 vs 2.100 (the same)")
+    with pytest.raises(ValueError, match="at least two runs"):
+        verdict([calm])

@@ -44,6 +44,6 @@ from lightning_msign.report.cli import report_main
 from lightning_msign.report.panels import PANELS, Panel
 from lightning_msign.report.render import render_report
 from lightning_msign.report.runs import CSV_NAME, EVENTS_MARK, SEARCH_DEPTH, Run, Series, load_run  # noqa: F401
-from lightning_msign.report.summary import LOSS_KEYS, MSIGN_KEY, PSS_KEY, summarize  # noqa: F401
+from lightning_msign.report.summary import LOSS_KEYS, MSIGN_KEY, PSS_KEY, summarize, verdict  # noqa: F401
 
-__all__ = ["PANELS", "Panel", "Run", "load_run", "render_report", "report_main", "summarize"]
+__all__ = ["PANELS", "Panel", "Run", "load_run", "render_report", "report_main", "summarize", "verdict"]

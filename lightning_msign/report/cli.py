@@ -9,6 +9,7 @@ from typing import Optional
 
 from lightning_msign.report.render import render_report
 from lightning_msign.report.runs import load_run
+from lightning_msign.report.summary import verdict
 
 __all__ = ["report_main"]
 
@@ -41,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def report_main(argv: Optional[Sequence[str]] = None) -> None:
-    """Run ``lightning-msign report``; prints the two written paths.
+    """Run ``lightning-msign report``; prints the two written paths and, for several runs, a one-line verdict
+    comparing the last run with the first (:func:`~lightning_msign.report.summary.verdict`).
 
     Args:
         argv: the arguments after ``report`` (``None``: ``sys.argv[2:]``).
@@ -70,3 +72,5 @@ def report_main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(str(err))
     print(png_path)
     print(html_path)
+    if len(runs) > 1:
+        print(verdict(runs))

@@ -21,7 +21,7 @@ from lightning_msign.metric_keys import (
 from lightning_msign.report.panels import GRAD_NORM_PANEL
 from lightning_msign.report.runs import Run
 
-__all__ = ["LOSS_KEYS", "MSIGN_KEY", "PSS_KEY", "UNLOCK_KEY", "summarize"]
+__all__ = ["LOSS_KEYS", "MSIGN_KEY", "PSS_KEY", "UNLOCK_KEY", "summarize", "verdict"]
 
 #: Logged at each MSign application: the steps of the report's bottom ticks.
 MSIGN_KEY = MSIGN_APPLICATIONS
@@ -98,3 +98,37 @@ def summarize(run: Run) -> dict[str, Any]:
         "max_stability_ratio": extreme(CURV_STABILITY_RATIO, np.max),
         "unlock_steps": None if unlocks is None else [int(x) for x in unlocks[0]],
     }
+
+
+def verdict(runs: list[Run]) -> str:
+    """One line comparing the last run with the first: final validation (else training) loss, the largest attention
+    logit and the MSign applications of each, from what they logged.
+
+    Example: ``guarded vs unguarded: final val loss 2.31 vs 2.54 (0.23 lower); largest attention logit 99 vs 641;
+    MSign applications 31 vs 0``.
+
+    Raises:
+        ValueError: fewer than two runs.
+    """
+    if len(runs) < 2:
+        raise ValueError(f"`runs` must hold at least two runs to compare, got {len(runs)}")
+    first, last = summarize(runs[0]), summarize(runs[-1])
+    parts = []
+    key = "final_val_loss" if first["final_val_loss"] is not None and last["final_val_loss"] is not None else (
+        "final_train_loss")
+    a, b = first[key], last[key]
+    if a is not None and b is not None:
+        what = "val" if key == "final_val_loss" else "train"
+        if np.isfinite(a) and np.isfinite(b):
+            diff = b - a
+            change = "the same" if abs(diff) < 5e-3 else f"{abs(diff):.2f} {'lower' if diff < 0 else 'higher'}"
+            parts.append(f"final {what} loss {b:.3f} vs {a:.3f} ({change})")
+        else:
+            parts.append(f"final {what} loss {b:.4g} vs {a:.4g}")
+    a, b = first["max_attn_logit"], last["max_attn_logit"]
+    if a is not None and b is not None:
+        parts.append(f"largest attention logit {b:.3g} vs {a:.3g}")
+    a, b = first["msign_applications"] or 0, last["msign_applications"] or 0
+    if a or b:
+        parts.append(f"MSign applications {b} vs {a}")
+    return f"{runs[-1].name} vs {runs[0].name}: " + ("; ".join(parts) if parts else "no metric both runs logged")
