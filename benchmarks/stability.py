@@ -39,6 +39,8 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
                         sequences of the batch) exceed 100; nothing otherwise
 ``msign_qk_logit50``    the same with the threshold at 50
 ``msign_qk_logit30``    the same with the threshold at 30
+``msign_qk_logit_then_p1`` ``msign_qk_logit`` with ``period_after_trigger=1``: from the first trigger on, MSign on
+                        every Q and K after every step
 ``qk_clip``             QK-Clip (Kimi K2, arXiv 2507.20534; benchmark-side control, below): after every step, each
                         head whose largest logit s_h (first 4 sequences of the batch) exceeds tau = 100 has its Q and K
                         rows scaled by sqrt(tau / s_h)
@@ -120,6 +122,8 @@ METHODS: dict[str, dict[str, Any]] = {
                                    "max_attn_logit": 50.0, "min_spacing": 1}},
     "msign_qk_logit30": {"msign": {"period": None, "targets": "qk", "backend": "polar_express",
                                    "max_attn_logit": 30.0, "min_spacing": 1}},
+    "msign_qk_logit_then_p1": {"msign": {"period": None, "targets": "qk", "backend": "polar_express",
+                                         "max_attn_logit": 100.0, "min_spacing": 1, "period_after_trigger": 1}},
     "qk_clip": {"qk_clip": {"tau": 100.0}},
     "qk_clip_30": {"qk_clip": {"tau": 30.0}},
 }

@@ -249,3 +249,49 @@ def test_zclip_and_skip_step_controls_act_on_outliers_only():
     set_norm(50.0)
     skip.on_before_optimizer_step(None, module, None)
     assert total() is None and skip.skips == 1 and len(skip.kept) == len(calm)
+
+
+def test_qk_clip_control_brings_a_hot_head_to_tau_and_leaves_the_others():
+    """The stability benchmark's QK-Clip control on a real LitGPT (multi-head): a head whose largest logit is above
+    tau has its Q and K rows scaled so that its largest logit becomes tau exactly; the other heads' rows and every
+    other weight are untouched."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import stability
+
+    from lightning_msign import LitGPTModule
+    from lightning_msign.functional import attention_logit_max_per_head
+    from lightning_msign.models.base import attention_module, attention_probe, find_decoder
+
+    torch.manual_seed(0)
+    module = LitGPTModule({"n_layer": 2, "n_head": 4, "n_embd": 32, "bias": False}, vocab_size=256, block_size=16)
+    qkv = module.model.transformer.h[1].attn.qkv.weight
+    with torch.no_grad():
+        qkv[8:16].mul_(60.0)  # head 1's query rows: its logits grow 60x
+    ids = torch.randint(0, 256, (4, 16))
+
+    def per_head(block: int) -> torch.Tensor:
+        probe = attention_probe(attention_module(find_decoder(module).blocks[block]), keep=True)
+        handles = probe.attach()
+        with torch.no_grad():
+            module.model(ids)
+        for h in handles:
+            h.remove()
+        return attention_logit_max_per_head(probe.query, probe.key, probe.scale)
+
+    before = [per_head(0), per_head(1)]
+    tau = float(before[1][1]) / 3
+    others = torch.cat([before[0], before[1][[0, 2, 3]]])
+    assert float(before[1].max()) == float(before[1][1]) and float(others.max()) < tau
+    weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+    clip = stability._qk_clip_callback(tau=tau)
+    clip.on_fit_start(None, module)
+    clip.on_train_batch_end(None, module, None, (ids, ids), 0)
+    after = per_head(1)
+    assert float(after[1]) == pytest.approx(tau, rel=1e-5) and clip.clips == 1
+    assert torch.allclose(after[[0, 2, 3]], before[1][[0, 2, 3]], rtol=1e-6)
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, weights[n])}
+    assert changed == {"model.transformer.h.1.attn.qkv.weight"}
+    rows = torch.nonzero((qkv != weights["model.transformer.h.1.attn.qkv.weight"]).any(dim=1)).flatten().tolist()
+    assert rows == list(range(8, 16)) + list(range(32 + 8, 32 + 16))  # head 1's Q rows and K rows

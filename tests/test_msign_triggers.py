@@ -114,6 +114,26 @@ def test_attention_logit_trigger_fires_exactly_at_the_crossing_on_the_hot_layers
     assert guard.triggers == guard.applications == len(expected)
 
 
+def test_after_the_first_trigger_every_target_is_signed_every_n_steps(tmp_path):
+    threshold, n = 100.0, 3
+    recorder, logger = LogitRecorder(), RecordingLogger()
+    cb = MSignCallback(period=None, targets="qk", max_attn_logit=threshold, min_spacing=1, period_after_trigger=n)
+    fit(tmp_path, [recorder, cb], logger=logger)
+    names = cb.guard.target_names
+    first = min(s for s, values in recorder.per_layer.items() if max(values) > threshold)
+    expected = {}
+    for step, values in sorted(recorder.per_layer.items()):
+        hot = {i for i, v in enumerate(values) if v > threshold}
+        chosen = {x for x in names if layer_of(cb.guard, x) in hot}
+        if step >= first and (step - first) % n == 0:
+            chosen = set(names)
+        if chosen:
+            expected[step] = len(chosen)
+    assert applications(logger) == expected
+    assert all(expected[s] == len(names) for s in range(first, STEPS + 1, n)) and first > 3
+    assert not any(s < first for s in expected)
+
+
 def test_attention_logit_trigger_needs_the_ids_and_a_target_in_a_block():
     guard = MSign(tiny_module(), period=None, targets="qk", max_attn_logit=100.0)
     with pytest.raises(ValueError, match="input_ids"):
@@ -251,6 +271,8 @@ def test_resume_continues_the_trigger_decisions_exactly(tmp_path):
         ({"max_grad_ratio": 2.0, "grad_alpha": 0.0}, "grad_alpha"),
         ({"max_attn_logit": 50.0, "probe_batch_size": 0}, "probe_batch_size"),
         ({"period": 0}, "period"),
+        ({"period_after_trigger": 2}, "needs a trigger"),
+        ({"max_attn_logit": 50.0, "period_after_trigger": 0}, "period_after_trigger"),
     ],
 )
 def test_bad_trigger_arguments_raise_at_construction(kwargs, match):

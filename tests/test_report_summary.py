@@ -75,9 +75,9 @@ def test_curvature_and_unlock_steps(tmp_path):
 
 
 def test_verdict_compares_the_last_run_with_the_first(tmp_path):
-    from report_logs import synthetic_run
-
     from lightning_msign.report import load_run, verdict
+
+    from report_logs import synthetic_run
 
     calm = load_run(synthetic_run(tmp_path / "calm", n=30, diag=True), label="guarded")
     failed = load_run(synthetic_run(tmp_path / "failed", n=30, diverge_at=20, diag=True), label="unguarded")

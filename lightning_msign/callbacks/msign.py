@@ -69,11 +69,12 @@ class MSignCallback(GuardCallback):
         probe_batch_size: Optional[int] = 4,
         probe_seq_len: Optional[int] = 128,
         model_attr: Optional[str] = None,
+        period_after_trigger: Optional[int] = None,
     ) -> None:
         super().__init__(MSign(
             None, period, targets, backend, steps, split_qkv, log_stable_rank, layouts, max_attn_logit,
             min_srank_fraction, max_grad_ratio, max_curvature_ratio, check_every, min_spacing, warmup_steps,
-            grad_alpha, probe_batch_size, probe_seq_len, model_attr,
+            grad_alpha, probe_batch_size, probe_seq_len, model_attr, period_after_trigger,
         ))
         self._curvature: Any = None
 
@@ -81,7 +82,8 @@ class MSignCallback(GuardCallback):
     @override
     def state_key(self) -> str:
         g = self.guard
-        names = ("max_attn_logit", "min_srank_fraction", "max_grad_ratio", "max_curvature_ratio")
+        names = ("max_attn_logit", "min_srank_fraction", "max_grad_ratio", "max_curvature_ratio",
+                 "period_after_trigger")
         triggers = {k: getattr(g, k) for k in names if getattr(g, k) is not None}
         return self._generate_state_key(period=g.period, targets=g.targets, backend=g.backend, **triggers)
 
@@ -101,7 +103,8 @@ class MSignCallback(GuardCallback):
         when += [f"{k} {v:g}" for k, v in (("attention logit >", g.max_attn_logit),
                                             ("stable rank < reference x", g.min_srank_fraction),
                                             ("gradient-norm ratio >=", g.max_grad_ratio),
-                                            ("stability ratio >=", g.max_curvature_ratio)) if v is not None]
+                                            ("stability ratio >=", g.max_curvature_ratio),
+                                            ("then every target every", g.period_after_trigger)) if v is not None]
         rank_zero_info(f"MSignCallback: {len(g.matrices)} matrices, {'; '.join(when)}, backend {g.backend!r}")
 
     @override

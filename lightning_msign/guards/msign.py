@@ -81,8 +81,11 @@ class MSign(TargetedGuard):
       :meth:`step`) reaches it.
 
     The relative triggers (stable rank, gradient ratio, curvature) are armed after ``warmup_steps``; the
-    attention-logit threshold from the first step. A matrix is applied to at most once per ``min_spacing``
-    steps (whatever caused it). Under ``torch.distributed`` every signal is reduced to its maximum over the
+    attention-logit threshold from the first step. With ``period_after_trigger`` the first trigger also
+    switches the guard to periodic application of every target from that step on (its steps
+    ``s_0, s_0 + n, s_0 + 2n, ...``), so a run that has shown it is failing is treated as a whole.
+    A trigger applies to a matrix at most once per ``min_spacing`` steps (counted from its last application,
+    whatever caused that). Under ``torch.distributed`` every signal is reduced to its maximum over the
     processes (the stable ranks are computed once, on whole matrices) before the decision, so every process
     takes the same one. A run on which no trigger fires is bit-identical to a run without the guard: the
     checks run under ``torch.no_grad()`` in eval mode, draw no random numbers and write nothing.
@@ -122,6 +125,8 @@ class MSign(TargetedGuard):
         probe_seq_len: tokens per sequence it runs on (``None``: all).
         model_attr: dotted path to the decoder for the attention-logit check (as for
             :class:`~lightning_msign.Diagnostics`); ``None`` finds it.
+        period_after_trigger: once a trigger has fired, also apply to every target every this many steps
+            from that step on (the run has shown it is failing); ``None``: only what the triggers flag.
 
     Raises:
         ValueError: at construction, for any bad argument or when neither ``period`` nor a trigger is set;
@@ -158,6 +163,7 @@ class MSign(TargetedGuard):
         probe_batch_size: Optional[int] = 4,
         probe_seq_len: Optional[int] = 128,
         model_attr: Optional[str] = None,
+        period_after_trigger: Optional[int] = None,
     ) -> None:
         super().__init__(targets, split_qkv, layouts)
         self.period = check_optional_positive_int(period, "period")
@@ -184,6 +190,12 @@ class MSign(TargetedGuard):
         self.probe_batch_size = check_optional_positive_int(probe_batch_size, "probe_batch_size")
         self.probe_seq_len = check_optional_positive_int(probe_seq_len, "probe_seq_len")
         self.model_attr = model_attr
+        self.period_after_trigger = check_optional_positive_int(period_after_trigger, "period_after_trigger")
+        if self.period_after_trigger is not None and not self.has_triggers:
+            raise ValueError(
+                f"`period_after_trigger` ({period_after_trigger!r}) needs a trigger (`max_attn_logit`,"
+                " `min_srank_fraction`, `max_grad_ratio` or `max_curvature_ratio`)"
+            )
         self._probe: Any = None  # a Diagnostics computing attention logits only (max_attn_logit)
         self._layer_of: list[Optional[int]] = []  # block index of each target, None outside the blocks
         self._applications = 0
@@ -241,6 +253,13 @@ class MSign(TargetedGuard):
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) is followed by a periodic application."""
         return self.period is not None and step % self.period == 0
+
+    def _latched(self, step: int, triggered_now: bool) -> bool:
+        """Whether ``period_after_trigger`` applies every target after ``step`` (the first trigger came at or
+        before it)."""
+        n = self.period_after_trigger
+        first = self.trigger_steps[0] if self.trigger_steps else (step if triggered_now else None)
+        return n is not None and first is not None and (step - first) % n == 0
 
     # ------------------------------------------------------------------------------------------ steps
     def before_optimizer_step(self, step: Optional[int] = None) -> dict[str, float]:
@@ -308,7 +327,7 @@ class MSign(TargetedGuard):
             flagged, metrics = self._check(current, input_ids, curvature_ratio)
             chosen = {n for n in flagged if current - self._last_applied.get(n, -self.min_spacing) >= self.min_spacing}
             triggered = bool(chosen)
-        if self.due(current):
+        if self.due(current) or self._latched(current, triggered):
             chosen = set(self.target_names)
         if chosen:
             if triggered:
