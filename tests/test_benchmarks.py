@@ -295,3 +295,16 @@ def test_qk_clip_control_brings_a_hot_head_to_tau_and_leaves_the_others():
     assert changed == {"model.transformer.h.1.attn.qkv.weight"}
     rows = torch.nonzero((qkv != weights["model.transformer.h.1.attn.qkv.weight"]).any(dim=1)).flatten().tolist()
     assert rows == list(range(8, 16)) + list(range(32 + 8, 32 + 16))  # head 1's Q rows and K rows
+
+
+def test_trigger_cost_quick_runs_and_writes_results(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "trigger_cost.py"), "--quick", "--out", str(tmp_path / "tc")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "tc.json").read_text())
+    assert set(result["stats"]) == {"train step", "check", "check + sign"}
+    assert all(len(s["times_ms"]) == 3 for s in result["stats"].values())
+    assert all(r["median"] > 0 for r in result["ratios_to_train_step"].values())
+    assert "| check + sign of every Q/K block" in (tmp_path / "tc.md").read_text()

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""What the recommended guard costs per optimizer step: its check alone (healthy run) and check + sign (failing run).
+
+On the main job's model (recipes/shakespeare/high_lr.yaml: 12-layer, width-64 LitGPT, batch 16 x 128, AdamW,
+32-true), three arms are timed side by side, each round in a fresh random order (``common.interleaved``):
+
+- ``train step``: forward, backward, clip at 1.0, ``AdamW.step``, ``zero_grad`` on one batch;
+- ``check``: ``MSign.step`` of the recommended guard (``max_attn_logit``) with a threshold no logit reaches, so it
+  measures and decides but never writes: what a healthy run pays after every step;
+- ``check + sign``: the same guard with the threshold at 0 and ``period_after_trigger=1``, so it measures and signs
+  every Q and K block after every step (weights restored before each call): what a failing run pays.
+
+Medians and interquartile ranges over rounds, and the per-round ratios to the training step.
+
+Usage::
+
+    python benchmarks/trigger_cost.py                 # ~1 min on 2 CPU cores; writes results/trigger_cost.{json,md}
+    python benchmarks/trigger_cost.py --quick         # CI smoke test: 2-layer model, few rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from common import atomic_write, interleaved, log, machine_description, machine_line, ms_cell, paired_ratio, ratio_cell
+from common import summary as time_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = {"n_layer": 12, "n_embd": 64, "n_head": 4, "rotary_percentage": 0.0, "parallel_residual": False,
+         "bias": False}
+QUICK_MODEL = {**MODEL, "n_layer": 2}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke test: 2-layer model, 3 rounds")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup = 3, 1
+    out = args.out or ROOT / "benchmarks" / "results" / ("trigger_cost_quick" if args.quick else "trigger_cost")
+    torch.set_num_threads(args.threads)
+
+    from lightning_msign import LitGPTModule, MSign
+
+    torch.manual_seed(0)
+    config = QUICK_MODEL if args.quick else MODEL
+    module = LitGPTModule(dict(config), vocab_size=256, block_size=128, lr=0.03)
+    model = module.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.03, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.randint(0, 256, (16, 129))
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def train_step() -> None:
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    options = dict(period=None, targets="qk", backend="polar_express", min_spacing=1, log_stable_rank=False)
+    calm = MSign(model, max_attn_logit=1e30, **options)
+    hot = MSign(model, max_attn_logit=1e-30, period_after_trigger=1, **options)
+    steps = {"calm": 0, "hot": 0}
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+
+    def check() -> None:
+        steps["calm"] += 1
+        assert not calm.step(steps["calm"], input_ids=x).get("msign/applications")
+
+    def check_and_sign() -> None:
+        steps["hot"] += 1
+        assert hot.step(steps["hot"], input_ids=x)["msign/matrices"] == len(hot.matrices)
+
+    log(f"trigger_cost: {config['n_layer']}-layer model, {len(calm.matrices)} Q/K blocks, {args.rounds} rounds")
+    arms = {"train step": train_step, "check": check, "check + sign": check_and_sign}
+    times = interleaved(arms, args.rounds, args.warmup, seed=0, device="cpu", reset=restore)
+    stats = {name: time_summary(t) for name, t in times.items()}
+    ratios = {name: paired_ratio(times[name], times["train step"]) for name in ("check", "check + sign")}
+    machine = machine_description()
+    res: dict[str, Any] = {"model": config, "batch": [16, 128], "rounds": args.rounds, "threads": args.threads,
+                           "machine": machine, "stats": stats, "ratios_to_train_step": ratios,
+                           "command": "python " + " ".join(["benchmarks/trigger_cost.py", *(argv or sys.argv[1:])])}
+    lines = [
+        "# What the recommended guard costs per optimizer step",
+        "",
+        f"Machine: {machine_line(machine)}; {args.threads} torch thread(s). Command: `{res['command']}`.",
+        f"Model: {json.dumps(config)}, batch 16 x 128, AdamW, 32-true; {args.rounds} interleaved rounds.",
+        "",
+        "| arm | ms per call, median [IQR] | per call / training step |",
+        "|---|---:|---:|",
+        f"| train step | {ms_cell(stats['train step'])} | 1 |",
+        f"| check (healthy run: measure, decide, no write) | {ms_cell(stats['check'])} |"
+        f" {ratio_cell(ratios['check'])} |",
+        f"| check + sign of every Q/K block (failing run) | {ms_cell(stats['check + sign'])} |"
+        f" {ratio_cell(ratios['check + sign'])} |",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out.with_suffix(".md"), text)
+    atomic_write(out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
