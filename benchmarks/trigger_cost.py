@@ -8,7 +8,9 @@ On the main job's model (recipes/shakespeare/high_lr.yaml: 12-layer, width-64 Li
 - ``check``: ``MSign.step`` of the recommended guard (``max_attn_logit``) with a threshold no logit reaches, so it
   measures and decides but never writes: what a healthy run pays after every step;
 - ``check + sign``: the same guard with the threshold at 0 and ``period_after_trigger=1``, so it measures and signs
-  every Q and K block after every step (weights restored before each call): what a failing run pays.
+  every Q and K block after every step (weights restored before each call): what a failing run pays;
+- ``check + sign + sranks``: the same with ``log_stable_rank=True`` (the default; with ``polar_express`` it pays
+  one singular-value computation of every input and result for the logged stable ranks).
 
 Medians and interquartile ranges over rounds, and the per-round ratios to the training step.
 
@@ -70,7 +72,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = dict(period=None, targets="qk", backend="polar_express", min_spacing=1, log_stable_rank=False)
     calm = MSign(model, max_attn_logit=1e30, **options)
     hot = MSign(model, max_attn_logit=1e-30, period_after_trigger=1, **options)
-    steps = {"calm": 0, "hot": 0}
+    logged = MSign(model, max_attn_logit=1e-30, period_after_trigger=1, **{**options, "log_stable_rank": True})
+    steps = {"calm": 0, "hot": 0, "logged": 0}
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def restore() -> None:
@@ -86,11 +89,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         steps["hot"] += 1
         assert hot.step(steps["hot"], input_ids=x)["msign/matrices"] == len(hot.matrices)
 
+    def check_sign_sranks() -> None:
+        steps["logged"] += 1
+        assert "msign/srank_after_min" in logged.step(steps["logged"], input_ids=x)
+
     log(f"trigger_cost: {config['n_layer']}-layer model, {len(calm.matrices)} Q/K blocks, {args.rounds} rounds")
-    arms = {"train step": train_step, "check": check, "check + sign": check_and_sign}
+    arms = {"train step": train_step, "check": check, "check + sign": check_and_sign,
+            "check + sign + sranks": check_sign_sranks}
     times = interleaved(arms, args.rounds, args.warmup, seed=0, device="cpu", reset=restore)
     stats = {name: time_summary(t) for name, t in times.items()}
-    ratios = {name: paired_ratio(times[name], times["train step"]) for name in ("check", "check + sign")}
+    ratios = {name: paired_ratio(times[name], times["train step"]) for name in list(arms)[1:]}
     machine = machine_description()
     res: dict[str, Any] = {"model": config, "batch": [16, 128], "rounds": args.rounds, "threads": args.threads,
                            "machine": machine, "stats": stats, "ratios_to_train_step": ratios,
@@ -108,6 +116,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         f" {ratio_cell(ratios['check'])} |",
         f"| check + sign of every Q/K block (failing run) | {ms_cell(stats['check + sign'])} |"
         f" {ratio_cell(ratios['check + sign'])} |",
+        f"| the same, logging every block's stable rank before and after | {ms_cell(stats['check + sign + sranks'])} |"
+        f" {ratio_cell(ratios['check + sign + sranks'])} |",
         "",
     ]
     text = "\n".join(lines)

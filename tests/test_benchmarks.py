@@ -304,7 +304,7 @@ def test_trigger_cost_quick_runs_and_writes_results(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "tc.json").read_text())
-    assert set(result["stats"]) == {"train step", "check", "check + sign"}
+    assert set(result["stats"]) == {"train step", "check", "check + sign", "check + sign + sranks"}
     assert all(len(s["times_ms"]) == 3 for s in result["stats"].values())
     assert all(r["median"] > 0 for r in result["ratios_to_train_step"].values())
     assert "| check + sign of every Q/K block" in (tmp_path / "tc.md").read_text()
