@@ -97,6 +97,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stability"
 LOSS_AT_INIT = math.log(256)  # byte-level tokens, uniform prediction
 
+def _logit_msign(threshold: float, **extra: Any) -> dict[str, Any]:
+    """A method: MSign on a layer's Q and K (polar_express) after a step whose attention logits exceed ``threshold``."""
+    return {"msign": {"period": None, "targets": "qk", "backend": "polar_express", "max_attn_logit": threshold,
+                      "min_spacing": 1, **extra}}
+
+
 METHODS: dict[str, dict[str, Any]] = {
     "baseline": {},
     "msign_attn": {"msign": {"period": 100, "targets": "attention"}},
@@ -116,14 +122,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "arch_warmup_curv": {"warmup": {"start_fraction": 0.5, "groups": 4, "curvature_margin": 1.0}},
     "zclip": {"zclip": {"z": 2.5, "alpha": 0.97, "warmup": 25}, "clip": None},
     "skip_step": {"skip": {"sigma": 6.0, "window": 128, "min_window": 20}},
-    "msign_qk_logit": {"msign": {"period": None, "targets": "qk", "backend": "polar_express", "max_attn_logit": 100.0,
-                                 "min_spacing": 1}},
-    "msign_qk_logit50": {"msign": {"period": None, "targets": "qk", "backend": "polar_express",
-                                   "max_attn_logit": 50.0, "min_spacing": 1}},
-    "msign_qk_logit30": {"msign": {"period": None, "targets": "qk", "backend": "polar_express",
-                                   "max_attn_logit": 30.0, "min_spacing": 1}},
-    "msign_qk_logit_then_p1": {"msign": {"period": None, "targets": "qk", "backend": "polar_express",
-                                         "max_attn_logit": 100.0, "min_spacing": 1, "period_after_trigger": 1}},
+    "msign_qk_logit": _logit_msign(100.0),
+    "msign_qk_logit50": _logit_msign(50.0),
+    "msign_qk_logit30": _logit_msign(30.0),
+    "msign_qk_logit_then_p1": _logit_msign(100.0, period_after_trigger=1),
     "qk_clip": {"qk_clip": {"tau": 100.0}},
     "qk_clip_30": {"qk_clip": {"tau": 30.0}},
 }
@@ -263,7 +265,6 @@ def _skip_step_callback(sigma: float, window: int, min_window: int) -> Any:
     return SkipStepControl()
 
 
-# --------------------------------------------------------------------------- one cell (own process)
 def _qk_clip_callback(tau: float, probe_batch_size: int = 4) -> Any:
     """QK-Clip for LitGPT multi-head attention (benchmark-side control): after each optimizer step, measure each
     head's largest attention logit s_h on the first sequences of the batch just trained on; for s_h > tau scale the
@@ -336,6 +337,7 @@ def _lr_jump_callback(step: int, factor: float) -> Any:
     return LRJump()
 
 
+# --------------------------------------------------------------------------- one cell (own process)
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one (method, lr, seed) cell and return its summary; runs in a fresh process."""
     import torch

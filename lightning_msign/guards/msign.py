@@ -204,7 +204,7 @@ class MSign(TargetedGuard):
         self._last_applied: dict[str, int] = {}
         self._reference_srank: Optional[dict[str, float]] = None
         self._grad_ewma: Optional[float] = None
-        self._grad_ratio: dict[int, float] = {}  # step -> ratio, for the step about to be checked
+        self._grad_reading: Optional[tuple[int, float]] = None  # (step, ratio) of the latest gradient norm
         self.trigger_steps: list[int] = []  # optimizer steps (1-based) after which a trigger applied MSign
         if module is not None:
             self.attach(module)
@@ -277,17 +277,17 @@ class MSign(TargetedGuard):
         if self.max_grad_ratio is None:
             return {}
         current = self._last_step + 1 if step is None else int(step)
-        if current in self._grad_ratio or current <= self._last_step:
+        if current <= self._last_step or (self._grad_reading is not None and self._grad_reading[0] == current):
             return {}
         total = global_grad_norm(p for p in module.parameters() if p.grad is not None)
         if total is None:
             return {}
         norm = float(total)
         if not math.isfinite(norm):
-            self._grad_ratio = {current: math.inf}
+            self._grad_reading = (current, math.inf)
             return {}
         ratio = norm / self._grad_ewma if self._grad_ewma else math.nan
-        self._grad_ratio = {current: ratio}
+        self._grad_reading = (current, ratio)
         armed = current > self.warmup_steps
         if not (armed and ratio >= self.max_grad_ratio):  # a triggering norm does not enter the average
             self._grad_ewma = norm if self._grad_ewma is None else (
@@ -345,13 +345,10 @@ class MSign(TargetedGuard):
         signals: list[float] = []
         if self.max_attn_logit is not None:
             values = self._probe.compute(input_ids)
-            layers = sorted(int(k.rsplit("/", 1)[1]) for k in values if k.startswith(keys.DIAG_ATTN_LOGIT_MAX_PREFIX))
-            n_layers = len(self._probe.decoder.blocks)
-            per_layer = [math.nan] * n_layers
-            for i in layers:
-                per_layer[i] = values[f"{keys.DIAG_ATTN_LOGIT_MAX_PREFIX}{i}"]
-            signals += per_layer
-        grad_ratio = self._grad_ratio.get(current) if self.max_grad_ratio is not None else None
+            n_layers = len(self._probe.decoder.blocks)  # a block held inactive by a warm-up reports no value
+            signals += [values.get(f"{keys.DIAG_ATTN_LOGIT_MAX_PREFIX}{i}", math.nan) for i in range(n_layers)]
+        reading = self._grad_reading
+        grad_ratio = reading[1] if reading is not None and reading[0] == current else None
         if self.max_grad_ratio is not None and grad_ratio is None:
             raise RuntimeError(
                 f"MSign(max_grad_ratio=...) has no gradient norm for optimizer step {current}: call"
@@ -478,7 +475,7 @@ class MSign(TargetedGuard):
         self._reference_srank = None if reference is None else {str(k): float(v) for k, v in reference.items()}
         ewma = state_dict.get("grad_ewma")
         self._grad_ewma = None if ewma is None else float(ewma)
-        self._grad_ratio = {}
+        self._grad_reading = None
 
 
 def _optional(value: Any, argument: str, low: float, high: float = math.inf) -> Optional[float]:

@@ -104,8 +104,8 @@ def verdict(runs: list[Run]) -> str:
     """One line comparing the last run with the first: final validation (else training) loss, the largest attention
     logit and the MSign applications of each, from what they logged.
 
-    Example: ``guarded vs unguarded: final val loss 2.31 vs 2.54 (0.23 lower); largest attention logit 99 vs 641;
-    MSign applications 31 vs 0``.
+    Example: ``guarded vs unguarded: final val loss 2.348 vs 2.522 (0.17 lower); largest attention logit 99.2 vs
+    427; MSign applications 460 vs 0``.
 
     Raises:
         ValueError: fewer than two runs.
