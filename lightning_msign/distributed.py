@@ -34,6 +34,7 @@ import dataclasses
 import math
 import typing
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, TypeVar
 
@@ -42,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from lightning_msign.fsdp1 import FSDP1Units
     from lightning_msign.targets import TargetMatrix
 
 try:
@@ -67,15 +69,27 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> Optional[Tensor]:
+def global_grad_norm(params: Iterable[torch.nn.Parameter], units: Optional["FSDP1Units"] = None) -> Optional[Tensor]:
     """Total 2-norm of the gradients of ``params`` over the whole model, the same on every process.
 
     Under DDP gradients are already synchronised; DTensor (FSDP2) gradients are shards, whose norm
-    ``torch.nn.utils.get_total_norm`` reduces over their mesh. ``None`` when no parameter has a gradient.
+    ``torch.nn.utils.get_total_norm`` reduces over their mesh; FSDP1 gradients (``units`` given) are the
+    slices of their unit's flat gradient, whose squares are summed over the unit's process group.
+    ``None`` when no process has a gradient.
     """
     plain: list[Tensor] = []
     sharded: dict[tuple, list[Tensor]] = {}
+    sliced: dict[int, list[Tensor]] = {}
+    groups: dict[int, object] = {}
     for p in params:
+        index = units.unit_of(p) if units is not None else None
+        if index is not None and units is not None and units.sharded(index):
+            group = units.process_group(index)
+            groups[id(group)] = group
+            sliced.setdefault(id(group), [])
+            if p.grad is not None:
+                sliced[id(group)].append(p.grad)
+            continue
         g = p.grad
         if g is None:
             continue
@@ -83,7 +97,7 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> Optional[Tensor]:
             sharded.setdefault((id(g.device_mesh), tuple(g.placements)), []).append(g)
         else:
             plain.append(g)
-    if not plain and not sharded:
+    if not plain and not sharded and not groups:
         return None
     squares: list[Tensor] = []
     if plain:
@@ -92,7 +106,22 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> Optional[Tensor]:
         norm = torch.nn.utils.get_total_norm(grads)
         norm = norm.full_tensor() if is_sharded(norm) else norm
         squares.append(norm.float().square().to(squares[0].device if squares else norm.device))
-    return torch.stack(squares).sum().sqrt()
+    for key, grads in sliced.items():  # every process takes part, with or without a slice of its own
+        group = groups[key]
+        local = torch.zeros(2, dtype=torch.float64)  # (sum of squares, gradients present)
+        if grads:
+            local[0] = torch.nn.utils.get_total_norm(grads).double().square().cpu()
+            local[1] = len(grads)
+        device = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        total = local.to(device)
+        dist.all_reduce(total, group=group)
+        if float(total[1]) > 0:
+            squares.append(total[0].float().to(squares[0].device if squares else total.device))
+    if not squares:
+        return None
+    return torch.stack([sq.to(squares[0].device) for sq in squares]).sum().sqrt()
 
 
 def any_process(flag: bool, device: Optional[torch.device] = None) -> bool:
@@ -238,6 +267,7 @@ class _Unit:
     group: Optional[object] = None  # a ProcessGroup, or None for a single process
     owner: int = 0  # rank in ``group``
     cost: float = 0.0
+    scope: Optional[int] = None  # the FSDP1 unit to gather around it (index in FSDP1Units.units)
 
 
 @dataclass
@@ -248,6 +278,7 @@ class _Group:
     dtype: torch.dtype
     device: torch.device
     units: list[_Unit] = field(default_factory=list)
+    scope: Optional[int] = None
 
 
 def _cost(shape: Sequence[int]) -> float:
@@ -284,49 +315,63 @@ class WholeMatrixPlan:
         targets: the targets, in an order that is the same on every process (resolution order).
         distributed: whether the run has several processes (``trainer.world_size > 1`` and
             ``torch.distributed`` initialized). ``False``: everything is computed locally, in place.
+        units: the model's FSDP1 units (:class:`~lightning_msign.fsdp1.FSDP1Units`), when it has any: each
+            :meth:`run` gathers them one at a time (``summon_full_params``), runs the targets of that unit as
+            replicated ones, and lets FSDP keep each process's slice of the result. Owners are balanced over
+            all units together.
 
     Raises:
         NotImplementedError: a sharded parameter with a layout that cannot be gathered whole.
     """
 
-    def __init__(self, targets: Sequence["TargetMatrix"], distributed: bool) -> None:
+    def __init__(
+        self, targets: Sequence["TargetMatrix"], distributed: bool, units: Optional["FSDP1Units"] = None
+    ) -> None:
         self.targets = list(targets)
         self.distributed = bool(distributed and dist.is_available() and dist.is_initialized())
-        units: dict[int, _Unit] = {}
+        self._fsdp1 = units
+        members: dict[int, _Unit] = {}
         for i, t in enumerate(self.targets):
-            unit = units.get(id(t.param))
+            unit = members.get(id(t.param))
             if unit is None:
-                unit = units[id(t.param)] = self._unit(t)
+                unit = members[id(t.param)] = self._unit(t)
             unit.blocks.append((i, t))
         self._groups: list[_Group] = []
         by_key: dict[tuple, _Group] = {}
-        for unit in units.values():
+        for unit in members.values():
             local = local_tensor(unit.param)
-            key = (id(unit.group), unit.param.dtype)
+            key = (unit.scope, id(unit.group), unit.param.dtype)
             if key not in by_key:
-                by_key[key] = _Group(unit.group, unit.param.dtype, local.device)
+                by_key[key] = _Group(unit.group, unit.param.dtype, local.device, scope=unit.scope)
                 self._groups.append(by_key[key])
             by_key[key].units.append(unit)
+        balanced: dict[tuple, list[_Unit]] = {}  # owners balanced over every FSDP1 unit together
         for g in self._groups:
-            self._assign_owners(g)
+            balanced.setdefault((id(g.group), g.dtype), []).extend(g.units)
+        for same in balanced.values():
+            self._assign_owners(same)
+        self._groups.sort(key=lambda g: -1 if g.scope is None else g.scope)  # one gather per FSDP1 unit
 
     def _unit(self, t: "TargetMatrix") -> _Unit:
-        p, cost = t.param, _cost(t.param.shape)
+        p, cost = t.param, _cost(t.param_shape)
+        scope = self._fsdp1.unit_of(p) if self._fsdp1 is not None else None
         if DTensor is not None and isinstance(p, DTensor):
             dim, group = _shard_layout(p, t.param_name)  # raises for layouts that cannot be gathered whole
             if dim >= 0 and self.distributed:
                 return _Unit(p, [], sharded=True, shard_dim=dim, group=group, cost=cost)
-        return _Unit(p, [], sharded=False, group=dist.group.WORLD if self.distributed else None, cost=cost)
+        group = dist.group.WORLD if self.distributed else None
+        return _Unit(p, [], sharded=False, group=group, cost=cost, scope=scope)
 
     @staticmethod
-    def _assign_owners(g: _Group) -> None:
-        world = dist.get_world_size(g.group) if g.group is not None else 1
+    def _assign_owners(units: list[_Unit]) -> None:
+        group = units[0].group
+        world = dist.get_world_size(group) if group is not None else 1
         load = [0.0] * world
-        order = sorted(range(len(g.units)), key=lambda i: (-g.units[i].cost, i))
+        order = sorted(range(len(units)), key=lambda i: (-units[i].cost, i))
         for i in order:
             owner = min(range(world), key=lambda r: (load[r], r))
-            g.units[i].owner = owner
-            load[owner] += g.units[i].cost
+            units[i].owner = owner
+            load[owner] += units[i].cost
 
     # ----------------------------------------------------------------------------------------- info
     def owners(self) -> dict[str, int]:
@@ -361,37 +406,14 @@ class WholeMatrixPlan:
         """
         packed: dict[int, Tensor] = {}
         direct: dict[int, MatrixResult] = {}
+        scopes: dict[Optional[int], list[_Group]] = {}
         for g in self._groups:
-            rank = dist.get_rank(g.group) if g.group is not None else 0
-            full = self._gather(g, rank, dist.get_world_size(g.group) if g.group is not None else 1)
-            owned = [
-                OwnedMatrix(index, t, full[id(u)]) for u in g.units if u.owner == rank for index, t in u.blocks
-            ]
-            results = compute(owned) if owned else {}
-            if write:
-                self._write_back(g, rank, dist.get_world_size(g.group) if g.group is not None else 1, full)
-            if result is None:
-                continue
-            if g.group is None:  # one process: nothing to share, the results are already named here
-                direct.update(results)
-                continue
-            indices = [index for u in g.units for index, _ in u.blocks]
-            widths = [result.width(self.targets[i]) for i in indices]
-            buf = torch.zeros(sum(widths), dtype=torch.float64)
-            offset = 0
-            for index, width in zip(indices, widths):
-                if index in results:
-                    buf[offset : offset + width] = results[index].pack(self.targets[index])
-                offset += width
-            if g.group is not None:
-                device = g.device if dist.get_backend(g.group) != "gloo" else torch.device("cpu")
-                moved = buf.to(device)
-                dist.all_reduce(moved, group=g.group)
-                buf = moved.cpu()
-            offset = 0
-            for index, width in zip(indices, widths):
-                packed[index] = buf[offset : offset + width]
-                offset += width
+            scopes.setdefault(g.scope, []).append(g)
+        for scope, groups in scopes.items():
+            units = self._fsdp1
+            with units.summon(scope, writeback=write) if scope is not None and units is not None else nullcontext():
+                for g in groups:
+                    self._run_group(g, compute, result, write, packed, direct)
         if result is None:
             return {}
         out: dict[str, R] = {}
@@ -403,6 +425,44 @@ class WholeMatrixPlan:
                 if value is not None:
                     out[t.name] = value  # type: ignore[assignment]
         return out
+
+    def _run_group(
+        self,
+        g: _Group,
+        compute: Compute,
+        result: Optional[type[MatrixResult]],
+        write: bool,
+        packed: dict[int, Tensor],
+        direct: dict[int, MatrixResult],
+    ) -> None:
+        rank = dist.get_rank(g.group) if g.group is not None else 0
+        world = dist.get_world_size(g.group) if g.group is not None else 1
+        full = self._gather(g, rank, world)
+        owned = [OwnedMatrix(index, t, full[id(u)]) for u in g.units if u.owner == rank for index, t in u.blocks]
+        results = compute(owned) if owned else {}
+        if write:
+            self._write_back(g, rank, world, full)
+        if result is None:
+            return
+        if g.group is None:  # one process: nothing to share, the results are already named here
+            direct.update(results)
+            return
+        indices = [index for u in g.units for index, _ in u.blocks]
+        widths = [result.width(self.targets[i]) for i in indices]
+        buf = torch.zeros(sum(widths), dtype=torch.float64)
+        offset = 0
+        for index, width in zip(indices, widths):
+            if index in results:
+                buf[offset : offset + width] = results[index].pack(self.targets[index])
+            offset += width
+        device = g.device if dist.get_backend(g.group) != "gloo" else torch.device("cpu")
+        moved = buf.to(device)
+        dist.all_reduce(moved, group=g.group)
+        buf = moved.cpu()
+        offset = 0
+        for index, width in zip(indices, widths):
+            packed[index] = buf[offset : offset + width]
+            offset += width
 
     def _gather(self, g: _Group, rank: int, world: int) -> dict[int, Tensor]:
         full: dict[int, Tensor] = {}

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_msign.distributed import is_sharded
+from lightning_msign.fsdp1 import FSDP1Units
 from lightning_msign.layouts import (
     LAYOUT_HELP,
     TAG_ROLES,
@@ -101,9 +102,14 @@ class TargetMatrix:
     size: int = 0
 
     @cached_property
+    def param_shape(self) -> tuple[int, ...]:
+        """The whole parameter's shape (also for a sharded one; under FSDP1 read while its unit is gathered)."""
+        return tuple(int(s) for s in self.param.shape)
+
+    @cached_property
     def shape(self) -> tuple[int, int]:
         """``(rows, columns)`` of the matrix (also for a sharded parameter)."""
-        rows, cols = self.matrix(torch.empty(self.param.shape, device="meta")).shape
+        rows, cols = self.matrix(torch.empty(self.param_shape, device="meta")).shape
         return int(rows), int(cols)
 
     def _data(self, data: Optional[Tensor]) -> Tensor:
@@ -137,18 +143,25 @@ class TargetMatrix:
         view.copy_(value.reshape(view.shape) if value.shape != view.shape else value)
 
 
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
 def clean_name(name: str) -> str:
-    """Drop wrapper segments (``torch.compile``'s ``_orig_mod``) from a parameter or module name."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    """Drop wrapper segments (``torch.compile``'s ``_orig_mod``, FSDP1's and activation checkpointing's) from a name."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
-    """The user's module inside Fabric's ``_FabricModule``, ``torch.compile``'s ``OptimizedModule`` and DDP.
+    """The user's module inside Fabric's ``_FabricModule``, ``torch.compile``'s ``OptimizedModule``, DDP, FSDP1.
 
     Parameters are the same objects, so what a guard writes reaches the wrapped model; names lose the
-    wrappers' prefixes (``_forward_module.``, ``_orig_mod.``, ``module.``).
+    wrappers' prefixes (``_forward_module.``, ``_orig_mod.``, ``module.``, ``_fsdp_wrapped_module.``).
     """
     from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    from lightning_msign.fsdp1 import _fsdp_class
+
+    fsdp = _fsdp_class()
 
     while True:
         original = getattr(module, "_original_module", None)
@@ -156,7 +169,9 @@ def unwrap_module(module: nn.Module) -> nn.Module:
             module = original
         elif isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
             module = module._orig_mod
-        elif isinstance(module, (DistributedDataParallel, DataParallel)):
+        elif isinstance(module, (DistributedDataParallel, DataParallel)) or (
+            fsdp is not None and isinstance(module, fsdp)
+        ):
             module = module.module
         else:
             return module
@@ -210,6 +225,7 @@ class _Undetermined:
     param: nn.Parameter
     role: str
     owner: str
+    shape: tuple[int, ...] = ()
 
 
 def _catalog(
@@ -240,12 +256,43 @@ def _catalog(
         if layout is not None:
             layout.check(tuple(p.shape), name)
         elif looks_fused(name, p) and role not in ("embedding", "lm_head"):
-            undetermined.append(_Undetermined(name, p, role, owners.get(id(p), "?")))
+            undetermined.append(_Undetermined(name, p, role, owners.get(id(p), "?"), tuple(p.shape)))
             continue
         if layout is not None and role == "qkv" and not split_qkv and layout.blocks and not layout.experts:
             layout = Layout("matrix", source="split_qkv=False")
         out.extend(_expand(name, p, role, layout))
     return out, undetermined
+
+
+def _gathered_catalog(
+    module: nn.Module, split_qkv: bool, layouts: dict[str, Layout], units: Optional[FSDP1Units]
+) -> tuple[list[TargetMatrix], list[_Undetermined], dict[str, tuple[nn.Module, set[int]]]]:
+    """:func:`_catalog` of a model whose parameters may be FSDP1 slices: one pass per gathered unit.
+
+    Outside a gather an FSDP1-managed parameter is a 1-D slice, which the catalog skips; so each unit is
+    gathered alone (read-only) and the pass keeps what it newly finds, with shapes read while gathered. Also
+    returns the attention layers seen whole: ``{name: (module, ids of its matrix parameters)}``.
+    """
+    if units is None:
+        entries, undetermined = _catalog(module, split_qkv, layouts)
+        return entries, undetermined, {n: (m, ids) for n, m, ids in _attention_modules(unwrap_module(module))}
+    found: dict[str, TargetMatrix] = {}
+    blocked: dict[str, _Undetermined] = {}
+    attention: dict[str, tuple[nn.Module, set[int]]] = {}
+    for index in range(len(units.units)):
+        with units.summon(index, writeback=False):
+            entries, undetermined = _catalog(module, split_qkv, layouts)
+            for t in entries:
+                if t.name not in found:
+                    t.param_shape, t.shape  # noqa: B018 - read (and cache) the whole shapes while gathered
+                    found[t.name] = t
+            for u in undetermined:
+                blocked.setdefault(u.name, u)
+            for name, mod, ids in _attention_modules(unwrap_module(module)):
+                attention.setdefault(name, (mod, set()))[1].update(ids)
+    order = {clean_name(n): i for i, (n, _) in enumerate(unwrap_module(module).named_parameters())}
+    ordered = sorted(found.values(), key=lambda t: order.get(t.param_name, len(order)))
+    return ordered, list(blocked.values()), attention
 
 
 def _expand(name: str, p: nn.Parameter, role: str, layout: Optional[Layout]) -> list[TargetMatrix]:
@@ -323,7 +370,11 @@ def _selects(item: str, role: str, name: str, ndim_ok: bool) -> bool:
 
 
 def resolve_targets(
-    module: nn.Module, targets: TargetsArg, split_qkv: bool = True, layouts: LayoutsArg = None
+    module: nn.Module,
+    targets: TargetsArg,
+    split_qkv: bool = True,
+    layouts: LayoutsArg = None,
+    units: Optional[FSDP1Units] = None,
 ) -> list[TargetMatrix]:
     """The targets of ``module`` selected by presets and/or glob patterns (union, model order).
 
@@ -333,6 +384,8 @@ def resolve_targets(
         split_qkv: act on Q, K and V blocks of fused projections separately.
         layouts: declared layouts of fused parameters the readers do not know
             (``{glob on parameter names: layout string}``, see :mod:`lightning_msign.layouts`).
+        units: the FSDP1 units of the model (:class:`~lightning_msign.fsdp1.FSDP1Units`) when it is sharded
+            by FSDP1: each unit is gathered in turn (a collective, on every process) to read whole shapes.
 
     Raises:
         ValueError: bad ``targets`` or ``layouts``; a declared layout that does not fit its parameter;
@@ -341,19 +394,19 @@ def resolve_targets(
             it and how to declare its layout).
     """
     items = validate_targets(targets, split_qkv)
-    entries, undetermined = _catalog(module, split_qkv, validate_layouts(layouts))
+    entries, undetermined, attention = _gathered_catalog(module, split_qkv, validate_layouts(layouts), units)
     selected: list[TargetMatrix] = []
     unmatched: list[str] = []
     for item in items:
         hits = [t for t in entries if any(_selects(item, t.role, name, True) for name in (t.name, t.param_name))]
         blocked = [  # a fused Q/K/V weight holds the query and key blocks 'qk' selects
             u for u in undetermined
-            if _selects(item, "q" if u.role == "qkv" else u.role, u.name, u.param.ndim == 2 or u.role == "mlp")
+            if _selects(item, "q" if u.role == "qkv" else u.role, u.name, len(u.shape) == 2 or u.role == "mlp")
         ]
         if blocked:
             u = blocked[0]
             raise ValueError(
-                f"`targets` entry {item!r} selects parameter {u.name!r} of {u.owner} (shape {tuple(u.param.shape)}),"
+                f"`targets` entry {item!r} selects parameter {u.name!r} of {u.owner} (shape {u.shape}),"
                 f" which looks like a fused weight whose layout cannot be read from the model; signing or measuring"
                 f" it as one matrix would be wrong. For example {{{u.name!r}: {_example_layout(u)!r}}}: "
                 + LAYOUT_HELP
@@ -373,31 +426,38 @@ def resolve_targets(
         unique.setdefault(t.name, t)
     order = {t.name: i for i, t in enumerate(entries)}
     result = sorted(unique.values(), key=lambda t: order[t.name])
-    _warn_missing_attention(unwrap_module(module), items, result)
+    _warn_missing_attention(attention, items, result)
     return result
 
 
 def _example_layout(u: _Undetermined) -> str:
-    if u.param.ndim > 2:
+    if len(u.shape) > 2:
         return "experts/rows:gate=..,up=.." if u.role == "mlp" else "flatten"
     return "rows:gate=..,up=.." if u.role == "mlp" else "rows:q=..,k=..,v=.."
 
 
-def _attention_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Outermost modules that are attention layers (class name ending in ``Attention``, or ``MultiheadAttention``)."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, mod in module.named_modules():
+def _attention_modules(module: nn.Module) -> list[tuple[str, nn.Module, set[int]]]:
+    """Outermost attention layers (class name ending in ``Attention``, or ``MultiheadAttention``) with matrices.
+
+    Returns ``(name, module, ids of its parameters with two or more dimensions)``.
+    """
+    found: list[tuple[str, nn.Module, set[int]]] = []
+    for raw, mod in module.named_modules():
         cls = type(mod).__name__
         if not (cls.endswith("Attention") or isinstance(mod, nn.MultiheadAttention)):
             continue
-        if any(name.startswith(prefix + ".") for prefix, _ in found):
+        name = clean_name(raw)
+        if any(name.startswith(prefix + ".") for prefix, _, _ in found):
             continue
-        if any(p.ndim >= 2 for p in mod.parameters()):
-            found.append((clean_name(name), mod))
+        matrices = {id(p) for p in mod.parameters() if p.ndim >= 2}
+        if matrices:
+            found.append((name, mod, matrices))
     return found
 
 
-def _warn_missing_attention(module: nn.Module, items: list[str], selected: list[TargetMatrix]) -> None:
+def _warn_missing_attention(
+    attention: dict[str, tuple[nn.Module, set[int]]], items: list[str], selected: list[TargetMatrix]
+) -> None:
     wanted = {"attention": {"q", "k", "v", "attn_out"}, "qk": {"q", "k"}}
     for preset, roles in wanted.items():
         if preset not in items:
@@ -412,7 +472,7 @@ def _warn_missing_attention(module: nn.Module, items: list[str], selected: list[
                 got = roles
             by_param.setdefault(id(t.param), set()).update(got)
         missing = []
-        for name, attn in _attention_modules(module):
+        for name, (attn, _) in attention.items():
             have: set[str] = set()
             for p in attn.parameters():
                 have |= by_param.get(id(p), set())

@@ -193,3 +193,33 @@ def test_plan_gathers_uneven_shards_whole(tmp_path):
         sizes = _chunk_sizes(w.shape[dim], 2)
         for r, part in enumerate(torch.split(expected, sizes, dim=dim)):
             assert torch.equal(recs[r]["shards"][name], part), (name, r)
+
+
+# ------------------------------------------------------------------------------------------------- FSDP1
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp1", "fsdp1_manual"])
+def test_fsdp1_slices_hold_the_whole_matrix_sign(tmp_path, strategy):
+    """FSDP1 (flat parameters): root around the LightningModule (Lightning's wrapping) or inside it (manual)."""
+    r0, r1 = run_job(tmp_path, strategy, "--monitor-mode", "exact")
+    check_msign_and_pss(r0, r1, exact=True)
+    for step, after in r0["msign_after"].items():
+        # Each process keeps its contiguous part of the flattened whole result: together, the whole of it.
+        for name, full in after["whole"].items():
+            mine, theirs = after["local"][name], r1["msign_after"][step]["local"][name]
+            assert mine.ndim == theirs.ndim == 1 and mine.numel() + theirs.numel() == full.numel(), name
+            assert torch.equal(torch.cat([mine, theirs]), full.reshape(-1)), (step, name)
+            assert torch.equal(full, r1["msign_after"][step]["whole"][name]), (step, name)
+        # Signing the processes' own fragments would differ: the test tells the two apart.
+        qkv = "model.transformer.h.0.attn.qkv.weight"
+        before = r0["msign_before"][step]["whole"][qkv]
+        half = before.reshape(-1)[: r0["msign_after"][step]["local"][qkv].numel()].reshape(-1, before.shape[1])
+        assert not torch.allclose(msign_restore(half), after["whole"][qkv][: half.shape[0]], atol=1e-3)
+    # Some matrix lies across the two processes' slices (else gathering would not be exercised).
+    sizes = {n: (v.numel(), r1["params"][n].numel()) for n, v in r0["params"].items()}
+    assert any(a > 0 and b > 0 for a, b in sizes.values())
+    logged = {k: v for step, m in r0["records"] if step == STEPS - 1 for k, v in m.items() if k.startswith("srank/")}
+    module, cb = single_process(MSignCallback(targets="all_2d"), r0["whole_params"])
+    assert {f"srank/{t.name}" for t in cb.guard.matrices} <= set(logged)
+    for t in cb.guard.matrices:
+        assert logged[f"srank/{t.name}"] == pytest.approx(float(stable_rank(t.matrix())), rel=1e-5), t.name
+    assert r1["records"] == []

@@ -13,16 +13,12 @@ from lightning_msign.guards.base import Guard
 
 # Strategies whose parameters the guards cannot reach as whole matrices (one list for every callback).
 UNSUPPORTED_STRATEGIES: dict[str, str] = {
-    "FSDPStrategy": (
-        "FSDP1 keeps parameters as shards of one flat buffer per wrapped module, gathered only inside its own"
-        " forward; this version reaches whole matrices only through DTensor parameters. Use FSDP2"
-        " (`ModelParallelStrategy` with `fully_shard` in `configure_model`, as LitGPTModule does) or DDP."
-    ),
     "DeepSpeedStrategy": (
         "DeepSpeed keeps the weights its optimizer updates in its own (ZeRO-partitioned, fp32) buffers, so"
         " writes to the module's parameters would be undone at the next step and, with ZeRO-3, would touch"
-        " partitions only; full-parameter access through DeepSpeed is not implemented (it has not run on a GPU"
-        " here). Use `ModelParallelStrategy` (FSDP2) or DDP."
+        " partitions only. Full-parameter access through DeepSpeed (safe_get/set_full_fp32_param, then"
+        " refreshing the low-precision copy) needs a GPU to run, and has not run on one here, so it is not"
+        " enabled. Use FSDPStrategy (FSDP1), ModelParallelStrategy (FSDP2) or DDP."
     ),
 }
 
@@ -36,6 +32,20 @@ def refuse_strategies(trainer: pl.Trainer, owner: str) -> None:
                 + UNSUPPORTED_STRATEGIES[cls.__name__]
                 + " A guard never acts on a shard: the matrix sign or stable rank of a shard is not that of the matrix."
             )
+
+
+def _model_for_guard(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """``pl_module``, or the FSDP1 root wrapping it (``FSDPStrategy`` wraps the whole LightningModule).
+
+    The root's own parameters (embeddings, head, norms: those of no inner unit) are gathered through it.
+    """
+    model = getattr(trainer.strategy, "model", None)
+    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+    if "FSDPStrategy" in names and model is not None and model is not pl_module:
+        inner = getattr(model, "module", None)
+        if inner is pl_module:
+            return model
+    return pl_module
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
@@ -77,7 +87,7 @@ class GuardCallback(Callback):
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_strategies(trainer, type(self).__name__)
-        self.guard.attach(pl_module, distributed=trainer.world_size > 1)
+        self.guard.attach(_model_for_guard(trainer, pl_module), distributed=trainer.world_size > 1)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -36,7 +36,7 @@ class DiagnosticsMonitor(GuardCallback):
         ValueError: at construction, for any bad argument; at ``setup``, when the model cannot be handled
             (no decoder found, an unsupported attention with ``attention_logits=True``, no LM head with
             ``output_logits=True``); at the first batch, when it holds no integer ``(B, T)`` token ids.
-        NotImplementedError: at ``setup``, for FSDP1 (``FSDPStrategy``) and DeepSpeed.
+        NotImplementedError: at ``setup``, for DeepSpeed.
 
     Example::
 

@@ -35,7 +35,7 @@ class MSignCallback(GuardCallback):
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, for targets that match no matrix
             or include a fused weight whose layout is unknown.
-        NotImplementedError: at ``setup``, for FSDP1 (``FSDPStrategy``) and DeepSpeed.
+        NotImplementedError: at ``setup``, for DeepSpeed.
 
     Example::
 

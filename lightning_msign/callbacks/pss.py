@@ -25,7 +25,7 @@ class PSSCallback(GuardCallback):
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, for targets that match no matrix.
-        NotImplementedError: at ``setup``, for FSDP1 (``FSDPStrategy``) and DeepSpeed.
+        NotImplementedError: at ``setup``, for DeepSpeed.
 
     Example::
 

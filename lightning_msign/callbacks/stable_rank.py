@@ -26,7 +26,7 @@ class StableRankMonitor(GuardCallback):
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, for targets that match no matrix.
-        NotImplementedError: at ``setup``, for FSDP1 (``FSDPStrategy``) and DeepSpeed.
+        NotImplementedError: at ``setup``, for DeepSpeed.
 
     Example::
 

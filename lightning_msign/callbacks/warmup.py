@@ -114,6 +114,12 @@ class ArchitectureWarmup(GuardCallback):
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         strategy = trainer.strategy
         names = {cls.__name__ for cls in type(strategy).__mro__}
+        if "FSDPStrategy" in names:
+            raise NotImplementedError(
+                "ArchitectureWarmup does not support FSDPStrategy (FSDP1): skipping blocks whose parameters FSDP"
+                " gathers in their forward has not been tested here. Use one device or DDP with"
+                " strategy='ddp_find_unused_parameters_true'."
+            )
         if "ModelParallelStrategy" in names:
             raise NotImplementedError(
                 "ArchitectureWarmup does not support ModelParallelStrategy (FSDP2): skipping fully_shard-ed blocks"

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lightning_msign._validation import check_bool
-from lightning_msign.distributed import WholeMatrixPlan, is_distributed
+from lightning_msign.distributed import WholeMatrixPlan, global_grad_norm, is_distributed
+from lightning_msign.fsdp1 import FSDP1Units, fsdp1_units
 from lightning_msign.layouts import validate_layouts
 from lightning_msign.targets import (
     LayoutsArg,
@@ -39,36 +40,59 @@ class Guard:
     ``trainer.global_step``) or let the guard count calls; a call with a step it has already seen does
     nothing, so gradient accumulation and resume are handled. :meth:`state_dict` holds plain values.
 
-    Under ``torch.distributed`` (DDP, FSDP2) every process must make the same calls: whole matrices are
-    computed on one process each and shared (:mod:`lightning_msign.distributed`).
+    Under ``torch.distributed`` (DDP, FSDP2, FSDP1) every process must make the same calls: whole matrices
+    are computed on one process each and shared (:mod:`lightning_msign.distributed`); under FSDP1 one unit
+    is gathered at a time (:mod:`lightning_msign.fsdp1`).
     """
 
     def __init__(self) -> None:
         self._module: Optional[nn.Module] = None
         self._distributed = False
         self._last_step = 0
+        self._fsdp1: Optional[FSDP1Units] = None
 
     # -------------------------------------------------------------------------------------- attaching
     def attach(self, module: nn.Module, distributed: Optional[bool] = None) -> "Guard":
         """Attach to ``module`` (wrappers of Fabric, ``torch.compile`` and DDP are looked through).
 
         Args:
-            module: the model whose weights the guard reads and writes.
+            module: the model whose weights the guard reads and writes. Under FSDP1 pass the FSDP root (in
+                Lightning ``trainer.strategy.model``, which the callbacks pass), or a module holding its units.
             distributed: whether the run has several processes; default: ``torch.distributed`` is
                 initialised with more than one.
 
         Returns:
             The guard itself.
+
+        Raises:
+            ValueError: ``module`` holds parameters sharded by an FSDP1 unit it does not contain.
+            NotImplementedError: an FSDP1 unit with ``use_orig_params=False`` or parameter offloading.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
-        self._module = unwrap_module(module)
+        return self._attach_unwrapped(unwrap_module(module), distributed, fsdp1_units(module))
+
+    def _attach_unwrapped(
+        self, module: nn.Module, distributed: Optional[bool], fsdp1: Optional[FSDP1Units]
+    ) -> "Guard":
+        """Attach to an already unwrapped module whose FSDP1 units are known (a guard's inner helper guards)."""
+        self._fsdp1 = fsdp1
+        self._module = module
         self._distributed = is_distributed() if distributed is None else bool(distributed)
         self._on_attach(self._module)
         return self
 
     def _on_attach(self, module: nn.Module) -> None:
         """Subclasses resolve what they act on here."""
+
+    @property
+    def fsdp1(self) -> Optional[FSDP1Units]:
+        """The FSDP1 units of the attached model (``None`` when it has none)."""
+        return self._fsdp1
+
+    def _grad_norm(self, module: nn.Module) -> Optional[torch.Tensor]:
+        """The global gradient norm of ``module`` (every process must call it: a collective when distributed)."""
+        return global_grad_norm(module.parameters(), units=self._fsdp1)
 
     @property
     def module(self) -> Optional[nn.Module]:
@@ -131,8 +155,10 @@ class TargetedGuard(Guard):
         self._plan: Optional[WholeMatrixPlan] = None
 
     def _on_attach(self, module: nn.Module) -> None:
-        self._matrices = resolve_targets(module, self.targets, split_qkv=self.split_qkv, layouts=self.layouts)
-        self._plan = WholeMatrixPlan(self._matrices, distributed=self._distributed)
+        self._matrices = resolve_targets(
+            module, self.targets, split_qkv=self.split_qkv, layouts=self.layouts, units=self._fsdp1
+        )
+        self._plan = WholeMatrixPlan(self._matrices, distributed=self._distributed, units=self._fsdp1)
 
     @property
     def matrices(self) -> list[TargetMatrix]:

@@ -178,6 +178,12 @@ class Curvature(Guard):
 
     # -------------------------------------------------------------------------------------- attaching
     def _on_attach(self, module: nn.Module) -> None:
+        if self._fsdp1 is not None:
+            raise NotImplementedError(
+                "Curvature does not support FSDP1 (FullyShardedDataParallel): Hessian-vector products need a double"
+                " backward through FSDP's gather and reduce-scatter hooks, which is not implemented here. Use DDP, or"
+                " a single process."
+            )
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         sharded = [n for n, p in named if is_sharded(p)]
         if sharded:

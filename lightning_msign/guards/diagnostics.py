@@ -16,6 +16,7 @@ from lightning_msign._validation import (
     check_optional_positive_int,
     check_positive_int,
 )
+from lightning_msign.fsdp1 import FSDP1Units
 from lightning_msign.functional.attention import output_logit_stats
 from lightning_msign.functional.jacobian import jacobian_alignment, jacobian_top_singular
 from lightning_msign.guards.base import Guard
@@ -171,6 +172,8 @@ class Diagnostics(Guard):
     def _on_attach(self, module: nn.Module) -> None:
         decoder = find_decoder(module, self.model_attr)
         model = decoder.model
+        if self._fsdp1 is not None:
+            self._check_fsdp1(self._fsdp1, model)
         if self.attention_logits:
             for i, block in enumerate(decoder.blocks):
                 attn = attention_module(block)
@@ -195,6 +198,22 @@ class Diagnostics(Guard):
                 f" {_JACOBIAN_ATTENTION} (`attn_implementation=`) or pass jacobian=False"
             )
         self._decoder = decoder
+
+    def _check_fsdp1(self, units: FSDP1Units, model: nn.Module) -> None:
+        if self.jacobian:
+            raise NotImplementedError(
+                "Diagnostics(jacobian=True) does not support FSDP1 (FullyShardedDataParallel): the Jacobian products"
+                " call the blocks under autograd, through FSDP's gather hooks, which is not implemented here. Pass"
+                " jacobian=False (attention and output logits work), or use DDP / FSDP2."
+            )
+        mixed = [i for i, _ in enumerate(units.units) if units.mixed_precision(i)]
+        if mixed:
+            raise NotImplementedError(
+                "Diagnostics does not support FSDP1 with MixedPrecision (found on"
+                f" {type(getattr(units.units[mixed[0]], 'module', None)).__name__}): the probe would read the root's"
+                " full-precision weights while the blocks compute in low precision, which is not the training"
+                " forward. Use a 32-bit precision under FSDP1, or DDP / FSDP2 for the probe under mixed precision."
+            )
 
     @property
     def model(self) -> Optional[nn.Module]:
@@ -286,7 +305,11 @@ class Diagnostics(Guard):
                                                                    with_kwargs=True))
             for probe in probes:
                 handles.extend(probe.attach())
-            output = decoder(ids)
+            if self._fsdp1 is not None:  # gather the units above the decoder (its own gather in its forward)
+                with self._fsdp1.summon_above(decoder.model):
+                    output = decoder(ids)
+            else:
+                output = decoder(ids)
         finally:
             for handle in handles:
                 handle.remove()

@@ -20,7 +20,7 @@ from lightning_msign._validation import (
     check_positive_int,
     check_range,
 )
-from lightning_msign.distributed import MatrixResult, OwnedMatrix, global_grad_norm, max_over_processes
+from lightning_msign.distributed import MatrixResult, OwnedMatrix, max_over_processes
 from lightning_msign.functional.msign import Backend, sign_and_restore
 from lightning_msign.functional.precision import as_compute
 from lightning_msign.functional.spectral import stable_rank
@@ -224,7 +224,7 @@ class MSign(TargetedGuard):
             None, every_n_steps=1, attention_logits=True, output_logits=False,
             max_batch_size=self.probe_batch_size, max_seq_len=self.probe_seq_len, model_attr=self.model_attr,
         )
-        probe.attach(module, distributed=self._distributed)
+        probe._attach_unwrapped(module, self._distributed, self._fsdp1)
         blocks = probe.decoder.blocks  # type: ignore[union-attr]
         owner = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
         self._layer_of = [owner.get(id(t.param)) for t in self._matrices]
@@ -279,7 +279,7 @@ class MSign(TargetedGuard):
         current = self._last_step + 1 if step is None else int(step)
         if current <= self._last_step or (self._grad_reading is not None and self._grad_reading[0] == current):
             return {}
-        total = global_grad_norm(p for p in module.parameters() if p.grad is not None)
+        total = self._grad_norm(module)
         if total is None:
             return {}
         norm = float(total)

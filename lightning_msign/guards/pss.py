@@ -19,7 +19,7 @@ from lightning_msign._validation import (
     check_positive_int,
     check_range,
 )
-from lightning_msign.distributed import MatrixResult, OwnedMatrix, any_process, global_grad_norm
+from lightning_msign.distributed import MatrixResult, OwnedMatrix, any_process
 from lightning_msign.functional.precision import as_compute
 from lightning_msign.functional.smoothing import (
     Smoothing,
@@ -185,7 +185,7 @@ class PSS(TargetedGuard):
         if current is None:
             return {}
         params = [p for p in module.parameters() if p.grad is not None]
-        total = global_grad_norm(params)
+        total = self._grad_norm(module)
         if total is None:
             return {}
         norm = float(total)

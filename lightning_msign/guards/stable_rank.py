@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lightning_msign import metric_keys as keys
 from lightning_msign._validation import check_bool, check_choice, check_positive_int
-from lightning_msign.distributed import MatrixResult, OwnedMatrix, global_grad_norm
+from lightning_msign.distributed import MatrixResult, OwnedMatrix
 from lightning_msign.functional.precision import as_compute
 from lightning_msign.functional.spectral import (
     finite_matrices,
@@ -118,7 +118,7 @@ class StableRank(TargetedGuard):
         step = self._last_step + 1 if step is None else int(step)
         if not self.log_grad_norm or step % self.every_n_steps != 0:
             return {}
-        norm = global_grad_norm(module.parameters())
+        norm = self._grad_norm(module)
         return {} if norm is None else {keys.GRAD_NORM_TOTAL: float(norm)}
 
     def step(self, step: Optional[int] = None) -> dict[str, float]:

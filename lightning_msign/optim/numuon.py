@@ -38,6 +38,7 @@ from torch.optim.adam import adam as _adam_function
 from lightning_msign import metric_keys as keys
 from lightning_msign._validation import check_bool, check_choice, check_non_negative_int, check_range
 from lightning_msign.distributed import MatrixResult, OwnedMatrix, WholeMatrixPlan, is_distributed, local_tensor
+from lightning_msign.fsdp1 import is_fsdp1_managed
 from lightning_msign.functional.lowrank import rank_k_sign
 from lightning_msign.functional.msign import BACKENDS, msign
 from lightning_msign.functional.precision import as_compute
@@ -170,6 +171,16 @@ def matrix_layouts(module: nn.Module, layouts: LayoutsArg = None) -> dict[int, t
     return out
 
 
+def _refuse_fsdp1(params: Any, where: str) -> None:
+    if any(is_fsdp1_managed(p) for p in params):
+        raise NotImplementedError(
+            f"{where}: parameters flattened by FSDP1 (FullyShardedDataParallel / Lightning's FSDPStrategy) are 1-D"
+            " slices, not matrices: a Muon step on them would orthogonalise fragments, and grouping them would send"
+            " every matrix to AdamW. NuMuon and Muon work on whole matrices under DDP and FSDP2"
+            " (ModelParallelStrategy)."
+        )
+
+
 def muon_param_groups(
     module: nn.Module, layouts: LayoutsArg = None, weight_decay: Optional[float] = None
 ) -> list[dict[str, Any]]:
@@ -194,6 +205,7 @@ def muon_param_groups(
             read from the model: its Muon update as one matrix would mix its blocks. Declare its layout
             (``"matrix"`` treats it as one matrix on purpose).
     """
+    _refuse_fsdp1(list(unwrap_module(module).parameters()), "muon_param_groups(module)")
     muon = {
         id(p): (p, spec) for p, spec in matrix_layouts(module, layouts).values() if p.requires_grad
     }
@@ -399,6 +411,7 @@ class NuMuon(Optimizer):
         label = f"param_groups[{index}]" + (f" ({group['name']!r})" if "name" in group else "")
         self._check_options(group, f"{label}.")
         params = group["params"]
+        _refuse_fsdp1(params, label)
         layouts = group["layouts"]
         if not group["use_muon"]:
             if layouts is not None:
