@@ -2,10 +2,12 @@
 
 ``MSign.apply()`` (attention targets, svd and polar_express) on a LitGPT, on 1 process and on 2 processes
 started with ``torch.multiprocessing``: replicated weights as under DDP (each process signs its share and
-broadcasts it) and FSDP2 ``fully_shard`` DTensor weights (each whole matrix gathered on its owner, signed,
-scattered back). An application ends when the slowest process is done. Each process's own share of the
-math is timed by running the same signing through the guard's public plan (``guard.plan.run``, read-only:
-no weight traffic) right after each application.
+broadcasts it), FSDP2 ``fully_shard`` DTensor weights (each whole matrix gathered on its owner, signed,
+scattered back) and FSDP1 ``FullyShardedDataParallel`` flat parameters (one unit per block and the root,
+``use_orig_params=True``: each unit gathered on every process in turn, its matrices signed by their owners and
+broadcast, each process keeping its slice). An application ends when the slowest process is done. Each
+process's own share of the math is timed by running the same signing through the guard's public plan
+(``guard.plan.run``, read-only: no weight traffic) right after each application.
 """
 
 from __future__ import annotations
@@ -63,7 +65,15 @@ def _dist_worker(rank: int, world: int, layout: str, cfg: dict[str, Any], out_di
             for block in module.model.transformer.h:
                 fully_shard(block, mesh=mesh)
             fully_shard(module.model, mesh=mesh)
-        local = [local_tensor(p) for p in module.parameters() if p.ndim >= 2]  # detached, sharing storage
+        if layout == "fsdp1" and world > 1:
+            from litgpt.model import Block
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            module.model = FullyShardedDataParallel(module.model, auto_wrap_policy=ModuleWrapPolicy({Block}),
+                                                    device_id=torch.device("cpu"), use_orig_params=True)
+        # Detached, sharing storage (FSDP1: each parameter's 1-D slice of its unit's flat buffer).
+        local = [local_tensor(p) for p in module.parameters() if p.ndim >= 2 or layout == "fsdp1"]
         snapshot = [x.clone() for x in local]
         rows = []
         for backend in cfg["backends"]:
@@ -95,7 +105,7 @@ def _dist_worker(rank: int, world: int, layout: str, cfg: dict[str, Any], out_di
 
 
 def run_distributed_part(s: Settings) -> list[dict[str, Any]]:
-    """Time per MSign application (attention) on 1 process vs 2 processes, replicated (DDP) and FSDP2.
+    """Time per MSign application (attention) on 1 process vs 2 processes, replicated (DDP), FSDP2 and FSDP1.
 
     A layout whose processes fail is recorded with its error (and left out of the speed-ups), not raised.
     """
@@ -104,7 +114,7 @@ def run_distributed_part(s: Settings) -> list[dict[str, Any]]:
     cfg = {"model": s.model, "seq_len": s.seq_len, "seed": s.seed, "threads": 1, "repeats": s.dist_repeats,
            "backends": list(DIST_BACKENDS)}
     out: list[dict[str, Any]] = []
-    for world, layout in ((1, "single"), (2, "ddp"), (2, "fsdp2")):
+    for world, layout in ((1, "single"), (2, "ddp"), (2, "fsdp2"), (2, "fsdp1")):
         log(f"  distributed: {world} process(es), {layout}")
         with tempfile.TemporaryDirectory(prefix="lightning_msign_dist_") as tmp:
             try:
@@ -142,7 +152,9 @@ def render_distributed(s: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
         f"call), 1 torch thread per process, median of {s['dist_repeats']} calls after a warm-up; an application "
         "ends when the slowest process is done. `ddp`: replicated weights, each process signs its share and "
         "broadcasts it; `fsdp2`: `fully_shard`ed DTensor weights, each whole matrix gathered on its owner, "
-        "signed, scattered back. Compute per process: the same signing of the matrices the process owns, run "
+        "signed, scattered back; `fsdp1`: FullyShardedDataParallel units (one per block, and the root), each "
+        "gathered whole on every process in turn, its matrices signed by their owners and broadcast. Compute "
+        "per process: the same signing of the matrices the process owns, run "
         "through `guard.plan.run` read-only right after each application and timed inside.",
         "",
         "| layout | processes | backend | matrices | ms per application | speed-up vs 1 process "
@@ -166,7 +178,8 @@ def render_distributed(s: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
         "matrices than processes (owners are balanced by m*n*min(m, n), one parameter at a time, so a fused QKV",
         "weight is one unit); communication per application is one broadcast of every target matrix (DDP: each",
         "process receives the (N-1)/N it did not compute) or a gather plus a scatter of each matrix (FSDP2: each",
-        "process sends and receives ~2/N of the target bytes), i.e. about the traffic of one optimizer step's",
+        "process sends and receives ~2/N of the target bytes; FSDP1: an all-gather of each unit holding targets,",
+        "then a broadcast of its target matrices), i.e. about the traffic of one optimizer step's",
         "gradient all-reduce restricted to the target matrices, once every P steps.",
     ]
     return lines

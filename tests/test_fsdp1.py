@@ -57,11 +57,11 @@ def _worker(rank: int, world: int, out: str) -> None:
         from torch.distributed.fsdp import MixedPrecision
 
         from lightning_msign import MSign, NuMuon
-        from lightning_msign.guards.stable_rank import StableRank
         from lightning_msign.distributed import global_grad_norm
         from lightning_msign.fsdp1 import FSDP1Units
         from lightning_msign.guards.curvature import Curvature
         from lightning_msign.guards.diagnostics import Diagnostics
+        from lightning_msign.guards.stable_rank import StableRank
         from lightning_msign.optim import muon_param_groups
 
         record: dict = {"errors": {}}
