@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--period", type=int, default=4)
     parser.add_argument("--backend", default="svd")
     parser.add_argument("--monitor-mode", default="power")
+    parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -153,7 +154,8 @@ def main() -> None:
         monitor,
     ]
     trainer = Trainer(
-        **trainer_kwargs(args.out, devices=2, strategy=strategy, max_steps=args.steps, logger=logger),
+        **trainer_kwargs(args.out, devices=2, strategy=strategy, max_steps=args.steps, logger=logger,
+                         precision=args.precision),
         callbacks=callbacks,
     )
     trainer.callbacks.append(Save(args.out, store, msign, pss, monitor, logger))

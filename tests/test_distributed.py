@@ -197,11 +197,18 @@ def test_plan_gathers_uneven_shards_whole(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- FSDP1
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp1", "fsdp1_manual"])
-def test_fsdp1_slices_hold_the_whole_matrix_sign(tmp_path, strategy):
-    """FSDP1 (flat parameters): root around the LightningModule (Lightning's wrapping) or inside it (manual)."""
-    r0, r1 = run_job(tmp_path, strategy, "--monitor-mode", "exact")
+@pytest.mark.parametrize(
+    ("strategy", "precision"), [("fsdp1", "32-true"), ("fsdp1_manual", "32-true"), ("fsdp1", "bf16-mixed")]
+)
+def test_fsdp1_slices_hold_the_whole_matrix_sign(tmp_path, strategy, precision):
+    """FSDP1 (flat parameters): root around the LightningModule (Lightning's wrapping) or inside it (manual).
+
+    Under bf16-mixed the blocks compute in bf16 and the guards edit the fp32 values FSDP keeps (and casts from
+    at the next forward): the same results as one process on the fp32 weights.
+    """
+    r0, r1 = run_job(tmp_path, strategy, "--monitor-mode", "exact", "--precision", precision)
     check_msign_and_pss(r0, r1, exact=True)
+    assert {v.dtype for v in r0["whole_params"].values()} == {torch.float32}
     for step, after in r0["msign_after"].items():
         # Each process keeps its contiguous part of the flattened whole result: together, the whole of it.
         for name, full in after["whole"].items():

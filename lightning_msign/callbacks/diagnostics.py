@@ -25,7 +25,10 @@ class DiagnosticsMonitor(GuardCallback):
     It computes after the optimizer steps ``every_n_steps, 2 * every_n_steps, ...`` (``trainer.global_step``:
     once per optimizer step under gradient accumulation, right on resume) and writes the metrics straight
     to the Trainer's loggers, whatever ``log_every_n_steps`` is, at the step index of that batch's
-    ``train/loss``. Each process computes on its own batch; only rank zero's loggers write.
+    ``train/loss``. Each process computes on its own batch; only rank zero's loggers write. Under FSDP1
+    (``FSDPStrategy``) the units above the decoder (the root around the LightningModule) are gathered for the
+    probe; ``MixedPrecision`` and ``jacobian=True`` are refused there (the probe would not be the training
+    forward; Jacobians would differentiate through FSDP's hooks).
 
     Which failure mode: attention logits in the thousands = attention-logit growth (fix: QK-norm, lower
     LR); output logits growing alone = output-logit divergence (z-loss); Jacobian alignment near 1 with

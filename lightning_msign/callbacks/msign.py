@@ -24,9 +24,10 @@ class MSignCallback(GuardCallback):
     trained on (``max_attn_logit``: a tensor, a dict's ``"input_ids"`` or a sequence's first element), reads
     the gradient norm in ``on_before_optimizer_step`` (``max_grad_ratio``) and the latest stability ratio of
     the Trainer's curvature monitor (``max_curvature_ratio``), and writes its metrics straight to the
-    Trainer's loggers at the step index of that batch's ``train/loss``. Under DDP and FSDP2
-    (``ModelParallelStrategy``) each whole matrix is signed on one process and shared; a shard is never
-    signed; every process takes the same decision.
+    Trainer's loggers at the step index of that batch's ``train/loss``. Under DDP, FSDP2
+    (``ModelParallelStrategy``) and FSDP1 (``FSDPStrategy``, one unit gathered at a time) each whole matrix is
+    signed on one process and shared; a shard is never signed; every process takes the same decision. The
+    logit trigger under FSDP1 needs a 32-bit precision (see ``DiagnosticsMonitor``).
 
     What it really does here: periodic MSign at a failing learning rate closed only part of the loss gap
     that qk-norm closes, and at healthy ones it costs loss; triggered by attention logits it leaves healthy

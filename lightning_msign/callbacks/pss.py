@@ -21,7 +21,7 @@ class PSSCallback(GuardCallback):
     (read its docstring). The norm is read in ``on_before_optimizer_step``: after gradient accumulation,
     DDP synchronisation and AMP unscaling, before clipping; a protection happens there too, before the
     optimizer step. Metrics go straight to the Trainer's loggers at the step index of the batch's
-    ``train/loss``. Under DDP and FSDP2 the norm is global and the decision identical on every process.
+    ``train/loss``. Under DDP, FSDP2 and FSDP1 the norm is global and the decision identical on every process.
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, for targets that match no matrix.

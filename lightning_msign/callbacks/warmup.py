@@ -40,8 +40,8 @@ class ArchitectureWarmup(GuardCallback):
 
     Strategies: single device; DDP only with ``find_unused_parameters=True``
     (``strategy="ddp_find_unused_parameters_true"``), since the inactive blocks' parameters are unused.
-    ``ModelParallelStrategy`` (FSDP2) is refused: the warm-up has not been tested under it. FSDP1 and
-    DeepSpeed are refused as by every callback of the package.
+    ``ModelParallelStrategy`` (FSDP2) and ``FSDPStrategy`` (FSDP1) are refused: the warm-up has not been tested
+    under them. DeepSpeed is refused as by every callback of the package.
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, when ``start_step`` is None and the
