@@ -93,8 +93,9 @@ def _dist_worker(rank: int, world: int, layout: str, cfg: dict[str, Any], out_di
                 dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # an application ends when the last process is done
                 before = len(compute_ms)
                 guard.plan.run(share, write=False)  # this process's share of the math, timed alone
-                if len(compute_ms) == before:  # this process owns nothing
-                    compute_ms.append(0.0)
+                total = sum(compute_ms[before:])  # one call per FSDP1 unit: their sum is the application's
+                del compute_ms[before:]
+                compute_ms.append(total)
                 if i:
                     times.append(float(slowest))
             rows.append({"backend": backend, "apply_ms": times, "compute_ms": compute_ms[1:],

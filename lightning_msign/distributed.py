@@ -345,12 +345,16 @@ class WholeMatrixPlan:
                 by_key[key] = _Group(unit.group, unit.param.dtype, local.device, scope=unit.scope)
                 self._groups.append(by_key[key])
             by_key[key].units.append(unit)
-        balanced: dict[tuple, list[_Unit]] = {}  # owners balanced over every FSDP1 unit together
-        for g in self._groups:
-            balanced.setdefault((id(g.group), g.dtype), []).extend(g.units)
-        for same in balanced.values():
-            self._assign_owners(same)
         self._groups.sort(key=lambda g: -1 if g.scope is None else g.scope)  # one gather per FSDP1 unit
+        # Owners: balanced within each FSDP1 unit (a gather is a synchronisation point, so a unit takes as long
+        # as its busiest process), ties broken by the load carried from the units before; without FSDP1 units,
+        # balanced over everything that shares a process group and dtype.
+        carried: dict[tuple, list[float]] = {}
+        for g in self._groups:
+            key = (id(g.group), g.dtype)
+            world = dist.get_world_size(g.group) if g.group is not None else 1
+            carried.setdefault(key, [0.0] * world)
+            self._assign_owners(g.units, carried[key], per_call=g.scope is not None)
 
     def _unit(self, t: "TargetMatrix") -> _Unit:
         p, cost = t.param, _cost(t.param_shape)
@@ -363,15 +367,21 @@ class WholeMatrixPlan:
         return _Unit(p, [], sharded=False, group=group, cost=cost, scope=scope)
 
     @staticmethod
-    def _assign_owners(units: list[_Unit]) -> None:
-        group = units[0].group
-        world = dist.get_world_size(group) if group is not None else 1
-        load = [0.0] * world
+    def _assign_owners(units: list[_Unit], carried: list[float], per_call: bool) -> None:
+        """Largest first, each to the least-loaded process; ``carried`` (the load so far) is updated.
+
+        ``per_call``: the load that counts is this call's (ties broken by ``carried``), else ``carried``.
+        """
+        local = [0.0] * len(carried)
         order = sorted(range(len(units)), key=lambda i: (-units[i].cost, i))
         for i in order:
-            owner = min(range(world), key=lambda r: (load[r], r))
+            if per_call:
+                owner = min(range(len(carried)), key=lambda r: (local[r], carried[r], r))
+            else:
+                owner = min(range(len(carried)), key=lambda r: (carried[r], r))
             units[i].owner = owner
-            load[owner] += units[i].cost
+            local[owner] += units[i].cost
+            carried[owner] += units[i].cost
 
     # ----------------------------------------------------------------------------------------- info
     def owners(self) -> dict[str, int]:
