@@ -7,10 +7,11 @@ Public API:
   dominant singular values, arXiv 2602.01308), :class:`StableRank` (stable rank and gradient norm),
   :class:`Diagnostics` (attention- and output-logit magnitudes, Jacobian alignment), :class:`Curvature` (Adam's
   preconditioned sharpness and its edge of stability, arXiv 2606.16768), :class:`DepthWarmup` (architecture
-  warm-up: part of the blocks first, the rest unlocked in groups, arXiv 2606.16768).
+  warm-up: part of the blocks first, the rest unlocked in groups, arXiv 2606.16768), :class:`Rollback`
+  (snapshots in memory; on a divergence, back to the last good state, repaired).
 - Lightning callbacks over them: :class:`MSignCallback`, :class:`PSSCallback`, :class:`StableRankMonitor`,
   :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment),
-  :class:`CurvatureMonitor` and :class:`ArchitectureWarmup`.
+  :class:`CurvatureMonitor`, :class:`ArchitectureWarmup` and :class:`RollbackGuard`.
 - :class:`LitGPTModule` and :class:`ShakespeareDataModule`: the embedded default model and corpus.
 - :mod:`lightning_msign.optim`: :class:`~lightning_msign.optim.Muon` and :class:`~lightning_msign.optim.NuMuon`
   (rank-k Muon, arXiv 2603.03597), each with AdamW for the non-matrix parameters, as one optimizer.
@@ -25,11 +26,12 @@ from lightning_msign.callbacks import (
     DiagnosticsMonitor,
     MSignCallback,
     PSSCallback,
+    RollbackGuard,
     StableRankMonitor,
     StepProgressBar,
 )
 from lightning_msign.data import ShakespeareDataModule
-from lightning_msign.guards import PSS, Curvature, DepthWarmup, Diagnostics, MSign, StableRank
+from lightning_msign.guards import PSS, Curvature, DepthWarmup, Diagnostics, MSign, Rollback, StableRank
 from lightning_msign.layouts import Layout, parse_layout
 from lightning_msign.litgpt_module import LitGPTModule
 from lightning_msign.optim import Muon, NuMuon
@@ -52,6 +54,8 @@ __all__ = [
     "Muon",
     "NuMuon",
     "PSSCallback",
+    "Rollback",
+    "RollbackGuard",
     "ShakespeareDataModule",
     "StableRank",
     "StableRankMonitor",

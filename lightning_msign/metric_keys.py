@@ -77,6 +77,14 @@ DIAG_JACOBIAN_ALIGNMENT_PREFIX = "diag/jacobian_alignment/"  # |<u_1(J_l), v_1(J
 DIAG_JACOBIAN_ALIGNMENT_MAX = "diag/jacobian_alignment_max"  # largest alignment of adjacent blocks
 DIAG_TIME_MS = "diag/time_ms"  # wall time of the diagnostics, in milliseconds
 
+# --------------------------------------------------------------------------- RollbackGuard
+ROLLBACK_ROLLED_BACK = "rollback/rolled_back"  # 1.0 at a step that was flagged and rolled back, else 0.0
+ROLLBACK_ROLLBACKS = "rollback/rollbacks"  # rollbacks so far
+ROLLBACK_STEPS_LOST = "rollback/steps_lost"  # optimizer steps undone by rollbacks so far
+ROLLBACK_RESTORED_TO = "rollback/restored_to"  # the optimizer step of the snapshot restored (rollback steps only)
+ROLLBACK_LOST = "rollback/lost"  # optimizer steps this rollback undid (rollback steps only)
+ROLLBACK_LR_SCALE = "rollback/lr_scale"  # learning-rate multiplier of the repair for the next step (1.0 outside)
+
 # --------------------------------------------------------------------------- CurvatureMonitor
 CURV_SHARPNESS = "curvature/preconditioned_sharpness"  # lambda_max of P^-1/2 H P^-1/2 (Adam's preconditioner P)
 CURV_STABILITY_RATIO = "curvature/stability_ratio"  # lambda_max of D^1/2 H D^1/2 (D = lr / P) / ((2 + 2 b1) / (1 - b1))

@@ -5,10 +5,12 @@ from lightning_msign.callbacks.diagnostics import DiagnosticsMonitor
 from lightning_msign.callbacks.msign import MSignCallback
 from lightning_msign.callbacks.progress import StepProgressBar
 from lightning_msign.callbacks.pss import PSSCallback
+from lightning_msign.callbacks.rollback import RollbackGuard
 from lightning_msign.callbacks.stable_rank import StableRankMonitor
 from lightning_msign.callbacks.warmup import ArchitectureWarmup
 
 __all__ = [
-    "ArchitectureWarmup", "CurvatureMonitor", "DiagnosticsMonitor", "MSignCallback", "PSSCallback", "StableRankMonitor",
+    "ArchitectureWarmup", "CurvatureMonitor", "DiagnosticsMonitor", "MSignCallback", "PSSCallback", "RollbackGuard",
+    "StableRankMonitor",
     "StepProgressBar",
 ]

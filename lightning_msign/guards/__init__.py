@@ -5,6 +5,7 @@ from lightning_msign.guards.curvature import Curvature
 from lightning_msign.guards.diagnostics import Diagnostics
 from lightning_msign.guards.msign import MSign, SignResult
 from lightning_msign.guards.pss import PSS, SmoothResult
+from lightning_msign.guards.rollback import Rollback, Snapshot
 from lightning_msign.guards.stable_rank import StableRank
 from lightning_msign.guards.warmup import DepthWarmup
 
@@ -15,7 +16,9 @@ __all__ = [
     "Diagnostics",
     "Guard",
     "MSign",
+    "Rollback",
     "SignResult",
+    "Snapshot",
     "SmoothResult",
     "StableRank",
     "TargetedGuard",
