@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +266,31 @@ def test_plain_loop_rollback_equals_skipping(tmp_path):
     assert guard.skipped[0]["positions"] == [6, 7] and guard.skipped[0]["restored_to"] == 6
     for (name, a), (_, b) in zip(rolled.named_parameters(), reference.named_parameters()):
         assert torch.equal(a, b), name
+
+
+# -------------------------------------------------------------------------------------------- 2 processes
+JOB = Path(__file__).resolve().parent / "rollback_job.py"
+
+
+def _launch(tmp_path, name: str, *args: str) -> tuple[dict, dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("MASTER_PORT", None)
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, str(JOB), "--out", str(out), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_processes_agree_when_only_one_sees_the_nan(tmp_path, strategy):
+    """NaN on process 1 only: both roll back at the same step (no hang) and end as a run that skipped the batches."""
+    r0, r1 = _launch(tmp_path, "rolled", "--strategy", strategy, "--nan-rank", "1")
+    assert r0["state"] == r1["state"] and r0["state"]["rollback_steps"] == [7]
+    assert r0["state"]["skipped"][0]["restored_to"] == 4
+    ref0, ref1 = _launch(tmp_path, "reference", "--strategy", strategy, "--reference")
+    for name, value in r0["whole_params"].items():
+        assert torch.equal(value, r1["whole_params"][name]), name
+        assert torch.equal(value, ref0["whole_params"][name]), name
+    assert all(torch.isfinite(v).all() for v in r0["whole_params"].values())

@@ -175,9 +175,10 @@ class RollbackGuard(GuardCallback):
             trainer.should_stop = True
 
     def _write_skipped(self, trainer: pl.Trainer) -> None:
+        # `trainer.log_dir` is a broadcast under distributed strategies: every process reads it, rank zero writes.
+        path = self.skipped_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "rollback_skipped.json")
         if trainer.global_rank != 0:
             return
-        path = self.skipped_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "rollback_skipped.json")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump({"skipped": self.guard.skipped, "stop_reason": self.guard.stop_reason}, f, indent=1, default=str)

@@ -1,0 +1,71 @@
+"""A 2-process run for tests/test_rollback.py (run as a script, not collected).
+
+``python tests/rollback_job.py --strategy ddp|fsdp2 --out DIR [--nan-rank R]`` trains the tiny LitGPT of
+tests/test_rollback.py on 2 CPU processes with RollbackGuard; the loss is NaN at optimizer step 7 on process
+``R`` only (default: both). Every process writes ``DIR/rank<r>.pt``: the guard's state and its whole
+parameters at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
+from test_rollback import Injecting, SkippingData, data  # noqa: E402
+
+from lightning_msign import RollbackGuard  # noqa: E402
+
+from conftest import trainer_kwargs  # noqa: E402
+from distributed_job import whole_params  # noqa: E402
+
+BAD, EVERY, STEPS = 7, 4, 12
+
+
+class Save(Callback):
+    def __init__(self, out: str, guard: RollbackGuard | None) -> None:
+        self.out, self.guard = out, guard
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save({
+            "state": None if self.guard is None else self.guard.state_dict(),
+            "whole_params": whole_params(trainer, pl_module), "global_step": trainer.global_step,
+        }, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", required=True, choices=("ddp", "fsdp2"))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--nan-rank", type=int, default=None)
+    parser.add_argument("--reference", action="store_true", help="no NaN, no guard; skip the rolled-back batches")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(1)
+    seed_everything(3, verbose=False)
+    strategy: Any = args.strategy
+    if args.strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    if args.reference:
+        guard, callbacks, steps = None, [], STEPS
+        module, datamodule = Injecting({}), SkippingData(set(range(EVERY, BAD)))
+    else:
+        guard = RollbackGuard(snapshot_every=EVERY, z_threshold=None)
+        callbacks, steps = [guard], STEPS + BAD - EVERY
+        module, datamodule = Injecting({BAD: float("nan")}, rank=args.nan_rank), data()
+    trainer = Trainer(**trainer_kwargs(args.out, devices=2, strategy=strategy, max_steps=steps), callbacks=callbacks)
+    trainer.callbacks.append(Save(args.out, guard))
+    trainer.fit(module, datamodule)
+
+
+if __name__ == "__main__":
+    main()
