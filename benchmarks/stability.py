@@ -128,6 +128,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "msign_qk_logit_then_p1": _logit_msign(100.0, period_after_trigger=1),
     "qk_clip": {"qk_clip": {"tau": 100.0}},
     "qk_clip_30": {"qk_clip": {"tau": 30.0}},
+    # RollbackGuard: snapshots every 10 steps, OLMo-core's 6 sigma over 128 steps armed after 32 values.
+    "rollback": {"rollback": {"snapshot_every": 10, "min_history": 32}},
+    "rollback_lr": {"rollback": {"snapshot_every": 10, "min_history": 32, "lr_factor": 0.1, "lr_steps": 50,
+                                 "lr_ramp_steps": 100}},
+    "rollback_lr_msign": {"rollback": {"snapshot_every": 10, "min_history": 32, "lr_factor": 0.1, "lr_steps": 50,
+                                       "lr_ramp_steps": 100, "repair_msign": "qk"}},
+    "rollback_lr_restart": {"rollback": {"snapshot_every": 10, "min_history": 32, "lr_factor": 0.1, "lr_steps": 50,
+                                         "lr_ramp_steps": 100, "restart_moments": "qk"}},
+    "rollback_msign": {"rollback": {"snapshot_every": 10, "min_history": 32, "repair_msign": "qk"}},
 }
 
 # The full sweep's methods: the issue's list, MSign at P=100 (SVD) and at P=10 (polar express). `pss_early` is
@@ -322,17 +331,22 @@ def _lr_jump_callback(step: int, factor: float) -> Any:
     from lightning.pytorch.callbacks import Callback
 
     class LRJump(Callback):
-        done = False
+        """A configuration change, not an event: a rollback to a snapshot from before it gets the raised LR again."""
+
+        raised: Optional[list[list[float]]] = None  # each scheduler's base rates once raised
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if self.done or trainer.global_step != step:
+            if trainer.global_step < step:
                 return
-            for config in trainer.lr_scheduler_configs:
+            configs = trainer.lr_scheduler_configs
+            if self.raised is not None and all(c.scheduler.base_lrs == r for c, r in zip(configs, self.raised)):
+                return
+            for config in configs:
                 config.scheduler.base_lrs = [lr * factor for lr in config.scheduler.base_lrs]
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] *= factor
-            self.done = True
+            self.raised = [list(c.scheduler.base_lrs) for c in configs]
 
     return LRJump()
 
@@ -378,6 +392,12 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks.append(controls.setdefault("zclip_clips", _zclip_callback(**method["zclip"])))
     if "skip" in method:
         callbacks.append(controls.setdefault("skipped_steps", _skip_step_callback(**method["skip"])))
+    rollback = None
+    if "rollback" in method:
+        from lightning_msign import RollbackGuard
+
+        rollback = RollbackGuard(**method["rollback"])
+        callbacks.insert(0, rollback)  # first: a rollback happens before the other callbacks see the step
     if spec.get("curvature_every"):  # before the warm-up, which reads its latest ratio
         from lightning_msign import CurvatureMonitor
 
@@ -417,7 +437,12 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     return {**{k: spec[k] for k in ("name", "method", "lr", "seed")}, "diverged_step": divergence.step,
             "final_val_loss": float(val), "max_grad_norm": divergence.max_grad_norm, "wall_s": wall,
             "steps_done": trainer.global_step, "log_dir": str(Path(spec["log_dir"]) / spec["name"] / "version_0"),
-            **{key: _count(cb) for key, cb in controls.items()}}
+            **{key: _count(cb) for key, cb in controls.items()},
+            **({} if rollback is None else {
+                "rollbacks": rollback.guard.rollbacks, "steps_lost": rollback.guard.steps_lost,
+                "rollback_steps": list(rollback.guard.rollback_steps), "rollback_stopped": rollback.guard.should_stop,
+                "rollback_reasons": sorted({r.split(" ")[0] for s in rollback.guard.skipped for r in s["reasons"]}),
+            })}
 
 
 def _count(callback: Any) -> Optional[int]:
@@ -587,6 +612,15 @@ def render(res: dict[str, Any]) -> str:
                     f"| {f(c['max_attn_logit'], '.3g')} "
                     f"| {c['diverged_step'] if c['diverged_step'] is not None else '-'} "
                     f"| {', '.join(map(str, c.get('unlock_steps', []))) or '-'} |")
+    if any("rollbacks" in c for c in res["cells"]):
+        lines += ["", "## RollbackGuard", "", "| method | lr | seed | rollbacks | steps lost | first rollbacks "
+                  "| stopped by the budget | steps done | final val |", "|---|---:|---:|---:|---:|---|---|---:|---:|"]
+        for c in res["cells"]:
+            if "rollbacks" in c:
+                first = ", ".join(map(str, c["rollback_steps"][:8])) + (" ..." if len(c["rollback_steps"]) > 8 else "")
+                lines.append(f"| {c['method']} | {c['lr']:g} | {c['seed']} | {c['rollbacks']} | {c['steps_lost']} "
+                             f"| {first or '-'} | {'yes' if c['rollback_stopped'] else 'no'} | {c['steps_done']} "
+                             f"| {f(c['final_val_loss'], '.3f')} |")
     if any("qk_fro_norm_max" in c for c in res["cells"]):
         lines += ["", "## Q and K weight norms (largest Frobenius norm of a Q or K block)", "",
                   "| method | lr | seed | at the first log | max | growth |", "|---|---:|---:|---:|---:|---:|"]

@@ -1,6 +1,6 @@
 """A 2-process run for tests/test_rollback.py (run as a script, not collected).
 
-``python tests/rollback_job.py --strategy ddp|fsdp2 --out DIR [--nan-rank R]`` trains the tiny LitGPT of
+``python tests/rollback_job.py --strategy ddp|fsdp2|fsdp1 --out DIR [--nan-rank R]`` trains the tiny LitGPT of
 tests/test_rollback.py on 2 CPU processes with RollbackGuard; the loss is NaN at optimizer step 7 on process
 ``R`` only (default: both). Every process writes ``DIR/rank<r>.pt``: the guard's state and its whole
 parameters at the end.
@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _fsdp1 import CPUFSDPStrategy  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 from test_rollback import Injecting, SkippingData, data  # noqa: E402
 
@@ -42,7 +43,7 @@ class Save(Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", required=True, choices=("ddp", "fsdp2"))
+    parser.add_argument("--strategy", required=True, choices=("ddp", "fsdp2", "fsdp1"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--nan-rank", type=int, default=None)
     parser.add_argument("--reference", action="store_true", help="no NaN, no guard; skip the rolled-back batches")
@@ -55,6 +56,10 @@ def main() -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    elif args.strategy == "fsdp1":
+        from litgpt.model import Block
+
+        strategy = CPUFSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded")
     if args.reference:
         guard, callbacks, steps = None, [], STEPS
         module, datamodule = Injecting({}), SkippingData(set(range(EVERY, BAD)))

@@ -283,7 +283,7 @@ def _launch(tmp_path, name: str, *args: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp1"])
 def test_processes_agree_when_only_one_sees_the_nan(tmp_path, strategy):
     """NaN on process 1 only: both roll back at the same step (no hang) and end as a run that skipped the batches."""
     r0, r1 = _launch(tmp_path, "rolled", "--strategy", strategy, "--nan-rank", "1")
