@@ -1,9 +1,10 @@
 """A 2-process run for tests/test_rollback.py (run as a script, not collected).
 
 ``python tests/rollback_job.py --strategy ddp|fsdp2|fsdp1 --out DIR [--nan-rank R]`` trains the tiny LitGPT of
-tests/test_rollback.py on 2 CPU processes with RollbackGuard; the loss is NaN at optimizer step 7 on process
-``R`` only (default: both). Every process writes ``DIR/rank<r>.pt``: the guard's state and its whole
-parameters at the end.
+tests/test_rollback.py on 2 CPU processes with RollbackGuard, the loss NaN at optimizer step 7 on process ``R``
+only (default: both), then, in the same processes, the reference run that skips the batches the rollback
+undoes. Every process writes ``DIR/rolled/rank<r>.pt`` and ``DIR/reference/rank<r>.pt``: the guard's state
+and the whole parameters at the end.
 """
 
 from __future__ import annotations
@@ -46,30 +47,33 @@ def main() -> None:
     parser.add_argument("--strategy", required=True, choices=("ddp", "fsdp2", "fsdp1"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--nan-rank", type=int, default=None)
-    parser.add_argument("--reference", action="store_true", help="no NaN, no guard; skip the rolled-back batches")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
-    seed_everything(3, verbose=False)
-    strategy: Any = args.strategy
-    if args.strategy == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+    # Two fits in the same processes (one launch): the guarded run with the NaN, then the reference that skips
+    # the batches the rollback undoes, without NaN or guard.
+    for name in ("rolled", "reference"):
+        out = os.path.join(args.out, name)
+        os.makedirs(out, exist_ok=True)
+        seed_everything(3, verbose=False)
+        strategy: Any = args.strategy
+        if args.strategy == "fsdp2":
+            from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    elif args.strategy == "fsdp1":
-        from litgpt.model import Block
+            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        elif args.strategy == "fsdp1":
+            from litgpt.model import Block
 
-        strategy = CPUFSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded")
-    if args.reference:
-        guard, callbacks, steps = None, [], STEPS
-        module, datamodule = Injecting({}), SkippingData(set(range(EVERY, BAD)))
-    else:
-        guard = RollbackGuard(snapshot_every=EVERY, z_threshold=None)
-        callbacks, steps = [guard], STEPS + BAD - EVERY
-        module, datamodule = Injecting({BAD: float("nan")}, rank=args.nan_rank), data()
-    trainer = Trainer(**trainer_kwargs(args.out, devices=2, strategy=strategy, max_steps=steps), callbacks=callbacks)
-    trainer.callbacks.append(Save(args.out, guard))
-    trainer.fit(module, datamodule)
+            strategy = CPUFSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded")
+        if name == "reference":
+            guard, callbacks, steps = None, [], STEPS
+            module, datamodule = Injecting({}), SkippingData(set(range(EVERY, BAD)))
+        else:
+            guard = RollbackGuard(snapshot_every=EVERY, z_threshold=None)
+            callbacks, steps = [guard], STEPS + BAD - EVERY
+            module, datamodule = Injecting({BAD: float("nan")}, rank=args.nan_rank), data()
+        trainer = Trainer(**trainer_kwargs(out, devices=2, strategy=strategy, max_steps=steps), callbacks=callbacks)
+        trainer.callbacks.append(Save(out, guard))
+        trainer.fit(module, datamodule)
 
 
 if __name__ == "__main__":

@@ -272,24 +272,25 @@ def test_plain_loop_rollback_equals_skipping(tmp_path):
 JOB = Path(__file__).resolve().parent / "rollback_job.py"
 
 
-def _launch(tmp_path, name: str, *args: str) -> tuple[dict, dict]:
+def _launch(tmp_path, *args: str) -> dict[str, tuple[dict, dict]]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("MASTER_PORT", None)
-    out = tmp_path / name
-    proc = subprocess.run([sys.executable, str(JOB), "--out", str(out), *args], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(JOB), "--out", str(tmp_path), *args], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    return {name: tuple(torch.load(tmp_path / name / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+            for name in ("rolled", "reference")}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp1"])
 def test_processes_agree_when_only_one_sees_the_nan(tmp_path, strategy):
     """NaN on process 1 only: both roll back at the same step (no hang) and end as a run that skipped the batches."""
-    r0, r1 = _launch(tmp_path, "rolled", "--strategy", strategy, "--nan-rank", "1")
+    runs = _launch(tmp_path, "--strategy", strategy, "--nan-rank", "1")
+    r0, r1 = runs["rolled"]
+    ref0, _ = runs["reference"]
     assert r0["state"] == r1["state"] and r0["state"]["rollback_steps"] == [7]
     assert r0["state"]["skipped"][0]["restored_to"] == 4
-    ref0, ref1 = _launch(tmp_path, "reference", "--strategy", strategy, "--reference")
     for name, value in r0["whole_params"].items():
         assert torch.equal(value, r1["whole_params"][name]), name
         assert torch.equal(value, ref0["whole_params"][name]), name
