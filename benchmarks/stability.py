@@ -47,6 +47,12 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``qk_clip_30``          the same with tau = 30
 ``arch_warmup_curv``    the same, an unlock waiting while ``curvature/stability_ratio`` >= 1 (at most ``steps // 5``
                         steps past its due step); needs ``--curvature-every``
+``rollback``            ``RollbackGuard(snapshot_every=10, min_history=32)``: on a non-finite or 6-sigma loss or
+                        gradient norm, back to the last snapshot, the batches since skipped (first callback)
+``rollback_lr``         the same, the learning rate x0.1 for 50 steps after a rollback, then ramped back over 100
+``rollback_lr_msign``   ``rollback_lr`` plus MSign of Q and K after a rollback
+``rollback_lr_restart`` ``rollback_lr`` plus restarting the optimizer state of the Q/K/V weights after a rollback
+``rollback_msign``      ``rollback`` plus MSign of Q and K after a rollback
 
 With ``--curvature-every N`` every run also has ``CurvatureMonitor(every_n_steps=N)`` (Adam's preconditioned
 sharpness against its edge of stability; the curvature table gives its maximum and the first step at or above
