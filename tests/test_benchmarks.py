@@ -308,3 +308,34 @@ def test_trigger_cost_quick_runs_and_writes_results(tmp_path):
     assert all(len(s["times_ms"]) == 3 for s in result["stats"].values())
     assert all(r["median"] > 0 for r in result["ratios_to_train_step"].values())
     assert "| check + sign of every Q/K block" in (tmp_path / "tc.md").read_text()
+
+
+def test_lr_jump_is_reapplied_after_a_rollback_to_a_snapshot_from_before_it(tmp_path):
+    """The benchmark's raised LR is a configuration change: a rollback to a pre-jump snapshot must not undo it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import stability
+    from lightning.pytorch import Trainer, seed_everything
+    from test_rollback import Injecting, LRRecorder, data
+
+    from lightning_msign import RollbackGuard
+
+    from conftest import trainer_kwargs
+
+    def run(callbacks, inject):
+        seed_everything(3, verbose=False)
+        recorder = LRRecorder()
+        trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=10), callbacks=[*callbacks, recorder])
+        trainer.fit(Injecting(inject), data())
+        return trainer, recorder
+
+    # Snapshot after step 3, jump before step 4, NaN at step 5: the rollback restores the pre-jump schedule.
+    guard = RollbackGuard(snapshot_every=3, z_threshold=None)
+    trainer, rolled = run([guard, stability._lr_jump_callback(3, 10.0)], {5: float("nan")})
+    assert guard.guard.rollback_steps == [5] and guard.guard.skipped[0]["restored_to"] == 3
+    _, plain = run([], {})
+    base = plain.lrs
+    assert rolled.lrs[4] == pytest.approx(10 * base[4], rel=1e-12)
+    for step in range(6, 11):  # the schedule resumed from step 3, at the raised rate
+        assert rolled.lrs[step] == pytest.approx(10 * base[step - 2], rel=1e-12), step
+    base_lrs = trainer.lr_scheduler_configs[0].scheduler.base_lrs
+    assert base_lrs and all(lr == pytest.approx(10 * 3e-3, rel=1e-12) for lr in base_lrs)
