@@ -57,6 +57,22 @@ def self_wrapping_module(**kwargs: Any):
     return SelfWrappingLitGPT(dict(TINY_CONFIG), vocab_size=TINY_VOCAB, block_size=TINY_SEQ, **kwargs)
 
 
+def job_strategy(name: str) -> Any:
+    """The Trainer strategy of the 2-process test jobs: ``ddp`` / ``ddp_spawn`` as they are, ``fsdp2``
+    (``ModelParallelStrategy``), ``fsdp1`` (a unit per ``Block``) and ``fsdp1_manual`` (the module wraps itself)."""
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    if name == "fsdp1":
+        from litgpt.model import Block
+
+        return CPUFSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded")
+    if name == "fsdp1_manual":
+        return CPUFSDPStrategy(state_dict_type="sharded")
+    return name
+
+
 def roots(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The outermost FSDP units of ``model`` (the strategy's model)."""
     return FSDP.fsdp_modules(model, root_only=True) if not isinstance(model, FSDP) else [model]

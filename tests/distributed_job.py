@@ -24,7 +24,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fsdp1 import CPUFSDPStrategy, roots, self_wrapping_module  # noqa: E402
+from _fsdp1 import job_strategy, roots, self_wrapping_module  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
 from lightning_msign import MSignCallback, PSSCallback, StableRankMonitor  # noqa: E402
@@ -128,17 +128,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     seed_everything(7, verbose=False)
-    strategy: Any = args.strategy
-    if args.strategy == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    elif args.strategy == "fsdp1":
-        from litgpt.model import Block
-
-        strategy = CPUFSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded")
-    elif args.strategy == "fsdp1_manual":
-        strategy = CPUFSDPStrategy(state_dict_type="sharded")
+    strategy = job_strategy(args.strategy)
 
     store: dict[str, Any] = {}
     msign = MSignCallback(period=args.period, targets="attention", backend=args.backend)

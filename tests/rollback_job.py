@@ -13,13 +13,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fsdp1 import CPUFSDPStrategy  # noqa: E402
+from _fsdp1 import job_strategy  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 from test_rollback import Injecting, SkippingData, data  # noqa: E402
 
@@ -55,15 +54,7 @@ def main() -> None:
         out = os.path.join(args.out, name)
         os.makedirs(out, exist_ok=True)
         seed_everything(3, verbose=False)
-        strategy: Any = args.strategy
-        if args.strategy == "fsdp2":
-            from lightning.pytorch.strategies import ModelParallelStrategy
-
-            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-        elif args.strategy == "fsdp1":
-            from litgpt.model import Block
-
-            strategy = CPUFSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded")
+        strategy = job_strategy(args.strategy)
         if name == "reference":
             guard, callbacks, steps = None, [], STEPS
             module, datamodule = Injecting({}), SkippingData(set(range(EVERY, BAD)))

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fsdp1 import CPUFSDPStrategy  # noqa: E402
+from _fsdp1 import job_strategy  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 from test_msign_triggers import LogitRecorder  # noqa: E402
 
@@ -58,15 +58,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     seed_everything(0, verbose=False)
-    strategy: Any = args.strategy
-    if args.strategy == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    elif args.strategy == "fsdp1":
-        from litgpt.model import Block
-
-        strategy = CPUFSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded")
+    strategy = job_strategy(args.strategy)
     recorder = LogitRecorder(batch_size=1)
     msign = MSignCallback(period=None, targets="qk", max_attn_logit=args.threshold, min_spacing=SPACING,
                           probe_batch_size=1)
