@@ -52,7 +52,6 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``rollback_lr``         the same, the learning rate x0.1 for 50 steps after a rollback, then ramped back over 100
 ``rollback_lr_msign``   ``rollback_lr`` plus MSign of Q and K after a rollback
 ``rollback_lr_restart`` ``rollback_lr`` plus restarting the optimizer state of the Q/K/V weights after a rollback
-``rollback_msign``      ``rollback`` plus MSign of Q and K after a rollback
 
 With ``--curvature-every N`` every run also has ``CurvatureMonitor(every_n_steps=N)`` (Adam's preconditioned
 sharpness against its edge of stability; the curvature table gives its maximum and the first step at or above
@@ -142,7 +141,6 @@ METHODS: dict[str, dict[str, Any]] = {
                                        "lr_ramp_steps": 100, "repair_msign": "qk"}},
     "rollback_lr_restart": {"rollback": {"snapshot_every": 10, "min_history": 32, "lr_factor": 0.1, "lr_steps": 50,
                                          "lr_ramp_steps": 100, "restart_moments": "qk"}},
-    "rollback_msign": {"rollback": {"snapshot_every": 10, "min_history": 32, "repair_msign": "qk"}},
 }
 
 # The full sweep's methods: the list, MSign at P=100 (SVD) and at P=10 (polar express). `pss_early` is
