@@ -121,7 +121,7 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], units: Optional["FSDP
             squares.append(total[0].float().to(squares[0].device if squares else total.device))
     if not squares:
         return None
-    return torch.stack([sq.to(squares[0].device) for sq in squares]).sum().sqrt()
+    return torch.stack(squares).sum().sqrt()
 
 
 def any_process(flag: bool, device: Optional[torch.device] = None) -> bool:
@@ -317,8 +317,8 @@ class WholeMatrixPlan:
             ``torch.distributed`` initialized). ``False``: everything is computed locally, in place.
         units: the model's FSDP1 units (:class:`~lightning_msign.fsdp1.FSDP1Units`), when it has any: each
             :meth:`run` gathers them one at a time (``summon_full_params``), runs the targets of that unit as
-            replicated ones, and lets FSDP keep each process's slice of the result. Owners are balanced over
-            all units together.
+            replicated ones, and lets FSDP keep each process's slice of the result. Owners are balanced
+            within each unit (a gather is a synchronisation point), ties broken by the load of the units before.
 
     Raises:
         NotImplementedError: a sharded parameter with a layout that cannot be gathered whole.

@@ -23,7 +23,7 @@ here imports Lightning.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Optional
 
 import torch
@@ -100,6 +100,7 @@ class FSDP1Units:
         if outside:
             raise ValueError(_OUTSIDE.format(type(module).__name__, outside[0]))
         self._initialized = False
+        self._above: dict[int, list[int]] = {}  # id(module) -> the units above it (summon_above), read once
 
     def unit_of(self, param: Tensor) -> Optional[int]:
         """Index (in :attr:`units`) of the unit managing ``param``, or ``None`` for a parameter no unit manages."""
@@ -146,18 +147,14 @@ class FSDP1Units:
         The units inside ``module`` gather themselves in their own forward; those above it (a root wrapping the
         whole LightningModule) are never called when ``module`` is called directly. Yields their indices.
         """
-        above = [i for i, u in enumerate(self.units) if u is not module and any(m is module for m in u.modules())]
-        with _nested([self.summon(i, writeback=False) for i in above]):
+        above = self._above.get(id(module))
+        if above is None:
+            above = [i for i, u in enumerate(self.units) if u is not module and any(m is module for m in u.modules())]
+            self._above[id(module)] = above
+        with ExitStack() as stack:
+            for i in above:
+                stack.enter_context(self.summon(i, writeback=False))
             yield above
-
-
-@contextmanager
-def _nested(contexts: list) -> Iterator[None]:
-    if not contexts:
-        yield
-        return
-    with contexts[0], _nested(contexts[1:]):
-        yield
 
 
 def fsdp1_units(module: nn.Module) -> Optional[FSDP1Units]:

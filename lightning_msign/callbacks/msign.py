@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
-from lightning_msign.callbacks.warmup import stability_ratio_source
+from lightning_msign.callbacks.warmup import require_stability_ratio_source
 from lightning_msign.guards.diagnostics import batch_input_ids
 from lightning_msign.guards.msign import MSign, MSignBackend
 
@@ -93,13 +93,9 @@ class MSignCallback(GuardCallback):
         super().on_fit_start(trainer, pl_module)
         g = self.guard
         if g.max_curvature_ratio is not None:
-            self._curvature = stability_ratio_source(trainer)
-            if self._curvature is None:
-                raise ValueError(
-                    f"MSignCallback(max_curvature_ratio={g.max_curvature_ratio!r}) needs a CurvatureMonitor among the"
-                    " Trainer's callbacks (a callback whose guard has `latest_stability_ratio`): add one, or set"
-                    " max_curvature_ratio=None"
-                )
+            self._curvature = require_stability_ratio_source(
+                trainer, "MSignCallback", "max_curvature_ratio", g.max_curvature_ratio
+            )
         when = [] if g.period is None else [f"every {g.period} optimizer steps"]
         when += [f"{k} {v:g}" for k, v in (("attention logit >", g.max_attn_logit),
                                             ("stable rank < reference x", g.min_srank_fraction),

@@ -11,8 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_msign import metric_keys as keys
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
-from lightning_msign.callbacks.warmup import stability_ratio_source
+from lightning_msign.callbacks.warmup import require_stability_ratio_source
 from lightning_msign.guards.rollback import Rollback
 
 
@@ -108,12 +109,9 @@ class RollbackGuard(GuardCallback):
             if not self._pss:
                 raise ValueError("RollbackGuard(on_pss_trigger=True) needs a PSSCallback among the Trainer's callbacks")
         if self.max_curvature_ratio is not None:
-            self._curvature = stability_ratio_source(trainer)
-            if self._curvature is None:
-                raise ValueError(
-                    f"RollbackGuard(max_curvature_ratio={self.max_curvature_ratio!r}) needs a CurvatureMonitor among"
-                    " the Trainer's callbacks"
-                )
+            self._curvature = require_stability_ratio_source(
+                trainer, "RollbackGuard", "max_curvature_ratio", self.max_curvature_ratio
+            )
         super().setup(trainer, pl_module, stage)
 
     @override
@@ -161,7 +159,7 @@ class RollbackGuard(GuardCallback):
         mean = sum(losses) / len(losses) if losses else None
         metrics = self.guard.after_step(mean, step, self._position(trainer, batch_idx))
         log_to_loggers(trainer, metrics, step - 1)
-        if metrics.get("rollback/rolled_back"):
+        if metrics.get(keys.ROLLBACK_ROLLED_BACK):
             record = self.guard.skipped[-1]
             rank_zero_warn(
                 f"RollbackGuard: optimizer step {step} flagged ({'; '.join(record['reasons'])}); rolled back to"

@@ -19,6 +19,17 @@ def stability_ratio_source(trainer: pl.Trainer) -> Optional[Callback]:
     return next((cb for cb in trainer.callbacks if hasattr(getattr(cb, "guard", None), "latest_stability_ratio")), None)
 
 
+def require_stability_ratio_source(trainer: pl.Trainer, owner: str, argument: str, value: Any) -> Callback:
+    """:func:`stability_ratio_source`, or a ``ValueError`` naming ``owner``'s ``argument`` that needs it."""
+    source = stability_ratio_source(trainer)
+    if source is None:
+        raise ValueError(
+            f"{owner}({argument}={value!r}) needs a CurvatureMonitor among the Trainer's callbacks (a callback whose"
+            f" guard has `latest_stability_ratio`): add one, or set {argument}=None"
+        )
+    return source
+
+
 class ArchitectureWarmup(GuardCallback):
     r"""Start training with part of the transformer's blocks and unlock the rest in groups (arXiv 2606.16768).
 
@@ -102,13 +113,9 @@ class ArchitectureWarmup(GuardCallback):
                 )
             self.guard.start_step = warmup_steps
         if self.guard.curvature_margin is not None:
-            self._source = stability_ratio_source(trainer)
-            if self._source is None:
-                raise ValueError(
-                    f"ArchitectureWarmup(curvature_margin={self.guard.curvature_margin!r}) needs a CurvatureMonitor"
-                    " among the Trainer's callbacks (a callback whose guard has `latest_stability_ratio`): add"
-                    " one, or set curvature_margin=None"
-                )
+            self._source = require_stability_ratio_source(
+                trainer, "ArchitectureWarmup", "curvature_margin", self.guard.curvature_margin
+            )
         super().setup(trainer, pl_module, stage)
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:

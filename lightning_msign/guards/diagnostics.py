@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Optional
 
@@ -173,7 +174,7 @@ class Diagnostics(Guard):
         decoder = find_decoder(module, self.model_attr)
         model = decoder.model
         if self._fsdp1 is not None:
-            self._check_fsdp1(self._fsdp1, model)
+            self._check_fsdp1(self._fsdp1)
         if self.attention_logits:
             for i, block in enumerate(decoder.blocks):
                 attn = attention_module(block)
@@ -199,7 +200,7 @@ class Diagnostics(Guard):
             )
         self._decoder = decoder
 
-    def _check_fsdp1(self, units: FSDP1Units, model: nn.Module) -> None:
+    def _check_fsdp1(self, units: FSDP1Units) -> None:
         if self.jacobian:
             raise NotImplementedError(
                 "Diagnostics(jacobian=True) does not support FSDP1 (FullyShardedDataParallel): the Jacobian products"
@@ -305,10 +306,8 @@ class Diagnostics(Guard):
                                                                    with_kwargs=True))
             for probe in probes:
                 handles.extend(probe.attach())
-            if self._fsdp1 is not None:  # gather the units above the decoder (its own gather in its forward)
-                with self._fsdp1.summon_above(decoder.model):
-                    output = decoder(ids)
-            else:
+            # FSDP1: gather the units above the decoder (those inside it gather in their own forward).
+            with self._fsdp1.summon_above(decoder.model) if self._fsdp1 is not None else nullcontext():
                 output = decoder(ids)
         finally:
             for handle in handles:

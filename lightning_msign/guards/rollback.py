@@ -58,9 +58,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_msign import metric_keys as keys
-from lightning_msign._validation import check_non_negative_int, check_positive_int, check_range
+from lightning_msign._validation import check_choice, check_non_negative_int, check_positive_int, check_range
 from lightning_msign.distributed import local_tensor, max_over_processes
 from lightning_msign.guards.base import Guard
+from lightning_msign.guards.msign import MSign, MSignBackend
 from lightning_msign.targets import TargetsArg, resolve_targets, validate_targets
 
 try:
@@ -96,9 +97,12 @@ class Snapshot:
 
 @dataclass
 class _Decision:
-    flagged: bool
     reasons: list[str] = field(default_factory=list)
     values: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.reasons)
 
 
 def _save(t: Tensor, device: torch.device) -> _Saved:
@@ -221,9 +225,7 @@ class Rollback(Guard):
         self.watch = tuple(dict.fromkeys(watched))
         self.max_retries = check_non_negative_int(max_retries, "max_retries")
         self.lr_factor = check_range(lr_factor, "lr_factor", low=0.0, high=1.0, low_open=True)
-        from lightning_msign.guards.msign import MSign  # a bad backend fails here, not at the first rollback
-
-        MSign(period=1, backend=msign_backend)
+        self.msign_backend = check_choice(msign_backend, "msign_backend", MSignBackend)
         self.lr_steps = check_non_negative_int(lr_steps, "lr_steps")
         self.lr_ramp_steps = check_non_negative_int(lr_ramp_steps, "lr_ramp_steps")
         if self.lr_factor < 1.0 and self.lr_steps + self.lr_ramp_steps == 0:
@@ -234,7 +236,6 @@ class Rollback(Guard):
         self.restart_moments = (
             None if restart_moments is None else validate_targets(restart_moments, True, "restart_moments")
         )
-        self.msign_backend = msign_backend
         self._optimizers: list[torch.optim.Optimizer] = []
         self._schedulers: list[Any] = []
         self._hooks: list[Any] = []
@@ -245,12 +246,11 @@ class Rollback(Guard):
         self._scaled: Optional[list[list[float]]] = None
         self._msign: Any = None
         self._restart_params: list[nn.Parameter] = []
+        self._reduce_device = torch.device("cpu")
         # State that resumes.
-        self.rollbacks = 0
         self.retries = 0  # flagged steps since the last snapshot after a rollback
-        self.steps_lost = 0
-        self.rollback_steps: list[int] = []  # optimizer steps that were flagged and rolled back
-        self.skipped: list[dict[str, Any]] = []  # {"flagged_at", "restored_to", "positions", "reasons"}
+        # One record per rollback: {"flagged_at", "restored_to", "positions", "reasons"}; the counters derive from it.
+        self.skipped: list[dict[str, Any]] = []
         self._lr_window: Optional[tuple[int, int, int]] = None  # (first step, last low step, last ramp step)
         self.should_stop = False
         self.stop_reason: Optional[str] = None
@@ -262,9 +262,9 @@ class Rollback(Guard):
 
     # -------------------------------------------------------------------------------------- attaching
     def _on_attach(self, module: nn.Module) -> None:
+        param = next(module.parameters(), None)
+        self._reduce_device = local_tensor(param).device if param is not None else torch.device("cpu")
         if self.repair_msign is not None:
-            from lightning_msign.guards.msign import MSign
-
             self._msign = MSign(period=1, targets=self.repair_msign, backend=self.msign_backend,
                                 log_stable_rank=False)
             self._msign._attach_unwrapped(module, self._distributed, self._fsdp1)
@@ -425,7 +425,7 @@ class Rollback(Guard):
         local = [nonfinite, external, -math.inf if loss is None or not math.isfinite(loss) else loss,
                  -math.inf if grad is None or not math.isfinite(grad) else grad]
         nonfinite, external, loss_max, grad_max = (
-            max_over_processes(local, self._device()) if self._distributed else local
+            max_over_processes(local, self._reduce_device) if self._distributed else local
         )
         values = {"loss": loss_max, "grad_norm": grad_max}
         reasons = []
@@ -440,12 +440,7 @@ class Rollback(Guard):
             z = self._z(name, value)
             if z > (self.z_threshold or math.inf):
                 reasons.append(f"{name} {value:.4g} is {z:.1f} sigma above its last {len(self._history[name])} steps")
-        return _Decision(bool(reasons), reasons, values)
-
-    def _device(self) -> torch.device:
-        module = self._module
-        p = next(module.parameters(), None) if module is not None else None
-        return local_tensor(p).device if p is not None else torch.device("cpu")
+        return _Decision(reasons, values)
 
     # -------------------------------------------------------------------------------------- the step
     def after_step(self, loss: Any, step: Optional[int] = None, position: Any = None) -> dict[str, float]:
@@ -500,10 +495,7 @@ class Rollback(Guard):
         positions = [self._positions[s] for s in sorted(self._positions)]
         self._restore(snap)
         lost = step - snap.step
-        self.rollbacks += 1
         self.retries += 1
-        self.steps_lost += lost
-        self.rollback_steps.append(step)
         self.skipped.append({"flagged_at": step, "restored_to": snap.step, "positions": positions,
                              "reasons": list(decision.reasons)})
         # Only snapshots up to the restored one stay valid.
@@ -529,6 +521,21 @@ class Rollback(Guard):
             f" {[(s['restored_to'], s['flagged_at']) for s in self.skipped]}."
         )
 
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks so far."""
+        return len(self.skipped)
+
+    @property
+    def rollback_steps(self) -> list[int]:
+        """The optimizer steps that were flagged and rolled back."""
+        return [s["flagged_at"] for s in self.skipped]
+
+    @property
+    def steps_lost(self) -> int:
+        """Optimizer steps undone by the rollbacks so far."""
+        return sum(s["flagged_at"] - s["restored_to"] for s in self.skipped)
+
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -543,10 +550,7 @@ class Rollback(Guard):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.rollbacks = int(state_dict.get("rollbacks", 0))
         self.retries = int(state_dict.get("retries", 0))
-        self.steps_lost = int(state_dict.get("steps_lost", 0))
-        self.rollback_steps = [int(s) for s in state_dict.get("rollback_steps", [])]
         self.skipped = copy.deepcopy(state_dict.get("skipped", []))
         history = state_dict.get("history", {})
         self._history = {k: deque((float(x) for x in history.get(k, [])), maxlen=self.window) for k in WATCH}
