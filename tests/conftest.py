@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +39,54 @@ def _one_thread():
 def _corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One tokenisation cache for the whole session (the corpus is real, the cache is temporary)."""
     os.environ["LIGHTNING_MSIGN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+TESTS = Path(__file__).resolve().parent
+LAUNCH_TIMEOUT = 600
+
+
+def launch(script: Path | str, *args: str, timeout: float = LAUNCH_TIMEOUT, env: dict[str, str] | None = None,
+           cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python script args...`` in a fresh interpreter (one thread per process, a free rendezvous port) and
+    fail with the end of its output when it does not exit 0. Every multi-process test starts its processes here."""
+    full_env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    full_env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+    assert proc.returncode == 0, f"{script} {' '.join(map(str, args))} exited {proc.returncode}:\n" + \
+        proc.stdout[-4000:] + "\n" + proc.stderr[-8000:]
+    return proc
+
+
+def load_ranks(out: Path, world: int = 2) -> list[dict[str, Any]]:
+    """The ``rank<r>.pt`` records a multi-process job wrote under ``out``."""
+    import torch
+
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="session")
+def two_process_job(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    """``two_process_job(strategy, case)``: the folder of that case's records (tests/jobs.py). The first call for a
+    strategy launches all its cases at once (one 2-process launch per strategy for the whole session); a failed
+    launch fails every test that asks for that strategy, with the launch's output."""
+    done: dict[str, Path | Exception] = {}
+
+    def get(strategy: str, case: str) -> Path:
+        if strategy not in done:
+            out = tmp_path_factory.mktemp(f"jobs_{strategy}")
+            try:
+                launch(TESTS / "jobs.py", "--strategy", strategy, "--out", out)
+                done[strategy] = out
+            except (AssertionError, subprocess.TimeoutExpired) as err:
+                done[strategy] = err
+        result = done[strategy]
+        if isinstance(result, Exception):
+            raise result
+        assert (result / case).is_dir(), f"tests/jobs.py has no case {case!r} for {strategy!r}"
+        return result / case
+
+    return get
 
 
 def tiny_module(**kwargs: Any):

@@ -47,10 +47,10 @@ class Record(Callback):
         torch.save(record, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     seed_everything(7, verbose=False)

@@ -114,7 +114,7 @@ class Save(Callback):
         torch.save(self.store, os.path.join(self.out, f"rank{rank}.pt"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", required=True, choices=("ddp", "ddp_spawn", "fsdp2", "fsdp1", "fsdp1_manual"))
     parser.add_argument("--out", required=True)
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--backend", default="svd")
     parser.add_argument("--monitor-mode", default="power")
     parser.add_argument("--precision", default="32-true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     torch.set_num_threads(1)

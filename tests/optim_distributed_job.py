@@ -68,7 +68,7 @@ class Save(Callback):
         }, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", required=True, choices=("ddp", "fsdp2"))
     parser.add_argument("--optimizer", required=True, choices=("muon", "numuon"))
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (ModelCheckpoint)")
     parser.add_argument("--ckpt-path", default=None, help="resume from this checkpoint")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     torch.set_num_threads(1)

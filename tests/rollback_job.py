@@ -41,12 +41,12 @@ class Save(Callback):
         }, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", required=True, choices=("ddp", "fsdp2", "fsdp1"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--nan-rank", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     # Two fits in the same processes (one launch): the guarded run with the NaN, then the reference that skips
     # the batches the rollback undoes, without NaN or guard.

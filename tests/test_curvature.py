@@ -447,20 +447,14 @@ def test_curvature_gates_architecture_warmup(tmp_path, margin):
     assert cold == [1, unlock_step + 1]  # the first measurement, and the first after the unlock
 
 
-def test_monitor_under_lightning_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
-    """A real 2-process ``strategy="ddp"`` run: both processes log the same estimate, the one a single process
-    computes from the same weights and optimizer state on the two processes' batches concatenated."""
-    import os
-    import subprocess
-    import sys
+@pytest.mark.slow
+def test_monitor_under_lightning_ddp_equals_one_process_on_the_concatenated_batch(two_process_job):
+    """A real 2-process ``strategy="ddp"`` run (tests/curvature_ddp_job.py, a case of tests/jobs.py): both processes
+    log the same estimate, the one a single process computes from the same weights and optimizer state on the two
+    processes' batches concatenated."""
+    from conftest import load_ranks
 
-    job = Path(__file__).resolve().parent / "curvature_ddp_job.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run([sys.executable, str(job), "--out", str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = load_ranks(two_process_job("ddp", "curvature"))
     untimed = lambda m: {k: v for k, v in m.items() if k != K.CURV_TIME_MS}  # noqa: E731
     assert untimed(r0["latest"]) == untimed(r1["latest"]) and r0["latest"][K.CURV_COLD_START] == 1.0
     for a, b in zip(r0["state"]["vectors"]["stability"], r1["state"]["vectors"]["stability"]):

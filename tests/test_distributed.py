@@ -1,17 +1,13 @@
 """Multi-process correctness on CPU (2 processes, gloo): DDP, ddp_spawn and FSDP2.
 
-Each Trainer test runs tests/distributed_job.py in a subprocess (Lightning's ``ddp`` and
-``ModelParallelStrategy`` relaunch the script for every rank) and compares what every process wrote
-with what one process computes from the same whole weights.
+Each Trainer test reads what tests/distributed_job.py wrote as a case of its strategy's one launch of
+tests/jobs.py (Lightning's ``ddp``, ``ModelParallelStrategy`` and ``FSDPStrategy`` relaunch the script for every
+rank) and compares what every process wrote with what one process computes from the same whole weights.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,20 +19,13 @@ from lightning_msign.distributed import MatrixResult, WholeMatrixPlan, _chunk_si
 from lightning_msign.functional import msign_restore, stable_rank
 from lightning_msign.targets import resolve_targets
 
-from conftest import tiny_module
+from conftest import load_ranks, tiny_module
 
-JOB = Path(__file__).resolve().parent / "distributed_job.py"
-PERIOD, STEPS = 4, 8
+PERIOD, STEPS = 4, 8  # tests/distributed_job.py's defaults, which tests/jobs.py keeps
 
 
-def run_job(tmp_path: Path, strategy: str, *extra: str) -> tuple[dict, dict]:
-    out = tmp_path / strategy
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("MASTER_PORT", None)
-    cmd = [sys.executable, str(JOB), "--strategy", strategy, "--out", str(out), "--steps", str(STEPS)]
-    proc = subprocess.run(cmd + ["--period", str(PERIOD), *extra], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+def run_job(two_process_job, strategy: str, case: str = "distributed") -> tuple[dict, dict]:
+    ranks = load_ranks(two_process_job(strategy, case))
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == 2
     return ranks[0], ranks[1]
 
@@ -93,8 +82,8 @@ def check_msign_and_pss(r0: dict, r1: dict, exact: bool) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
-def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path, strategy):
-    r0, r1 = run_job(tmp_path, strategy)
+def test_ddp_ranks_identical_and_equal_to_one_process(two_process_job, strategy):
+    r0, r1 = run_job(two_process_job, strategy)
     for name, value in r0["params"].items():  # every parameter, bit for bit
         assert torch.equal(value, r1["params"][name]), name
     for step in r0["msign_after"]:
@@ -113,8 +102,8 @@ def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path, strategy):
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_are_slices_of_the_whole_matrix_sign(tmp_path):
-    r0, r1 = run_job(tmp_path, "fsdp2", "--monitor-mode", "exact")
+def test_fsdp2_shards_are_slices_of_the_whole_matrix_sign(two_process_job):
+    r0, r1 = run_job(two_process_job, "fsdp2")  # (monitor in exact mode)
     check_msign_and_pss(r0, r1, exact=True)
     for step, before in r0["msign_before"].items():
         module, cb = single_process(MSignCallback(period=PERIOD, targets="attention"), before["whole"])
@@ -198,15 +187,16 @@ def test_plan_gathers_uneven_shards_whole(tmp_path):
 # ------------------------------------------------------------------------------------------------- FSDP1
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("strategy", "precision"), [("fsdp1", "32-true"), ("fsdp1_manual", "32-true"), ("fsdp1", "bf16-mixed")]
+    # (the cases of tests/jobs.py: Lightning's wrapping, manual wrapping, Lightning's wrapping under bf16-mixed)
+    "case", ["distributed", "distributed_manual", "distributed_bf16"]
 )
-def test_fsdp1_slices_hold_the_whole_matrix_sign(tmp_path, strategy, precision):
+def test_fsdp1_slices_hold_the_whole_matrix_sign(two_process_job, case):
     """FSDP1 (flat parameters): root around the LightningModule (Lightning's wrapping) or inside it (manual).
 
     Under bf16-mixed the blocks compute in bf16 and the guards edit the fp32 values FSDP keeps (and casts from
     at the next forward): the same results as one process on the fp32 weights.
     """
-    r0, r1 = run_job(tmp_path, strategy, "--monitor-mode", "exact", "--precision", precision)
+    r0, r1 = run_job(two_process_job, "fsdp1", case)  # (monitor in exact mode)
     check_msign_and_pss(r0, r1, exact=True)
     assert {v.dtype for v in r0["whole_params"].values()} == {torch.float32}
     for step, after in r0["msign_after"].items():

@@ -9,10 +9,6 @@ the stability benchmark does over hundreds.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +20,7 @@ from lightning_msign import CurvatureMonitor, Diagnostics, MSign, MSignCallback
 from lightning_msign.functional import stable_rank
 from lightning_msign.guards.diagnostics import batch_input_ids
 
-from conftest import RecordingLogger, tiny_data, tiny_module, trainer_kwargs
+from conftest import RecordingLogger, load_ranks, tiny_data, tiny_module, trainer_kwargs
 
 HOT_LR = 0.1
 STEPS = 24
@@ -283,23 +279,17 @@ def test_bad_trigger_arguments_raise_at_construction(kwargs, match):
 
 
 # -------------------------------------------------------------------------------------------- 2 processes
-JOB = Path(__file__).resolve().parent / "triggers_job.py"
-
-
+# tests/triggers_job.py, run as cases of tests/jobs.py (one launch per strategy).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "threshold"),
     # FSDP1 reduces sharded flat gradients, whose float order differs from DDP's: at step 5 layer 0's maximum is
     # 26.3 on rank 0 and 29.5 on rank 1 (layer 1's 33 on both), so 28 splits the processes there.
     [("ddp", 23.0), ("fsdp2", 23.0), ("fsdp1", 28.0)],
 )
-def test_every_process_takes_the_same_decision(tmp_path, strategy, threshold):
-    out = tmp_path / strategy
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run([sys.executable, str(JOB), "--strategy", strategy, "--out", str(out), "--threshold",
-                           str(threshold)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+def test_every_process_takes_the_same_decision(two_process_job, strategy, threshold):
+    r0, r1 = load_ranks(two_process_job(strategy, "triggers"))
+    assert r0["threshold"] == threshold
     assert r0["trigger_steps"] == r1["trigger_steps"] and r0["state"] == r1["state"]
     for name, value in r0["whole_params"].items():
         assert torch.equal(value, r1["whole_params"][name]), name
@@ -324,21 +314,14 @@ def test_every_process_takes_the_same_decision(tmp_path, strategy, threshold):
     assert own[0] != own[1], (first, r0["per_layer"][first], r1["per_layer"][first])
 
 
-def test_fsdp1_resume_from_a_sharded_checkpoint_is_exact(tmp_path):
-    """FSDP1, a sharded (DCP) checkpoint between triggers: the resumed run decides and ends as the straight one."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("MASTER_PORT", None)
+@pytest.mark.slow
+def test_fsdp1_resume_from_a_sharded_checkpoint_is_exact(two_process_job):
+    """FSDP1, a sharded (DCP) checkpoint between triggers: the resumed run decides and ends as the straight one.
 
-    def launch(name: str, *extra: str) -> tuple[dict, dict]:
-        cmd = [sys.executable, str(JOB), "--strategy", "fsdp1", "--out", str(tmp_path / name), "--threshold", "28",
-               *extra]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-        return tuple(torch.load(tmp_path / name / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-
-    straight, _ = launch("straight", "--steps", "12", "--save-every", "6")  # (the LR schedule spans 12 steps)
-    resumed, resumed1 = launch("resumed", "--steps", "12", "--ckpt-path",
-                               str(tmp_path / "straight" / "ckpt" / "epoch=0-step=6.ckpt"))
+    Both runs are cases of the same launch (tests/jobs.py): the resumed one is a new Trainer and a new module whose
+    state comes from the checkpoint files only."""
+    straight, _ = load_ranks(two_process_job("fsdp1", "triggers_straight"))
+    resumed, resumed1 = load_ranks(two_process_job("fsdp1", "triggers_resumed"))
     early = [s for s in straight["trigger_steps"] if s <= 6]
     assert early and len(straight["trigger_steps"]) > len(early)  # triggers on both sides of the checkpoint
     assert resumed["trigger_steps"] == straight["trigger_steps"] == resumed1["trigger_steps"]

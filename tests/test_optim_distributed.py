@@ -7,31 +7,18 @@ Under FSDP2 a rank-``k`` update computed on each shard would have rank up to ``2
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from lightning_msign.optim import Muon, NuMuon
 
-from conftest import tiny_module
+from conftest import load_ranks, tiny_module
 
-JOB = Path(__file__).resolve().parent / "optim_distributed_job.py"
-STEPS = 4
+STEPS = 4  # the cases' --steps in tests/jobs.py
 
 
-def run_job(tmp_path: Path, strategy: str, optimizer: str) -> tuple[dict, dict]:
-    out = tmp_path / f"{strategy}_{optimizer}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("MASTER_PORT", None)
-    cmd = [sys.executable, str(JOB), "--strategy", strategy, "--optimizer", optimizer, "--out", str(out),
-           "--steps", str(STEPS)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+def run_job(two_process_job, strategy: str, case: str) -> tuple[dict, dict]:
+    ranks = load_ranks(two_process_job(strategy, case))
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world"] == 2
     return ranks[0], ranks[1]
 
@@ -60,8 +47,8 @@ def replay(rec: dict, optimizer: str) -> dict[int, dict[str, torch.Tensor]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "optimizer"), [("ddp", "numuon"), ("fsdp2", "numuon"), ("ddp", "muon")])
-def test_distributed_step_is_the_whole_matrix_step(tmp_path, strategy, optimizer):
-    r0, r1 = run_job(tmp_path, strategy, optimizer)
+def test_distributed_step_is_the_whole_matrix_step(two_process_job, strategy, optimizer):
+    r0, r1 = run_job(two_process_job, strategy, f"optim_{optimizer}")
     assert sorted(r0["steps"]) == list(range(1, STEPS + 1))
     for name, value in r0["params"].items():  # both processes hold the same weights, bit for bit
         assert torch.equal(value, r1["params"][name]), name
@@ -86,22 +73,13 @@ def test_distributed_step_is_the_whole_matrix_step(tmp_path, strategy, optimizer
 
 
 @pytest.mark.slow
-def test_fsdp2_resume_is_exact(tmp_path):
-    """A sharded (DCP) checkpoint holds the momentum shards, the Krylov warm starts and the group counters."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("MASTER_PORT", None)
+def test_fsdp2_resume_is_exact(two_process_job):
+    """A sharded (DCP) checkpoint holds the momentum shards, the Krylov warm starts and the group counters.
 
-    def launch(name: str, *extra: str) -> tuple[dict, dict]:
-        cmd = [sys.executable, str(JOB), "--strategy", "fsdp2", "--optimizer", "numuon", "--out",
-               str(tmp_path / name), *extra]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-        return tuple(torch.load(tmp_path / name / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-
-    straight, _ = launch("straight", "--steps", "4")
-    launch("first", "--steps", "2", "--save-every", "2")
-    resumed, resumed1 = launch("resumed", "--steps", "4", "--ckpt-path",
-                               str(tmp_path / "first" / "ckpt" / "epoch=0-step=2.ckpt"))
+    The straight 4-step run, the 2-step run that saves and the run resumed from its checkpoint are cases of one
+    launch (tests/jobs.py): the resumed one is a new Trainer and module whose state comes from the checkpoint only."""
+    straight, _ = run_job(two_process_job, "fsdp2", "optim_numuon")
+    resumed, resumed1 = run_job(two_process_job, "fsdp2", "optim_resumed")
     assert sorted(resumed["steps"]) == [3, 4] and resumed["groups"][0]["steps"] == 4
     for name, value in straight["params"].items():
         assert torch.equal(value, resumed["params"][name]) and torch.equal(value, resumed1["params"][name]), name

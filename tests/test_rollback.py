@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning_msign import LitGPTModule, Rollback, RollbackGuard, ShakespeareDataModule
 from lightning_msign.functional import stable_rank
 
-from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, trainer_kwargs
+from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, load_ranks, trainer_kwargs
 
 SCHEDULE = 40  # the LR schedule's length, the same in every run compared
 
@@ -269,26 +265,14 @@ def test_plain_loop_rollback_equals_skipping(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- 2 processes
-JOB = Path(__file__).resolve().parent / "rollback_job.py"
-
-
-def _launch(tmp_path, *args: str) -> dict[str, tuple[dict, dict]]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run([sys.executable, str(JOB), "--out", str(tmp_path), *args], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return {name: tuple(torch.load(tmp_path / name / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-            for name in ("rolled", "reference")}
-
-
+# tests/rollback_job.py, run as a case of tests/jobs.py (one launch per strategy).
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp1"])
-def test_processes_agree_when_only_one_sees_the_nan(tmp_path, strategy):
+def test_processes_agree_when_only_one_sees_the_nan(two_process_job, strategy):
     """NaN on process 1 only: both roll back at the same step (no hang) and end as a run that skipped the batches."""
-    runs = _launch(tmp_path, "--strategy", strategy, "--nan-rank", "1")
-    r0, r1 = runs["rolled"]
-    ref0, _ = runs["reference"]
+    out = two_process_job(strategy, "rollback")
+    r0, r1 = load_ranks(out / "rolled")
+    ref0, _ = load_ranks(out / "reference")
     assert r0["state"] == r1["state"] and r0["state"]["rollback_steps"] == [7]
     assert r0["state"]["skipped"][0]["restored_to"] == 4
     for name, value in r0["whole_params"].items():

@@ -46,7 +46,7 @@ class Save(Callback):
         }, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", required=True, choices=("ddp", "fsdp2", "fsdp1"))
     parser.add_argument("--out", required=True)
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--ckpt-path", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     seed_everything(0, verbose=False)
