@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export WANDB_MODE ?= offline
 
-.PHONY: setup train train-healthy test bench clean
+.PHONY: setup train train-healthy test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,17 @@ train: $(STAMP)
 train-healthy: $(STAMP)
 	$(VENV)/bin/lightning-msign fit --config recipes/shakespeare/baseline.yaml
 
+# Everything (what CI runs): lint, then every test, the multi-process ones included (one 2-process launch per
+# strategy, tests/jobs.py).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The edit loop: every test that starts no process (`-m "not slow"`; tests/conftest.py fails a test whose mark is
+# wrong either way).
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

@@ -35,6 +35,75 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+# jsonargparse's stub resolver (typeshed_client) asks a bare interpreter for its sys.path once per parser it builds:
+# a few milliseconds, no import of torch or of this package, the same in every LightningCLI run; not a launch.
+_SYS_PATH_PROBE = ["-c", "import sys, json; print(json.dumps(sys.path))"]
+
+
+# Fixtures that hand a test the records of a launch shared with other tests (the launch happens once).
+SHARED_LAUNCHES = ("two_process_job", "fsdp1_records")
+
+
+class _Launches:
+    """Every process a test starts, from the start of its setup (module fixtures included) to its end: new
+    processes go through ``Popen._execute_child``, ``multiprocessing``'s ``BaseProcess.start`` or ``os.fork``."""
+
+    item: pytest.Item | None = None
+    started: list[str] = []
+
+    @classmethod
+    def install(cls) -> None:
+        import multiprocessing.process
+
+        for owner, name in ((subprocess.Popen, "_execute_child"), (multiprocessing.process.BaseProcess, "start"),
+                            (os, "fork")):
+            cls._wrap(owner, name)
+
+    @classmethod
+    def _wrap(cls, owner: Any, name: str) -> None:
+        original = getattr(owner, name)
+        label = f"{getattr(owner, '__name__', owner)}.{name}"
+
+        def starting(*args: Any, **kwargs: Any) -> Any:
+            what = args[1] if name == "_execute_child" else args[0] if args else ""
+            if cls.item is not None and not (name == "_execute_child" and list(what)[1:] == _SYS_PATH_PROBE):
+                cls.started.append(f"{label}({str(what)[:120]})")
+                if cls.item.get_closest_marker("slow") is None:
+                    raise RuntimeError(f"{label}: this test starts a process but is not marked slow")
+            return original(*args, **kwargs)
+
+        setattr(owner, name, starting)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _Launches.install()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _Launches.item, _Launches.started = item, []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _Launches.item = None
+
+
+@pytest.fixture(autouse=True)
+def _slow_marks_exactly_the_launching_tests(request: pytest.FixtureRequest):
+    """The tiers mean what they say: a test not marked ``slow`` that starts a process (an interpreter, ranks, a
+    compiler, a logger's service, data-loader workers) fails, even where a library caught the refusal; a ``slow``
+    test starts one or reads a shared launch (:data:`SHARED_LAUNCHES`). ``make test-fast`` (``-m "not slow"``) is
+    then the tier that launches nothing."""
+    yield
+    slow = request.node.get_closest_marker("slow") is not None
+    if not slow:
+        assert not _Launches.started, f"not marked slow, but started a process: {_Launches.started}"
+    else:
+        assert _Launches.started or set(SHARED_LAUNCHES) & set(request.fixturenames), \
+            "marked slow, but starts no process and reads no shared launch: remove the mark"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One tokenisation cache for the whole session (the corpus is real, the cache is temporary)."""

@@ -199,6 +199,7 @@ def test_bad_recipe_value_is_rejected(tmp_path, monkeypatch):
         )
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lightning_msign", "fit", "--config", str(DEBUG), "--print_config"],

@@ -294,6 +294,7 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_estimate_equals_one_process_on_the_concatenated_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

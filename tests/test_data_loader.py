@@ -48,7 +48,7 @@ def test_resumable_sampler_is_distributed_samplers_order_sharded_by_rank(tmp_pat
             ResumableShuffleSampler(dataset, **{"seed": 0, **kwargs})
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # (1: a worker process)
 def test_train_loader_state_resumes_mid_epoch(tmp_path, num_workers):
     from lightning.fabric.utilities.types import _Stateful
 

@@ -169,6 +169,7 @@ def _plan_worker(rank: int, world: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_plan_gathers_uneven_shards_whole(tmp_path):
     mp.spawn(_plan_worker, args=(2, str(tmp_path)), nprocs=2)
     recs = [torch.load(tmp_path / f"plan{r}.pt", weights_only=False) for r in (0, 1)]

@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 
 from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB
 
+pytestmark = pytest.mark.slow  # every test reads the one 2-process launch of the fsdp1_records fixture
+
 
 def _gpt(seed: int = 0):
     from litgpt import Config
@@ -120,17 +122,17 @@ def _worker(rank: int, world: int, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
+def fsdp1_records(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp1")
     mp.spawn(functools.partial(_worker), args=(2, str(out)), nprocs=2)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
-def test_plain_loop_guard_signs_whole_matrices_one_unit_at_a_time(records):
+def test_plain_loop_guard_signs_whole_matrices_one_unit_at_a_time(fsdp1_records):
     from lightning_msign.functional import msign_restore
     from lightning_msign.targets import clean_name
 
-    r0, r1 = records
+    r0, r1 = fsdp1_records
     for name, value in r0["after"].items():
         assert torch.equal(value, r1["after"][name]), name
     before = {clean_name(n): v for n, v in r0["before"].items()}
@@ -151,18 +153,18 @@ def test_plain_loop_guard_signs_whole_matrices_one_unit_at_a_time(records):
             assert len(blocks) == 1 and all("lm_head" not in n and "wte" not in n for n in whole), whole
 
 
-def test_gradient_norm_is_the_whole_gradient_norm(records):
-    for rec in records:
+def test_gradient_norm_is_the_whole_gradient_norm(fsdp1_records):
+    for rec in fsdp1_records:
         whole = sum(float(g.double().square().sum()) for g in rec["whole_grads"].values()) ** 0.5
         assert rec["norm"] == pytest.approx(whole, rel=1e-6)
-    assert records[0]["norm"] == records[1]["norm"]
+    assert fsdp1_records[0]["norm"] == fsdp1_records[1]["norm"]
 
 
-def test_monitor_and_probe_read_whole_matrices(records):
+def test_monitor_and_probe_read_whole_matrices(fsdp1_records):
     from lightning_msign.functional import stable_rank
     from lightning_msign.targets import clean_name
 
-    r0, r1 = records
+    r0, r1 = fsdp1_records
     after = {clean_name(n): v for n, v in r0["after"].items()}
     mlp = {k: v for k, v in r0["srank"].items() if k.startswith("srank/transformer.h.0.mlp")}
     assert len(mlp) == 2, sorted(r0["srank"])  # fc and proj of block 0: the comparison below is not empty
@@ -173,8 +175,8 @@ def test_monitor_and_probe_read_whole_matrices(records):
     assert r0["diag"]["diag/attn_logit_max"] > 0 and r0["diag"]["diag/output_logit_max"] > 0
 
 
-def test_fsdp1_refusals_name_what_to_do(records):
-    errors = records[0]["errors"]
+def test_fsdp1_refusals_name_what_to_do(fsdp1_records):
+    errors = fsdp1_records[0]["errors"]
     assert errors.keys() == {"inner", "numuon", "groups", "curvature", "jacobian", "flat", "mixed"}, errors
     assert "attach the guard to the FSDP root" in errors["inner"]
     assert "NuMuon and Muon work on whole matrices under DDP and FSDP2" in errors["numuon"]

@@ -164,6 +164,7 @@ def test_report_help_and_errors_exit_with_usage(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_python_dash_m_report(tmp_path):
     run_dir = synthetic_run(tmp_path / "exp")
     result = subprocess.run(

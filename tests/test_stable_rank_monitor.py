@@ -104,6 +104,7 @@ def test_after_msign_the_monitor_sees_restored_matrices(tmp_path):
     assert step_rows[0]["srank/min"] < 16.0 * 0.9
 
 
+@pytest.mark.slow
 def test_csv_tensorboard_and_wandb_loggers_receive_the_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
