@@ -104,8 +104,18 @@ def _train(args: argparse.Namespace, name: str, extra: list[Any], stop_at: int, 
                     or not math.isfinite(loss) or step >= stop_at:
                 trainer.should_stop = True
 
+    class Spiking(LitGPTModule):
+        """LitGPTModule whose training loss (hence gradient) is multiplied by ``--inject-factor`` at optimizer step
+        ``--inject-spike``: a failure at a chosen step, the same on every CPU (a natural one is a chaotic path)."""
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if args.inject_spike is not None and self.trainer.global_step == args.inject_spike:
+                loss = loss * args.inject_factor
+            return loss
+
     pl.seed_everything(args.seed, verbose=False)
-    module = LitGPTModule(
+    module = Spiking(
         args.model, vocab_size=256, block_size=args.seq_len, lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95),
         warmup_steps=args.warmup, lr_decay="linear", min_lr_ratio=0.1, max_steps=args.steps,
     )
@@ -157,6 +167,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--window", type=int, default=20, help="steps averaged for the final loss")
     parser.add_argument("--margin", type=float, default=0.05, help="'descending': final loss this below the start")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--inject-spike", type=int, default=None, metavar="STEP",
+                        help="multiply the training loss at optimizer step STEP by --inject-factor (default: none, "
+                        "the run fails by itself; --quick: step 30)")
+    parser.add_argument("--inject-factor", type=float, default=1000.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render-only", action="store_true", help="rewrite the table from --out's saved JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -174,8 +188,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.quick:
         args.model = args.model or MODEL_QUICK
-        args.lr, args.warmup, args.steps, args.until, args.after_onset = 3.0, 10, 200, 80, 10
+        # A healthy LR in fp32 with a spike injected at step 30: the onset and the trigger are the same on any CPU
+        # (the natural LR-3 bf16 failure follows another path on another CPU's kernels).
+        args.lr, args.warmup, args.steps, args.until, args.after_onset = 3e-3, 10, 200, 80, 10
         args.batch_size, args.seq_len, args.variants = 8, 64, ["control", "pss_qk_skip"]
+        args.precision = "32-true"
+        args.inject_spike = 30 if args.inject_spike is None else args.inject_spike
     args.model = args.model or MODEL_12x64
     import torch
 

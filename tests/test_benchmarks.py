@@ -185,6 +185,9 @@ def test_stability_with_curvature_and_architecture_warmup(tmp_path):
 
 @pytest.mark.slow
 def test_pss_recovery_quick_resumes_exactly_and_writes_results(tmp_path):
+    """Quick mode injects the failure (the loss x1000 at step 30, fp32, healthy LR): the failing run's onset is that
+    step, the control resumed from the checkpoint fails there again (exact resume), and PSS fires first at the
+    optimizer step that takes that gradient (step 31 in PSS's count), on any CPU: no chaotic path is read."""
     env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "rec"
     proc = subprocess.run(
@@ -198,7 +201,8 @@ def test_pss_recovery_quick_resumes_exactly_and_writes_results(tmp_path):
     assert failing["onset"] is not None and failing["resume_step"] <= failing["onset"] - 5
     # The control adds nothing to the resumed run: it must fail again exactly where the run failed.
     assert variants["control"]["spiked_at"] == failing["onset"]
-    assert variants["control"]["triggers"] is None and len(variants["pss_qk_skip"]["triggers"]) >= 1
+    assert failing["onset"] == res["settings"]["inject_spike"] == 30
+    assert variants["control"]["triggers"] is None and variants["pss_qk_skip"]["triggers"][0] == failing["onset"] + 1
     for v in variants.values():
         steps = [int(s) for s in v["losses"]]
         assert steps == list(range(failing["resume_step"], 80))
