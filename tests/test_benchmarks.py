@@ -36,6 +36,7 @@ def test_overhead_quick_runs_and_writes_results(tmp_path):
     assert "## Curvature monitor" in proc.stdout
 
 
+@pytest.mark.slow
 def test_overhead_guards_part_measures_before_and_after(tmp_path):
     out = tmp_path / "guards.json"
     proc = subprocess.run(
@@ -163,6 +164,7 @@ def test_optimizers_quick_runs_and_writes_results(tmp_path):
     assert json.loads((out / "optimizers.json").read_text())["train"] == res["train"]
 
 
+@pytest.mark.slow
 def test_stability_with_curvature_and_architecture_warmup(tmp_path):
     """The curvature series and both warm-up methods run in the benchmark's own cells and reach its tables."""
     env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
@@ -301,6 +303,7 @@ def test_qk_clip_control_brings_a_hot_head_to_tau_and_leaves_the_others():
     assert rows == list(range(8, 16)) + list(range(32 + 8, 32 + 16))  # head 1's Q rows and K rows
 
 
+@pytest.mark.slow
 def test_trigger_cost_quick_runs_and_writes_results(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "trigger_cost.py"), "--quick", "--out", str(tmp_path / "tc")],
