@@ -136,15 +136,28 @@ def ratio_cell(st: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- the machine
-def machine_description() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what ``platform`` knows): the figures depend on it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()  # (runs `uname -p` on Linux: only where cpuinfo is not)
+
+
+def _platform() -> str:
+    """``platform.platform()``'s string, read without the ``uname -p`` process it starts on Linux."""
+    if not hasattr(os, "uname"):
+        return platform.platform()
+    u = os.uname()
+    libc = "".join(platform.libc_ver())
+    return f"{u.sysname}-{u.release}-{u.machine}" + (f"-with-{libc}" if libc else "")
+
+
+def machine_description() -> dict[str, Any]:
+    cpu = cpu_model()
     from importlib.metadata import PackageNotFoundError, version
 
     def _version(name: str) -> str:
@@ -157,7 +170,7 @@ def machine_description() -> dict[str, Any]:
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
+        "platform": _platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": _version("lightning"),
@@ -208,3 +221,60 @@ def atomic_write(path: Path, text: str) -> None:
 def log(msg: str) -> None:
     """Progress to stderr (stdout holds the tables)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- training cells
+@contextmanager
+def isolated_cell(threads: int) -> Iterator[None]:
+    """Run a training cell in this process and leave the process as the cell found it: the torch thread count,
+    the global random generators (Python, NumPy, torch), the environment (Lightning's ``seed_everything`` writes
+    ``PL_GLOBAL_SEED``), the warning filters and Lightning's log level. A cell sets its own seed, so its result
+    does not depend on what ran before it in the same process."""
+    import logging
+
+    import numpy as np
+
+    saved_threads, saved_env = torch.get_num_threads(), dict(os.environ)
+    saved_rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    saved_level = lightning_logger.level
+    torch.set_num_threads(threads)
+    lightning_logger.setLevel(logging.WARNING)  # "GPU available: ..." and the like, once per cell
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what PYTHONWARNINGS=ignore gives a cell in its own process
+            yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        lightning_logger.setLevel(saved_level)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        random.setstate(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        torch.set_rng_state(saved_rng[2])
+
+
+def run_cell_here(run_cell: Callable[[dict[str, Any]], dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
+    """``run_cell(spec)`` in this process (:func:`isolated_cell`); a cell that raises comes back as
+    ``{"error": traceback}`` so that the other cells go on and the failure is reported with them."""
+    import traceback
+
+    try:
+        with isolated_cell(spec["threads"]):
+            return run_cell(spec)
+    except Exception:  # recorded by the caller, which reports it and exits non-zero
+        return {"error": traceback.format_exc()[-4000:]}
+
+
+def run_cell_in_process_of_its_own(script: Path | str, spec: dict[str, Any]) -> dict[str, Any]:
+    """``python script --cell SPEC`` (the script prints ``run_cell(spec)`` as JSON on its last line): for cells
+    trained side by side, one process and ``spec["threads"]`` threads each. Failure as in :func:`run_cell_here`."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script), "--cell", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-4000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])

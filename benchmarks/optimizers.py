@@ -49,7 +49,8 @@ Usage::
     python benchmarks/optimizers.py --parts overhead --overhead-repeats 20
     python benchmarks/optimizers.py --reuse-only                  # tabulate the saved cells, train nothing
 
-Each cell trains in a fresh process (``--threads`` torch threads, default 1), one at a time, and is saved in
+Each cell trains in this process (``--threads`` torch threads, default 1; the process's thread count, random
+generators and environment are restored after it), one at a time, and is saved in
 ``--out/cells/<cell>.json`` with its spec: an interrupted or extended run trains only what is not saved yet
 (``--rerun`` trains everything again, ``--reuse-only`` nothing; the overhead part is saved the same way).
 Writes ``--out`` (default ``benchmarks/results/optimizers``, ``--quick``: ``benchmarks/results/optimizers_quick``):
@@ -64,7 +65,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,6 +82,7 @@ from common import (
     ms_cell,
     paired_ratio,
     ratio_cell,
+    run_cell_here,
     summary,
 )
 from stability import LOSS_AT_INIT, MODEL_QUICK, MODEL_12x64, divergence_callback
@@ -120,9 +121,9 @@ def method_name(value: str) -> str:
     return value
 
 
-# --------------------------------------------------------------------------- one cell (own process)
+# --------------------------------------------------------------------------- one cell
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one (method, lr, seed) cell, measure stable ranks and compressibility; runs in a fresh process."""
+    """Train one (method, lr, seed) cell, measure stable ranks and compressibility (``common.run_cell_here``)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -680,12 +681,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--reuse-only", action="store_true", help="train and time nothing: tabulate what is saved")
     parser.add_argument("--rerun", action="store_true", help="train and time everything again")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--cell", type=json.loads, default=None, help=argparse.SUPPRESS)  # internal: run one cell
     args = parser.parse_args(argv)
-
-    if args.cell is not None:  # child process: one cell, its result as the last line of stdout
-        print(json.dumps(run_cell(args.cell)))
-        return 0
 
     if args.quick:
         args.lrs = args.lrs or [0.01]
@@ -750,14 +746,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if any(f["name"] == spec["name"] for f in failed):  # part 2 asks again for part 1's cells
             return None
         log(f"  {spec['name']}: training ...")
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(spec)], capture_output=True, text=True,
-                              env=env, cwd=ROOT)
-        if proc.returncode != 0:  # recorded and reported; the other cells go on
-            log(f"  {spec['name']}: FAILED\n{proc.stderr[-4000:]}")
-            failed.append({"name": spec["name"], "error": proc.stderr[-4000:]})
+        cell = run_cell_here(run_cell, spec)
+        if "error" in cell:  # recorded and reported; the other cells go on
+            log(f"  {spec['name']}: FAILED\n{cell['error']}")
+            failed.append({"name": spec["name"], "error": cell["error"]})
             return None
-        cell = json.loads(proc.stdout.strip().splitlines()[-1])
         cell.update(summarize_log(cell))
         atomic_write(path, json.dumps({"spec": spec, "cell": cell}, indent=1) + "\n")
         log(f"  {cell['name']}: val {fmt(cell['final_val_loss'], '.3f')}, diverged {cell['diverged_step']}, "

@@ -91,12 +91,13 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
+
+from common import cpu_model, run_cell_here, run_cell_in_process_of_its_own  # noqa: E402  (common first: OMP_WAIT_POLICY)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stability"
@@ -355,9 +356,10 @@ def _lr_jump_callback(step: int, factor: float) -> Any:
     return LRJump()
 
 
-# --------------------------------------------------------------------------- one cell (own process)
+# --------------------------------------------------------------------------- one cell
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one (method, lr, seed) cell and return its summary; runs in a fresh process."""
+    """Train one (method, lr, seed) cell and return its summary (in this process: ``common.run_cell_here``; in a
+    process of its own: ``--cell``)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -697,12 +699,7 @@ def machine_line() -> str:
     import lightning
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     from importlib.metadata import version
@@ -743,7 +740,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "about ten training steps, benchmarks/overhead.py --only curvature)")
     parser.add_argument("--log-norms", action="store_true",
                         help="also log Frobenius / spectral norms of the attention matrices (table: Q/K norm growth)")
-    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, one process and thread each")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells trained at once (1: one after the other in this process; more: one process and "
+                        "thread each)")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every cell (cpu, gpu, auto)")
     parser.add_argument("--reuse-only", action="store_true",
                         help="train nothing: tabulate the cells already saved under --out (others are left out)")
@@ -752,6 +751,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cell", type=json.loads, default=None, help=argparse.SUPPRESS)  # internal: run one cell
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     if args.cell is not None:  # child process: one cell, result as the last line of stdout
         print(json.dumps(run_cell(args.cell)))
@@ -807,13 +808,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 return previous["cell"]
         if args.reuse_only:
             return {**{k: spec[k] for k in ("name", "method", "lr", "seed")}, "missing": True}
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(spec)], capture_output=True, text=True,
-                              env=env, cwd=ROOT)
-        if proc.returncode != 0:  # recorded and reported; the other cells go on
-            print(f"  {spec['name']}: FAILED\n{proc.stderr[-4000:]}", file=sys.stderr, flush=True)
-            return {**{k: spec[k] for k in ("name", "method", "lr", "seed")}, "error": proc.stderr[-4000:]}
-        cell = json.loads(proc.stdout.strip().splitlines()[-1])
+        # One at a time: in this process (no interpreter start per cell); side by side: one process each.
+        cell = run_cell_here(run_cell, spec) if args.jobs == 1 else run_cell_in_process_of_its_own(__file__, spec)
+        if "error" in cell:  # recorded and reported; the other cells go on
+            print(f"  {spec['name']}: FAILED\n{cell['error']}", file=sys.stderr, flush=True)
+            return {**{k: spec[k] for k in ("name", "method", "lr", "seed")}, "error": cell["error"]}
         cell.update(summarize_logs(cell))
         saved.write_text(json.dumps({"spec": spec, "cell": cell}, indent=1) + "\n")
         print(f"  {cell['name']}: val {cell['final_val_loss']:.3f}, diverged {cell['diverged_step']}, "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,37 +13,45 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(name: str, *argv: str) -> int:
+    """``benchmarks/<name>.py argv...`` in this process (its ``main``): no interpreter to start. The torch thread
+    count the benchmark sets is restored afterwards."""
+    import importlib
+
+    import torch
+
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    threads = torch.get_num_threads()
+    try:
+        return importlib.import_module(name).main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_overhead_quick_runs_and_writes_results(tmp_path):
+def test_overhead_quick_runs_and_writes_results(tmp_path, capsys):
+    """Every part, the distributed one included (its 2 processes are spawned: hence slow)."""
     out = tmp_path / "overhead_quick.json"
-    env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert run_benchmark("overhead", "--quick", "--threads", "1", "--out", str(out)) == 0
+    stdout = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result and out.with_suffix(".md").read_text().startswith("# lightning_msign overhead benchmark")
-    assert "MSign P=100, backend svd" in proc.stdout and "svd_time / time" in proc.stdout
+    assert "MSign P=100, backend svd" in stdout and "svd_time / time" in stdout
     assert result["parts"] == ["training", "backends", "distributed", "guards", "curvature"]
     assert {"training", "backends", "distributed", "guards", "curvature"} <= set(result)
-    assert "## 4. Guards: batched paths, before vs after" in proc.stdout
+    assert "## 4. Guards: batched paths, before vs after" in stdout
     curvature = result["curvature"]
     assert set(curvature["arms"]) == {"step", "forward+backward", "measure, warm (1 HVP)", "measure, warm (5 HVPs)",
                                       "measure, cold (20 HVPs)"}
     assert curvature["per_hvp_ms"] > 0 and curvature["every_n"]["1"] > curvature["every_n"]["10"] > 1
-    assert "## Curvature monitor" in proc.stdout
+    assert "## Curvature monitor" in stdout
 
 
-@pytest.mark.slow
 def test_overhead_guards_part_measures_before_and_after(tmp_path):
     out = tmp_path / "guards.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--threads", "1", "--only", "guards",
-         "--repeats", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert run_benchmark("overhead", "--quick", "--threads", "1", "--only", "guards", "--repeats", "2",
+                         "--out", str(out)) == 0
     res = json.loads(out.read_text())
     assert res["parts"] == ["guards"] and "training" not in res and res["machine"]["torch_threads"] == 1
     g = res["guards"]
@@ -73,14 +80,17 @@ def test_overhead_guards_part_measures_before_and_after(tmp_path):
     assert "| StableRank monitor" in md and "| MSign svd + stable ranks" in md and "Machine: " in md
 
 
-@pytest.mark.slow
-def test_stability_quick_runs_and_writes_results(tmp_path):
-    env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--quick", "--out", str(tmp_path / "stab")],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_stability_quick_runs_and_writes_results(tmp_path, capsys):
+    """The cells train one after the other in this process (``--jobs 1``) and leave it as they found it."""
+    import random
+
+    import torch
+
+    before = (torch.get_num_threads(), dict(os.environ), random.getstate(), torch.get_rng_state())
+    assert run_benchmark("stability", "--quick", "--out", str(tmp_path / "stab")) == 0
+    assert (torch.get_num_threads(), dict(os.environ), random.getstate()) == before[:3]
+    assert torch.equal(torch.get_rng_state(), before[3])
+    capsys.readouterr()
     result = json.loads((tmp_path / "stab" / "stability.json").read_text())
     cells = {(c["method"], c["lr"]) for c in result["cells"]}
     assert cells == {(m, lr) for m in ("baseline", "msign_attn_p10") for lr in (0.003, 0.1)}
@@ -94,24 +104,15 @@ def test_stability_quick_runs_and_writes_results(tmp_path):
         assert (tmp_path / "stab" / "figures" / figure).stat().st_size > 1000, figure
 
     # Saved cells are reused, not retrained: a tabulation-only run gives back the same analysis.
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--quick", "--reuse-only",
-         "--out", str(tmp_path / "stab")], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count(": reused ") == 4
+    assert run_benchmark("stability", "--quick", "--reuse-only", "--out", str(tmp_path / "stab")) == 0
+    assert capsys.readouterr().err.count(": reused ") == 4
     assert json.loads((tmp_path / "stab" / "stability.json").read_text())["analysis"] == result["analysis"]
 
 
-@pytest.mark.slow
-def test_optimizers_quick_runs_and_writes_results(tmp_path):
-    env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
+def test_optimizers_quick_runs_and_writes_results(tmp_path, capsys):
     out = tmp_path / "opt"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert run_benchmark("optimizers", "--quick", "--out", str(out)) == 0
+    capsys.readouterr()
     res = json.loads((out / "optimizers.json").read_text())
 
     def finite(x):
@@ -155,25 +156,18 @@ def test_optimizers_quick_runs_and_writes_results(tmp_path):
     assert (out / "figures" / "stable_rank.png").stat().st_size > 1000
 
     # Saved cells and timings are reused, not recomputed.
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--quick", "--reuse-only", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count(": reused ") == 8 and "training" not in again.stderr
+    assert run_benchmark("optimizers", "--quick", "--reuse-only", "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert err.count(": reused ") == 8 and "training" not in err
     assert json.loads((out / "optimizers.json").read_text())["train"] == res["train"]
 
 
 @pytest.mark.slow
 def test_stability_with_curvature_and_architecture_warmup(tmp_path):
-    """The curvature series and both warm-up methods run in the benchmark's own cells and reach its tables."""
-    env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--quick", "--lrs", "0.1", "--methods",
-         "arch_warmup", "arch_warmup_curv", "--curvature-every", "5", "--out", str(tmp_path / "stab")],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """The curvature series and both warm-up methods run in the benchmark's cells and reach its tables; the two
+    cells train side by side (``--jobs 2``: one process each, the benchmark's other way of running a cell)."""
+    assert run_benchmark("stability", "--quick", "--lrs", "0.1", "--methods", "arch_warmup", "arch_warmup_curv",
+                         "--curvature-every", "5", "--jobs", "2", "--out", str(tmp_path / "stab")) == 0
     cells = {c["method"]: c for c in json.loads((tmp_path / "stab" / "stability.json").read_text())["cells"]}
     assert set(cells) == {"arch_warmup", "arch_warmup_curv"}
     for cell in cells.values():
@@ -185,18 +179,12 @@ def test_stability_with_curvature_and_architecture_warmup(tmp_path):
     assert "## Curvature (CurvatureMonitor)" in md and "| arch_warmup_curv | 0.1 | 0 |" in md
 
 
-@pytest.mark.slow
 def test_pss_recovery_quick_resumes_exactly_and_writes_results(tmp_path):
     """Quick mode injects the failure (the loss x1000 at step 30, fp32, healthy LR): the failing run's onset is that
     step, the control resumed from the checkpoint fails there again (exact resume), and PSS fires first at the
     optimizer step that takes that gradient (step 31 in PSS's count), on any CPU: no chaotic path is read."""
-    env = {**os.environ, "LIGHTNING_MSIGN_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "rec"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "pss_recovery.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert run_benchmark("pss_recovery", "--quick", "--out", str(out)) == 0
     res = json.loads((out / "pss_recovery.json").read_text())
     failing, variants = res["failing"], {v["variant"]: v for v in res["variants"]}
     assert set(variants) == {"control", "pss_qk_skip"}
@@ -211,9 +199,8 @@ def test_pss_recovery_quick_resumes_exactly_and_writes_results(tmp_path):
     assert (out / "figures" / "report.png").stat().st_size > 1000
     assert not (out / "checkpoints").exists()
     md = (out / "pss_recovery.md").read_text()
-    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pss_recovery.py"), "--render-only", "--out",
-                            str(out)], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
-    assert again.returncode == 0 and (out / "pss_recovery.md").read_text() == md  # the table is the JSON's
+    assert run_benchmark("pss_recovery", "--render-only", "--out", str(out)) == 0
+    assert (out / "pss_recovery.md").read_text() == md  # the table is the JSON's
 
 
 def test_zclip_and_skip_step_controls_act_on_outliers_only():
@@ -303,13 +290,8 @@ def test_qk_clip_control_brings_a_hot_head_to_tau_and_leaves_the_others():
     assert rows == list(range(8, 16)) + list(range(32 + 8, 32 + 16))  # head 1's Q rows and K rows
 
 
-@pytest.mark.slow
 def test_trigger_cost_quick_runs_and_writes_results(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "trigger_cost.py"), "--quick", "--out", str(tmp_path / "tc")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert run_benchmark("trigger_cost", "--quick", "--out", str(tmp_path / "tc")) == 0
     result = json.loads((tmp_path / "tc.json").read_text())
     assert set(result["stats"]) == {"train step", "check", "check + sign", "check + sign + sranks"}
     assert all(len(s["times_ms"]) == 3 for s in result["stats"].values())
