@@ -17,11 +17,15 @@ strategy the first time one of its cases is asked for.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -29,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CASES: dict[str, dict[str, tuple[str, list[str]]]] = {
     "ddp": {
         "distributed": ("distributed_job", ["--strategy", "ddp"]),
-        "triggers": ("triggers_job", ["--strategy", "ddp", "--threshold", "23"]),
+        "triggers": ("triggers_job", ["--strategy", "ddp"]),
         "rollback": ("rollback_job", ["--strategy", "ddp", "--nan-rank", "1"]),
         "optim_numuon": ("optim_distributed_job", ["--strategy", "ddp", "--optimizer", "numuon", "--steps", "4"]),
         "optim_muon": ("optim_distributed_job", ["--strategy", "ddp", "--optimizer", "muon", "--steps", "4"]),
@@ -37,7 +41,7 @@ CASES: dict[str, dict[str, tuple[str, list[str]]]] = {
     },
     "fsdp2": {
         "distributed": ("distributed_job", ["--strategy", "fsdp2", "--monitor-mode", "exact"]),
-        "triggers": ("triggers_job", ["--strategy", "fsdp2", "--threshold", "23"]),
+        "triggers": ("triggers_job", ["--strategy", "fsdp2"]),
         "rollback": ("rollback_job", ["--strategy", "fsdp2", "--nan-rank", "1"]),
         # optim_numuon is also the straight run the resumed one is compared with
         "optim_numuon": ("optim_distributed_job", ["--strategy", "fsdp2", "--optimizer", "numuon", "--steps", "4"]),
@@ -51,11 +55,12 @@ CASES: dict[str, dict[str, tuple[str, list[str]]]] = {
         "distributed_manual": ("distributed_job", ["--strategy", "fsdp1_manual", "--monitor-mode", "exact"]),
         "distributed_bf16": ("distributed_job", ["--strategy", "fsdp1", "--monitor-mode", "exact",
                                                  "--precision", "bf16-mixed"]),
-        "triggers": ("triggers_job", ["--strategy", "fsdp1", "--threshold", "28"]),
-        # (the LR schedule spans 12 steps in both)
-        "triggers_straight": ("triggers_job", ["--strategy", "fsdp1", "--threshold", "28", "--steps", "12",
-                                               "--save-every", "6"]),
-        "triggers_resumed": ("triggers_job", ["--strategy", "fsdp1", "--threshold", "28", "--steps", "12",
+        "triggers": ("triggers_job", ["--strategy", "fsdp1"]),
+        # a first trigger by step 5, then every 3 steps: triggers on both sides of the checkpoint at step 6
+        "triggers_straight": ("triggers_job", ["--strategy", "fsdp1", "--split-by", "5", "--period-after-trigger", "3",
+                                               "--steps", "12", "--save-every", "6"]),
+        "triggers_resumed": ("triggers_job", ["--strategy", "fsdp1", "--threshold-of", "{out}/triggers_straight",
+                                              "--period-after-trigger", "3", "--steps", "12",
                                               "--ckpt-path", "{out}/triggers_straight/ckpt/epoch=0-step=6.ckpt"]),
         "rollback": ("rollback_job", ["--strategy", "fsdp1", "--nan-rank", "1"]),
     },
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", nargs="+", default=None, help="a subset of the strategy's cases, in this order")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a process killed by a signal (abort, segfault) prints where each thread was
     cases = CASES[args.strategy]
     names = args.cases or list(cases)
     unknown = [n for n in names if n not in cases]
@@ -81,10 +87,30 @@ def main(argv: list[str] | None = None) -> None:
         module, case_args = cases[name]
         start = time.perf_counter()
         print(f"[rank {rank}] case {name}: {module} {' '.join(case_args)}", flush=True)
+        groups = process_groups()
         importlib.import_module(module).main(
             [a.replace("{out}", args.out) for a in case_args] + ["--out", os.path.join(args.out, name)]
         )
+        release(process_groups() - groups)
         print(f"[rank {rank}] case {name}: done in {time.perf_counter() - start:.1f} s", flush=True)
+    if torch.distributed.is_initialized():  # before exit, not in the interpreter's teardown (gloo's threads)
+        torch.distributed.destroy_process_group()
+
+
+def process_groups() -> set[Any]:
+    """The process groups alive in this process besides the default one (none before it exists)."""
+    if not torch.distributed.is_initialized():
+        return set()
+    from torch.distributed.distributed_c10d import _world  # no public list of the groups
+
+    return {g for g in _world.pg_map if g is not torch.distributed.group.WORLD}
+
+
+def release(groups: set[Any]) -> None:
+    """Destroy the groups a case created: ``ModelParallelStrategy`` builds a device mesh, with its own gloo groups,
+    at every fit; the cases of one launch would otherwise pile them up (each with its threads and connections)."""
+    for group in groups:
+        torch.distributed.destroy_process_group(group)
 
 
 if __name__ == "__main__":
