@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategy", required=True, choices=("ddp", "fsdp2", "fsdp1"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--threshold", default="split", help="a number, or 'split' (see the module's docstring)")
-    parser.add_argument("--threshold-of", default=None, help="the threshold of an earlier case's records (DIR)")
+    parser.add_argument("--threshold-of", default=None,
+                        help="the threshold an earlier case chose (its records' folder; this process's record)")
     parser.add_argument("--split-by", type=int, default=None, help="latest step of the split (default: --steps)")
     parser.add_argument("--period-after-trigger", type=int, default=None, help="MSign's period_after_trigger")
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -109,7 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     chosen: dict[str, Any] = {}
     if args.threshold_of is not None:
-        threshold = float(torch.load(os.path.join(args.threshold_of, "rank0.pt"), weights_only=False)["threshold"])
+        # this process's own record: written before it left that case (the other process's may still be on its way)
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("LOCAL_RANK", 0))
+        own = torch.load(os.path.join(args.threshold_of, f"rank{rank}.pt"), weights_only=False)
+        threshold = float(own["threshold"])
     elif args.threshold == "split":
         calm = fit(args, os.path.join(args.out, "calm"), None, chosen)
         per_rank: list[Any] = [None] * torch.distributed.get_world_size()
