@@ -110,6 +110,26 @@ def _corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["LIGHTNING_MSIGN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _inductor_cache() -> None:
+    """Inductor's compiled kernels in a cache of this instruction set's own (kept between sessions), not in the
+    machine's shared ``/tmp/torchinductor_<user>``: a kernel built under another one (``ATEN_CPU_CAPABILITY=avx2``
+    on an AVX-512 machine, measured here) and reused from the shared cache corrupted the heap."""
+    import hashlib
+    import tempfile
+
+    import torch
+
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    isa = [flags, torch.__version__] + [os.environ.get(v, "") for v in (
+        "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")]
+    key = hashlib.sha256("\n".join(isa).encode()).hexdigest()[:16]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "lightning_msign_inductor" / key)
+
+
 TESTS = Path(__file__).resolve().parent
 LAUNCH_TIMEOUT = 600
 
