@@ -32,14 +32,10 @@ Tags ``q``, ``k``, ``v`` give their blocks the roles of attention queries, keys 
 the parameter's name with ``.<tag>`` appended, and ``.e<index>`` before it for an expert
 (``model.layers.0.mlp.experts.gate_up_proj.e3.up``).
 
-Read automatically (see :func:`read_layouts`): LitGPT ``CausalSelfAttention`` (rows from its config,
-grouped-query aware) and ``LLaMAMoE``; ``torch.nn.MultiheadAttention``; Hugging Face GPT-2 (``Conv1D``
-columns, cross-attention included), GPTBigCode (multi-query rows and multi-head interleaving), GPT-NeoX
-/ Pythia (per-head interleaving), Phi-3 (``qkv_proj`` rows with grouped-query sizes, ``gate_up_proj``
-rows), transformers-5 expert tensors (``gate_up_proj`` / ``down_proj`` of shape ``(E, ., .)`` with the
-library's ``is_transposed`` / ``is_concatenated`` flags), and nanoGPT's ``c_attn`` (``Linear(C, 3C)``
-with the attention's ``n_embd``). Separate projections (``q_proj``/``k_proj``/``v_proj``/``o_proj``:
-Llama, Mistral, Qwen, ...) need no layout.
+Read automatically from the module that owns a parameter, by the model families of
+:mod:`lightning_msign.families` (one module per family: LitGPT, ``torch.nn.MultiheadAttention``, Hugging Face
+GPT-2, GPTBigCode, GPT-NeoX, Phi-3, the Llama family, T5, DBRX, transformers-5 expert tensors, nanoGPT); a user's
+family is registered there. Separate projections (``q_proj``/``k_proj``/``v_proj``/``o_proj``) need no layout.
 """
 
 from __future__ import annotations
@@ -194,188 +190,6 @@ def as_matrix(view: Tensor, layout: Layout) -> Tensor:
     return view
 
 
-# --------------------------------------------------------------------------------------------- readers
-def _mro_names(module: nn.Module) -> set[str]:
-    return {cls.__name__ for cls in type(module).__mro__}
-
-
-def _is_transformers(module: nn.Module, *names: str) -> bool:
-    return any(
-        cls.__name__ in names and cls.__module__.startswith("transformers.") for cls in type(module).__mro__
-    )
-
-
-def _int(obj: object, *path: str) -> Optional[int]:
-    for attr in path:
-        obj = getattr(obj, attr, None)
-    return int(obj) if isinstance(obj, int) and not isinstance(obj, bool) else None
-
-
-def _weight(module: Optional[nn.Module]) -> Optional[Tensor]:
-    weight = getattr(module, "weight", None)
-    return weight if isinstance(weight, Tensor) else None
-
-
-# A reader returns {id(param): (role, layout or None)} for the parameters it recognises.
-Found = dict[int, tuple[str, Optional[Layout]]]
-
-
-def _rows(source: str, **sizes: int) -> Layout:
-    return Layout("rows", tuple(sizes.items()), source=source)
-
-
-def _read_litgpt_attention(mod: nn.Module) -> Optional[Found]:
-    config, qkv = getattr(mod, "config", None), _weight(getattr(mod, "qkv", None))
-    if config is None or qkv is None or not {"CausalSelfAttention"} & _mro_names(mod):
-        return None
-    hs, n_head, n_groups = _int(config, "head_size"), _int(config, "n_head"), _int(config, "n_query_groups")
-    if None in (hs, n_head, n_groups):
-        return None
-    found: Found = {id(qkv): ("qkv", _rows("LitGPT config", q=n_head * hs, k=n_groups * hs, v=n_groups * hs))}
-    proj = _weight(getattr(mod, "proj", None))
-    if proj is not None:
-        found[id(proj)] = ("attn_out", None)
-    return found
-
-
-def _read_multihead_attention(mod: nn.Module) -> Optional[Found]:
-    if not isinstance(mod, nn.MultiheadAttention):
-        return None
-    found: Found = {}
-    if mod.in_proj_weight is not None:
-        e = mod.embed_dim
-        found[id(mod.in_proj_weight)] = ("qkv", _rows("nn.MultiheadAttention", q=e, k=e, v=e))
-    for role, p in (("q", mod.q_proj_weight), ("k", mod.k_proj_weight), ("v", mod.v_proj_weight)):
-        if p is not None:
-            found[id(p)] = (role, None)
-    found[id(mod.out_proj.weight)] = ("attn_out", None)
-    return found
-
-
-def _read_hf_gpt2(mod: nn.Module) -> Optional[Found]:
-    if not _is_transformers(mod, "GPT2Attention"):
-        return None
-    split = _int(mod, "split_size")
-    c_attn, c_proj = _weight(getattr(mod, "c_attn", None)), _weight(getattr(mod, "c_proj", None))
-    if split is None or c_attn is None:
-        return None
-    found: Found = {}
-    source = "transformers GPT2Attention (Conv1D columns)"
-    if getattr(mod, "is_cross_attention", False):
-        found[id(c_attn)] = ("qkv", Layout("cols", (("k", split), ("v", split)), source=source))
-        q_attn = _weight(getattr(mod, "q_attn", None))
-        if q_attn is not None:
-            found[id(q_attn)] = ("q", None)
-    else:
-        found[id(c_attn)] = ("qkv", Layout("cols", (("q", split), ("k", split), ("v", split)), source=source))
-    if c_proj is not None:
-        found[id(c_proj)] = ("attn_out", None)
-    return found
-
-
-def _read_hf_bigcode(mod: nn.Module) -> Optional[Found]:
-    if not _is_transformers(mod, "GPTBigCodeAttention"):
-        return None
-    e, hd, kv = _int(mod, "embed_dim"), _int(mod, "head_dim"), _int(mod, "kv_dim")
-    n_head = _int(mod, "num_heads")
-    c_attn, c_proj = _weight(getattr(mod, "c_attn", None)), _weight(getattr(mod, "c_proj", None))
-    if None in (e, hd, kv, n_head) or c_attn is None:
-        return None
-    found: Found = {}
-    if getattr(mod, "is_cross_attention", False):
-        # key, value = c_attn(encoder_states).split((head_dim, head_dim)) in transformers 4.57
-        found[id(c_attn)] = ("qkv", _rows("transformers GPTBigCodeAttention (cross)", k=hd, v=hd)
-                             if c_attn.shape[0] == 2 * hd else None)
-        q_attn = _weight(getattr(mod, "q_attn", None))
-        if q_attn is not None:
-            found[id(q_attn)] = ("q", None)
-    elif getattr(mod, "multi_query", False):
-        found[id(c_attn)] = ("qkv", _rows("transformers GPTBigCodeAttention (multi-query)", q=e, k=kv, v=kv))
-    else:  # view(B, T, n_head, 3 * head_dim).split(head_dim): rows interleaved per head
-        found[id(c_attn)] = ("qkv", Layout("heads", (("q", hd), ("k", hd), ("v", hd)), heads=n_head,
-                                           source="transformers GPTBigCodeAttention (multi-head)"))
-    if c_proj is not None:
-        found[id(c_proj)] = ("attn_out", None)
-    return found
-
-
-def _read_hf_neox(mod: nn.Module) -> Optional[Found]:
-    if not _is_transformers(mod, "GPTNeoXAttention"):
-        return None
-    hs = _int(mod, "head_size")
-    n_head = _int(mod, "config", "num_attention_heads")
-    qkv, dense = _weight(getattr(mod, "query_key_value", None)), _weight(getattr(mod, "dense", None))
-    if hs is None or n_head is None or qkv is None:
-        return None
-    found: Found = {id(qkv): ("qkv", Layout("heads", (("q", hs), ("k", hs), ("v", hs)), heads=n_head,
-                                            source="transformers GPTNeoXAttention (per-head interleaving)"))}
-    if dense is not None:
-        found[id(dense)] = ("attn_out", None)
-    return found
-
-
-def _read_hf_phi3(mod: nn.Module) -> Optional[Found]:
-    if _is_transformers(mod, "Phi3Attention"):
-        hd, n_kv = _int(mod, "head_dim"), _int(mod, "num_key_value_heads")
-        n_head = _int(mod, "config", "num_attention_heads")
-        qkv, o = _weight(getattr(mod, "qkv_proj", None)), _weight(getattr(mod, "o_proj", None))
-        if None in (hd, n_kv, n_head) or qkv is None:
-            return None
-        found: Found = {id(qkv): ("qkv", _rows("transformers Phi3Attention", q=n_head * hd, k=n_kv * hd, v=n_kv * hd))}
-        if o is not None:
-            found[id(o)] = ("attn_out", None)
-        return found
-    if _is_transformers(mod, "Phi3MLP"):
-        inter = _int(mod, "config", "intermediate_size")
-        gate_up, down = _weight(getattr(mod, "gate_up_proj", None)), _weight(getattr(mod, "down_proj", None))
-        if inter is None or gate_up is None:
-            return None
-        found = {id(gate_up): ("mlp", _rows("transformers Phi3MLP", gate=inter, up=inter))}
-        if down is not None:
-            found[id(down)] = ("mlp", None)
-        return found
-    return None
-
-
-def _read_expert_tensors(mod: nn.Module) -> Optional[Found]:
-    """transformers-5 experts: ``gate_up_proj (E, 2I, H)`` fused ``[gate | up]``, ``down_proj (E, H, I)``."""
-    gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-    n_exp, inter = _int(mod, "num_experts"), _int(mod, "intermediate_dim")
-    if not isinstance(gate_up, nn.Parameter) or gate_up.ndim != 3 or n_exp is None or inter is None:
-        return None
-    if getattr(mod, "is_transposed", False) or not getattr(mod, "is_concatenated", True) or not getattr(
-        mod, "has_gate", True
-    ):
-        return None  # other storage conventions: left to a declaration
-    source = f"{type(mod).__name__} (num_experts, intermediate_dim)"
-    found: Found = {id(gate_up): ("mlp", Layout("rows", (("gate", inter), ("up", inter)), experts=True, source=source))}
-    if isinstance(down, nn.Parameter) and down.ndim == 3:
-        found[id(down)] = ("mlp", Layout("matrix", experts=True, source=source))
-    return found
-
-
-def _read_nanogpt(mod: nn.Module) -> Optional[Found]:
-    c_attn, c_proj = getattr(mod, "c_attn", None), getattr(mod, "c_proj", None)
-    n_embd = _int(mod, "n_embd")
-    if not isinstance(c_attn, nn.Linear) or n_embd is None or c_attn.out_features != 3 * n_embd:
-        return None
-    found: Found = {id(c_attn.weight): ("qkv", _rows("nanoGPT c_attn (split(n_embd))", q=n_embd, k=n_embd, v=n_embd))}
-    if isinstance(c_proj, nn.Linear):
-        found[id(c_proj.weight)] = ("attn_out", None)
-    return found
-
-
-READERS = (
-    _read_litgpt_attention,
-    _read_multihead_attention,
-    _read_hf_gpt2,
-    _read_hf_bigcode,
-    _read_hf_neox,
-    _read_hf_phi3,
-    _read_expert_tensors,
-    _read_nanogpt,
-)
-
 # Names of fused weights whose blocks cannot be found without a layout (their parameter, or owning module).
 FUSED_NAMES = frozenset(
     {"c_attn", "qkv", "qkv_proj", "query_key_value", "in_proj_weight", "in_proj", "Wqkv", "W_pack", "wqkv",
@@ -383,20 +197,15 @@ FUSED_NAMES = frozenset(
 )
 
 
-def read_layouts(module: nn.Module) -> Found:
-    """Roles and layouts of the parameters that the module's own classes and configs describe.
+def read_layouts(module: nn.Module) -> dict[int, tuple[str, Optional[Layout]]]:
+    """Roles and layouts of the parameters that the module's own classes and configs describe: what the registered
+    model families read (:func:`lightning_msign.families.read_model`).
 
     Returns ``{id(parameter): (role, layout or None)}``; parameters of no recognised module are absent.
     """
-    found: Found = {}
-    for mod in module.modules():
-        for reader in READERS:
-            hit = reader(mod)
-            if hit:
-                for key, value in hit.items():
-                    found.setdefault(key, value)
-                break
-    return found
+    from lightning_msign.families import read_model
+
+    return read_model(module)
 
 
 def looks_fused(param_name: str, param: Tensor) -> bool:

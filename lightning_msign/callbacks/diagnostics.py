@@ -19,8 +19,8 @@ class DiagnosticsMonitor(GuardCallback):
     blocks' Jacobian norms and the alignment of adjacent blocks, on the batch just trained on (its tensor,
     its ``"input_ids"`` or its first element, cut to ``max_batch_size`` x ``max_seq_len`` and to the model's
     maximum length, so ``T + 1``-token batches are fine). Decoders: LitGPT, Hugging Face GPT-2 and
-    Llama-family causal LMs; attention logits for the classes of
-    :data:`~lightning_msign.models.SUPPORTED_ATTENTION`.
+    Llama-family causal LMs; attention logits for the attention classes of the registered model families
+    (:mod:`lightning_msign.families`).
 
     It computes after the optimizer steps ``every_n_steps, 2 * every_n_steps, ...`` (``trainer.global_step``:
     once per optimizer step under gradient accumulation, right on resume) and writes the metrics straight

@@ -33,7 +33,6 @@ from lightning_msign.metric_keys import (
     DIAG_TIME_MS,
 )
 from lightning_msign.models.base import (
-    SUPPORTED_ATTENTION,
     AttentionProbe,
     Decoder,
     attention_module,
@@ -42,6 +41,7 @@ from lightning_msign.models.base import (
     find_decoder,
     has_no_lm_head,
     output_logits,
+    supported_attention,
 )
 
 # Attention implementations of HF models whose blocks torch.func can differentiate forward and backward.
@@ -66,7 +66,7 @@ class Diagnostics(Guard):
 
     with :math:`q, k` and the scale :math:`c` exactly as the model's attention forms them (rebuilt from the
     outputs of its projections: :class:`~lightning_msign.models.AttentionProbe`), in float32. Supported
-    attention classes: :data:`~lightning_msign.models.SUPPORTED_ATTENTION`.
+    attention classes: those of the registered model families (:mod:`lightning_msign.families`).
 
     *Output logits* (``output_logits``). :math:`\max |z|` and :math:`\sqrt{\overline{z^2}}` over all entries
     of the model's output logits (a tensor, or the ``.logits`` of an HF output; after LitGPT's
@@ -182,7 +182,7 @@ class Diagnostics(Guard):
                     found = "no `attn` or `self_attn` module" if attn is None else type(attn).__name__
                     raise ValueError(
                         f"`attention_logits=True` needs an attention class whose logits can be rebuilt"
-                        f" ({', '.join(SUPPORTED_ATTENTION)}), got {found} in block {i} of"
+                        f" ({', '.join(supported_attention())}), got {found} in block {i} of"
                         f" `{decoder.blocks_path}`: pass attention_logits=False (output logits and Jacobians"
                         " work on any decoder)"
                     )

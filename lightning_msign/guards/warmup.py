@@ -18,6 +18,7 @@ from lightning_msign._validation import (
     check_positive_int,
     check_range,
 )
+from lightning_msign.families.base import HF_TUPLE, TENSOR
 from lightning_msign.guards.base import Guard
 from lightning_msign.metric_keys import WARMUP_ACTIVE_BLOCKS, WARMUP_DEFERRED, WARMUP_UNLOCKED
 from lightning_msign.models.base import BLOCK_PATHS, find_decoder
@@ -25,8 +26,8 @@ from lightning_msign.models.base import BLOCK_PATHS, find_decoder
 WarmupOrder = Literal["stack", "interleave"]
 
 # How an inactive block returns its hidden state.
-_TENSOR = "tensor"  # the hidden state itself (LitGPT, nanoGPT, HF Llama family in transformers 4.57)
-_HF_TUPLE = "hf_tuple"  # ``(hidden, [self-attention weights, [cross-attention weights]])`` (HF GPT-2 in 4.57)
+_TENSOR = TENSOR  # the hidden state itself (LitGPT, nanoGPT, HF Llama family in transformers 4.57)
+_HF_TUPLE = HF_TUPLE  # ``(hidden, [self-attention weights, [cross-attention weights]])`` (HF GPT-2 in 4.57)
 _LEARN = "learn"  # unknown class: learned once from one real call (see :class:`InactiveForward`)
 
 
@@ -105,58 +106,14 @@ class BlockPlan:
     kind: str
 
 
-def _litgpt_projections(block: nn.Module) -> Optional[tuple[str, ...]]:
-    """The output projections of a LitGPT ``Block``: ``attn.proj`` and ``mlp.proj`` (each expert's ``proj`` and
-    the shared experts' under ``LLaMAMoE``)."""
-    names = ["attn.proj"]
-    mlp = block.mlp
-    if hasattr(mlp, "proj"):
-        names.append("mlp.proj")
-    elif hasattr(mlp, "experts"):
-        names += [f"mlp.experts.{i}.proj" for i in range(len(mlp.experts))]
-        if getattr(mlp, "shared_experts", None) is not None:
-            names.append("mlp.shared_experts.proj")
-    else:
-        return None
-    config = block.config
-    if getattr(config, "post_attention_norm", False) or getattr(config, "post_mlp_norm", False):
-        raise ValueError(
-            f"DepthWarmup cannot unlock {type(block).__name__} blocks with a norm after the output projections"
-            " (`post_attention_norm` / `post_mlp_norm`): the residual branch norm(0) has a gradient of order"
-            " 1/sqrt(eps) at a zeroed projection, so the unlock would not be function-preserving and stable"
-        )
-    return tuple(names)
-
-
-_HF_LLAMA_FAMILY = tuple(
-    f"transformers.models.{m}.modeling_{m}.{c}DecoderLayer"
-    for m, c in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
-)
-
-
 def known_block(block: nn.Module) -> Optional[tuple[tuple[str, ...], str]]:
-    """``(output projections, output kind)`` for a block class the warm-up knows, else ``None``.
+    """``(output projections, output kind)`` of a block class a registered model family knows, else ``None``
+    (:func:`lightning_msign.families.block_info`: LitGPT ``Block``, HF ``GPT2Block``, HF Llama / Mistral / Qwen2 /
+    Qwen3 decoder layers, nanoGPT's ``Block``)."""
+    from lightning_msign.families import block_info
 
-    LitGPT ``Block``: ``attn.proj``, ``mlp.proj`` (MoE: every expert's ``proj``); HF ``GPT2Block``: ``attn.c_proj``,
-    ``mlp.c_proj`` (and ``crossattention.c_proj``); HF Llama, Mistral, Qwen2, Qwen3 decoder layers:
-    ``self_attn.o_proj``, ``mlp.down_proj``; nanoGPT's ``Block`` (``ln_1``, ``attn.c_attn``/``c_proj``, ``ln_2``,
-    ``mlp.c_fc``/``c_proj``): ``attn.c_proj``, ``mlp.c_proj``.
-    """
-    cls = type(block)
-    qualified = f"{cls.__module__}.{cls.__qualname__}"
-    if qualified == "litgpt.model.Block":
-        names = _litgpt_projections(block)
-        return None if names is None else (names, _TENSOR)
-    if qualified == "transformers.models.gpt2.modeling_gpt2.GPT2Block":
-        cross = ("crossattention.c_proj",) if hasattr(block, "crossattention") else ()
-        return ("attn.c_proj",) + cross + ("mlp.c_proj",), _HF_TUPLE
-    if qualified in _HF_LLAMA_FAMILY:
-        return ("self_attn.o_proj", "mlp.down_proj"), _TENSOR
-    modules = dict(block.named_modules())
-    nanogpt = ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    if cls.__name__ == "Block" and not cls.__module__.startswith("transformers") and all(n in modules for n in nanogpt):
-        return ("attn.c_proj", "mlp.c_proj"), _TENSOR
-    return None
+    info = block_info(block)
+    return None if info is None else (info.output_projections, info.output)
 
 
 def unlock_plan(n_blocks: int, start_fraction: float, groups: int, order: str) -> tuple[list[int], list[list[int]]]:

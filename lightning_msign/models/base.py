@@ -6,8 +6,9 @@ blocks at one of :data:`BLOCK_PATHS`):
 - ``transformer.h``: LitGPT's ``GPT`` and Hugging Face GPT-2 (``GPT2LMHeadModel``);
 - ``model.layers``: Hugging Face Llama-family models (``LlamaForCausalLM``, Mistral, Qwen2, Qwen3, ...).
 
-Attention logits need an :class:`AttentionProbe` for the blocks' attention class (:func:`attention_probe`);
-output logits and Jacobians work on any recognised decoder. No Lightning import.
+Attention logits need an :class:`AttentionProbe` for the blocks' attention class, which the model families of
+:mod:`lightning_msign.families` provide (:func:`attention_probe`); output logits and Jacobians work on any
+recognised decoder. No Lightning import.
 """
 
 from __future__ import annotations
@@ -258,25 +259,15 @@ class AttentionProbe:
 
 
 def attention_probe(attn: Optional[nn.Module], keep: bool = False) -> Optional[AttentionProbe]:
-    """A probe for ``attn`` when its class is supported (:data:`SUPPORTED_ATTENTION`), else ``None``."""
-    from lightning_msign.models.hf import HF_ATTENTION_PROBES
-    from lightning_msign.models.litgpt import LitGPTAttentionProbe, is_litgpt_attention
+    """A probe for ``attn`` from the registered model family that rebuilds its logits
+    (:func:`lightning_msign.families.attention_probe`), else ``None``."""
+    from lightning_msign.families import attention_probe as family_probe
 
-    if attn is None:
-        return None
-    if is_litgpt_attention(attn):
-        return LitGPTAttentionProbe(attn, keep=keep)
-    cls = type(attn)
-    probe_cls = HF_ATTENTION_PROBES.get(f"{cls.__module__}.{cls.__qualname__}")
-    return None if probe_cls is None else probe_cls(attn, keep=keep)
+    return family_probe(attn, keep=keep)
 
 
-SUPPORTED_ATTENTION: tuple[str, ...] = (
-    "litgpt CausalSelfAttention",
-    "HF GPT2Attention",
-    "HF LlamaAttention",
-    "HF MistralAttention",
-    "HF Qwen2Attention",
-    "HF Qwen3Attention",
-)
-"""The attention classes whose logits :func:`attention_probe` rebuilds (exact classes for HF, no subclasses)."""
+def supported_attention() -> tuple[str, ...]:
+    """The attention classes whose logits a registered model family rebuilds."""
+    from lightning_msign.families import supported_attention as supported
+
+    return supported()

@@ -1,4 +1,16 @@
-"""LitGPT's attention: queries and keys rebuilt from the modules of a ``CausalSelfAttention`` (LitGPT 0.5.x)."""
+"""LitGPT (0.5.x): its attention's fused ``qkv`` rows, its MLPs and mixture of experts, the LM head, how its
+attention forms queries and keys, and its blocks' output projections.
+
+- ``CausalSelfAttention``: ``attn.qkv`` rows ``[q (n_head hs) | k (n_query_groups hs) | v (n_query_groups hs)]``
+  from the config (grouped-query aware), ``attn.proj`` the output; queries and keys after the optional
+  ``norm_q``/``norm_k`` and RoPE (:func:`litgpt_query_key`).
+- ``GptNeoxMLP`` (``fc``, ``proj``), ``LLaMAMLP`` / ``GemmaMLP`` (``fc_1``, ``fc_2``, ``proj``): role ``"mlp"``;
+  ``LLaMAMoE``: its ``gate`` is the router, each expert (and the shared experts) an MLP above.
+- ``GPT``: ``lm_head`` the LM head (``transformer.wte`` is an embedding).
+- ``Block``: output projections ``attn.proj`` and ``mlp.proj`` (every expert's ``proj`` under ``LLaMAMoE``).
+
+``MultiheadLatentAttention`` (DeepSeek-style) is not read: its weights get no role from this family.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +18,23 @@ import math
 from typing import Any, Optional
 
 import torch
-from litgpt.model import CausalSelfAttention, apply_rope, apply_rope_interleave
+from litgpt.model import (
+    GPT,
+    Block,
+    CausalSelfAttention,
+    GemmaMLP,
+    GptNeoxMLP,
+    LLaMAMLP,
+    LLaMAMoE,
+    apply_rope,
+    apply_rope_interleave,
+)
 from torch import Tensor, nn
 
+from lightning_msign.families.base import BlockInfo, Family, Found, int_attr, linears, rows, weight_of
 from lightning_msign.models.base import AttentionProbe, argument, to_compute
 
-__all__ = ["LitGPTAttentionProbe", "is_litgpt_attention", "litgpt_attention_scale", "litgpt_query_key"]
+__all__ = ["LitGPT", "LitGPTAttentionProbe", "is_litgpt_attention", "litgpt_attention_scale", "litgpt_query_key"]
 
 
 def is_litgpt_attention(attn: nn.Module) -> bool:
@@ -99,3 +122,54 @@ class LitGPTAttentionProbe(AttentionProbe):
 
     def query_key(self, seen: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return litgpt_query_key(self.attn, seen["qkv"], seen["cos"], seen["sin"], seen.get("q"), seen.get("k"))
+
+
+def _projections(block: Block) -> Optional[tuple[str, ...]]:
+    names = ["attn.proj"]
+    mlp = block.mlp
+    if isinstance(mlp, LLaMAMoE):
+        names += [f"mlp.experts.{i}.proj" for i in range(len(mlp.experts))]
+        if getattr(mlp, "shared_experts", None) is not None:
+            names.append("mlp.shared_experts.proj")
+    elif hasattr(mlp, "proj"):
+        names.append("mlp.proj")
+    else:  # an MLP of unknown structure: the warm-up asks for `output_projections`
+        return None
+    config = block.config
+    if getattr(config, "post_attention_norm", False) or getattr(config, "post_mlp_norm", False):
+        raise ValueError(
+            f"DepthWarmup cannot unlock {type(block).__name__} blocks with a norm after the output projections"
+            " (`post_attention_norm` / `post_mlp_norm`): the residual branch norm(0) has a gradient of order"
+            " 1/sqrt(eps) at a zeroed projection, so the unlock would not be function-preserving and stable"
+        )
+    return tuple(names)
+
+
+class LitGPT(Family):
+    name = "LitGPT"
+    attention_classes = ("litgpt CausalSelfAttention",)
+
+    def read(self, module: nn.Module) -> Optional[Found]:
+        if isinstance(module, CausalSelfAttention):
+            config, qkv = module.config, weight_of(module.qkv)
+            hs, n_head, n_groups = (int_attr(config, a) for a in ("head_size", "n_head", "n_query_groups"))
+            if None in (hs, n_head, n_groups) or qkv is None:
+                return None
+            found: Found = {id(qkv): ("qkv", rows("LitGPT config", q=n_head * hs, k=n_groups * hs,
+                                                   v=n_groups * hs))}
+            return {**found, **linears(module, "attn_out", "proj")}
+        if isinstance(module, (GptNeoxMLP, LLaMAMLP, GemmaMLP)):
+            return linears(module, "mlp", "fc", "fc_1", "fc_2", "proj")
+        if isinstance(module, LLaMAMoE):
+            router = weight_of(module.gate)
+            return {} if router is None else {id(router): ("router", None)}
+        if isinstance(module, GPT):
+            return linears(module, "lm_head", "lm_head")
+        return None
+
+    def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[AttentionProbe]:
+        return LitGPTAttentionProbe(attn, keep=keep) if is_litgpt_attention(attn) else None
+
+    def block(self, block: nn.Module) -> Optional[BlockInfo]:
+        names = _projections(block) if type(block) is Block else None
+        return None if names is None else BlockInfo(names)

@@ -1,0 +1,86 @@
+"""What the suite knows of each model family, one module per family (see :mod:`lightning_msign.families.base`).
+
+Built in, asked in this order (a family registered with :func:`register_family` comes first):
+LitGPT, ``torch.nn.MultiheadAttention``, HF GPT-2, HF GPTBigCode, HF GPT-NeoX, HF Phi-3, HF Llama / Mistral / Qwen2 /
+Qwen3 / Mixtral, HF T5 / mT5, HF DBRX, transformers-5 expert tensors, nanoGPT.
+
+A user's family, in a few lines::
+
+    from lightning_msign.families import Family, linears, register_family
+
+    class MyNet(Family):
+        name = "MyNet"
+
+        def read(self, module):
+            if type(module).__name__ == "MyAttention" and type(module).__module__ == "mynet.model":
+                return {**linears(module, "q", "to_q"), **linears(module, "k", "to_k"),
+                        **linears(module, "v", "to_v"), **linears(module, "attn_out", "to_out")}
+            return None
+
+    register_family(MyNet())
+"""
+
+from lightning_msign.families.base import (
+    HF_TUPLE,
+    ROLES,
+    TENSOR,
+    BlockInfo,
+    Family,
+    Found,
+    attention_probe,
+    block_info,
+    int_attr,
+    is_transformers,
+    linears,
+    qualified_name,
+    read_model,
+    register_family,
+    registered_families,
+    rows,
+    supported_attention,
+    unregister_family,
+    weight_of,
+)
+from lightning_msign.families.bigcode import GPTBigCode
+from lightning_msign.families.dbrx import DBRX
+from lightning_msign.families.gpt2 import GPT2
+from lightning_msign.families.hf_experts import ExpertTensors
+from lightning_msign.families.litgpt import LitGPT
+from lightning_msign.families.llama import LlamaLike
+from lightning_msign.families.nanogpt import NanoGPT
+from lightning_msign.families.neox import GPTNeoX
+from lightning_msign.families.phi3 import Phi3
+from lightning_msign.families.t5 import T5
+from lightning_msign.families.torch_mha import TorchMultiheadAttention
+
+BUILT_IN: tuple[Family, ...] = (
+    LitGPT(), TorchMultiheadAttention(), GPT2(), GPTBigCode(), GPTNeoX(), Phi3(), LlamaLike(), T5(), DBRX(),
+    ExpertTensors(), NanoGPT(),
+)
+"""The built-in families, in the order they are asked."""
+
+for _family in BUILT_IN:
+    register_family(_family, first=False)
+
+__all__ = [
+    "BUILT_IN",
+    "HF_TUPLE",
+    "ROLES",
+    "TENSOR",
+    "BlockInfo",
+    "Family",
+    "Found",
+    "attention_probe",
+    "block_info",
+    "int_attr",
+    "is_transformers",
+    "linears",
+    "qualified_name",
+    "read_model",
+    "register_family",
+    "registered_families",
+    "rows",
+    "supported_attention",
+    "unregister_family",
+    "weight_of",
+]

@@ -1,0 +1,121 @@
+"""Hugging Face Llama-like decoders (transformers 4.57): separate ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``,
+rotary queries and keys, gated MLPs, the blocks.
+
+- Attention of Llama, Mistral, Qwen2, Qwen3, Mixtral: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``. Queries and keys
+  (:class:`RotaryAttentionProbe`, Llama, Mistral, Qwen2, Qwen3): the ``q_proj`` / ``k_proj`` outputs (Qwen3: the
+  ``q_norm`` / ``k_norm`` outputs, RMS norms over each head) split into heads of ``head_dim``, rotated by the
+  ``position_embeddings = (cos, sin)`` the decoder layer passes to the attention, with the model's own
+  ``apply_rotary_pos_emb``; ``num_key_value_heads`` key groups (grouped-query attention); scale ``module.scaling``.
+  Sliding window: Mistral's ``config.sliding_window`` (every layer), Qwen2's / Qwen3's ``module.sliding_window`` (the
+  layers of type ``"sliding_attention"``); Llama none. The logits are rebuilt from the projections, whatever kernel
+  ``config._attn_implementation`` then runs.
+- MLPs ``gate_proj``, ``up_proj``, ``down_proj`` (role ``"mlp"``); Mixtral's sparse MoE block: ``gate`` the router,
+  the experts' ``w1``, ``w2``, ``w3``. ``lm_head`` of the ``*ForCausalLM`` model.
+- Decoder layers of Llama, Mistral, Qwen2, Qwen3: output projections ``self_attn.o_proj``, ``mlp.down_proj``.
+
+No import of ``transformers`` here: a model's own module is read from ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from lightning_msign.families.base import BlockInfo, Family, Found, is_transformers, linears, qualified_name
+from lightning_msign.families.gpt2 import heads
+from lightning_msign.models.base import AttentionProbe, argument, to_compute
+
+__all__ = ["LlamaLike", "RotaryAttentionProbe"]
+
+# (transformers module, class prefix) of the families read here
+_MODELS = (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("mixtral", "Mixtral"))
+_ATTENTIONS = tuple(f"{c}Attention" for _, c in _MODELS)
+_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+_HEADS = tuple(f"{c}ForCausalLM" for _, c in _MODELS)
+
+
+class RotaryAttentionProbe(AttentionProbe):
+    """Hooks on an HF Llama-family attention: projections (or per-head norms), RoPE from the
+    ``position_embeddings`` argument, grouped keys (see the module docstring)."""
+
+    normed = False  # Qwen3: q, k after the per-head RMS norms `q_norm`, `k_norm`
+    window_from_config = False  # Mistral: `config.sliding_window` on every layer; else `module.sliding_window`
+
+    @property
+    def scale(self) -> float:
+        return float(self.attn.scaling)
+
+    @property
+    def window(self) -> Optional[int]:
+        if self.window_from_config:
+            return getattr(self.attn.config, "sliding_window", None)
+        return getattr(self.attn, "sliding_window", None)
+
+    def sources(self) -> dict[str, nn.Module]:
+        if self.normed:
+            return {"q": self.attn.q_norm, "k": self.attn.k_norm}
+        return {"q": self.attn.q_proj, "k": self.attn.k_proj}
+
+    def read_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return {"position_embeddings": argument(args, kwargs, 1, "position_embeddings")}
+
+    def query_key(self, seen: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        head_dim = self.attn.head_dim
+        q, k = heads(seen["q"], head_dim), heads(seen["k"], head_dim)
+        cos, sin = seen["position_embeddings"]
+        rotate = sys.modules[type(self.attn).__module__].apply_rotary_pos_emb  # the model's own RoPE
+        q, k = rotate(q, k, cos, sin)
+        return to_compute(q), to_compute(k)
+
+
+class _MistralProbe(RotaryAttentionProbe):
+    window_from_config = True
+
+
+class _Qwen3Probe(RotaryAttentionProbe):
+    normed = True
+
+
+
+
+class _MistralProbe(RotaryAttentionProbe):
+    window_from_config = True
+
+
+class _Qwen3Probe(RotaryAttentionProbe):
+    normed = True
+
+
+_PROBES: dict[str, type[AttentionProbe]] = {
+    "transformers.models.llama.modeling_llama.LlamaAttention": RotaryAttentionProbe,
+    "transformers.models.mistral.modeling_mistral.MistralAttention": _MistralProbe,
+    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": RotaryAttentionProbe,
+    "transformers.models.qwen3.modeling_qwen3.Qwen3Attention": _Qwen3Probe,
+}
+_BLOCKS = tuple(f"transformers.models.{m}.modeling_{m}.{c}DecoderLayer" for m, c in _MODELS if m != "mixtral")
+
+
+class LlamaLike(Family):
+    name = "HF Llama, Mistral, Qwen2, Qwen3, Mixtral"
+    attention_classes = ("HF LlamaAttention", "HF MistralAttention", "HF Qwen2Attention", "HF Qwen3Attention")
+
+    def read(self, module: nn.Module) -> Optional[Found]:
+        if is_transformers(module, *_ATTENTIONS):
+            return {**linears(module, "q", "q_proj"), **linears(module, "k", "k_proj"),
+                    **linears(module, "v", "v_proj"), **linears(module, "attn_out", "o_proj")}
+        if is_transformers(module, *_MLPS, "MixtralBlockSparseTop2MLP"):
+            return linears(module, "mlp", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+        if is_transformers(module, "MixtralSparseMoeBlock"):
+            return linears(module, "router", "gate")
+        if is_transformers(module, *_HEADS):
+            return linears(module, "lm_head", "lm_head")
+        return None
+
+    def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[AttentionProbe]:
+        probe = _PROBES.get(qualified_name(attn))
+        return None if probe is None else probe(attn, keep=keep)
+
+    def block(self, block: nn.Module) -> Optional[BlockInfo]:
+        return BlockInfo(("self_attn.o_proj", "mlp.down_proj")) if qualified_name(block) in _BLOCKS else None
