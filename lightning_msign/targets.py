@@ -408,7 +408,7 @@ def resolve_targets(
             raise ValueError(
                 f"`targets` entry {item!r} selects parameter {u.name!r} of {u.owner} (shape {u.shape}),"
                 f" which looks like a fused weight whose layout cannot be read from the model; signing or measuring"
-                f" it as one matrix would be wrong. For example {{{u.name!r}: {_example_layout(u)!r}}}: "
+                f" it as one matrix would be wrong; {declaration_hint(u.name, u.shape)}"
                 + LAYOUT_HELP
                 + (f". Also undetermined: {[b.name for b in blocked[1:4]]}" if len(blocked) > 1 else "")
             )
@@ -417,9 +417,15 @@ def resolve_targets(
         selected.extend(hits)
     if unmatched:
         names = sorted({t.param_name for t in entries})
+        unread = (
+            f"; parameters that look fused and whose layout no model family reads (not cut, so not selectable):"
+            f" {[u.name for u in undetermined]}: {declaration_hint(undetermined[0].name, undetermined[0].shape)}"
+            + LAYOUT_HELP
+            if undetermined else ""
+        )
         raise ValueError(
             f"`targets` entries {unmatched} match no matrix of {type(unwrap_module(module)).__name__}. Presets:"
-            f" {PRESETS}; matrix-shaped parameters: {names}"
+            f" {PRESETS}; matrix-shaped parameters: {names}{unread}"
         )
     unique: dict[str, TargetMatrix] = {}
     for t in selected:
@@ -430,10 +436,20 @@ def resolve_targets(
     return result
 
 
-def _example_layout(u: _Undetermined) -> str:
-    if len(u.shape) > 2:
-        return "experts/rows:gate=..,up=.." if u.role == "mlp" else "flatten"
-    return "rows:gate=..,up=.." if u.role == "mlp" else "rows:q=..,k=..,v=.."
+def declaration_hint(name: str, shape: tuple[int, ...]) -> str:
+    """How to declare the layout of an unread fused parameter: ``layouts={name: ...}`` and the kinds to choose from.
+
+    No concrete example of a 2-D cut is given: contiguous blocks, blocks interleaved per head or per key group are
+    all in use (a rows example copied for an interleaved weight gives wrong math that looks right); the kind is read
+    from the model's forward, which splits the weight's output.
+    """
+    if len(shape) > 2:
+        kinds = "'experts/<layout of one expert>' when each [e] is an expert's matrix, 'flatten' for a kernel"
+    else:
+        kinds = ("'rows:...' / 'cols:...' (contiguous blocks), 'heads:<n>:...' / 'colheads:<n>:...' (interleaved per"
+                 " head or per key group), or 'matrix' (one matrix on purpose)")
+    return (f"declare it as layouts={{{name!r}: '<layout>'}}, the kind read from how the model's forward splits it:"
+            f" {kinds}; ")
 
 
 def _attention_modules(module: nn.Module) -> list[tuple[str, nn.Module, set[int]]]:

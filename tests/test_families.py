@@ -141,3 +141,94 @@ def test_a_users_family_is_registered_in_a_few_lines_and_asked_first():
         unregister_family(family)
     with pytest.raises(TypeError, match="`family` must be an instance"):
         register_family(nn.Linear)  # type: ignore[arg-type]
+
+
+def _deepseek():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8,
+        v_head_dim=8, n_group=1, topk_group=1, max_position_embeddings=64)
+    return transformers.DeepseekV3ForCausalLM(config).eval()
+
+
+def _mla_blocks(attn) -> dict[str, torch.Tensor]:
+    """The key and value matrices as the MLA forward splits its fused outputs (transformers 4.57)."""
+    lora, rope, nope, v = attn.kv_lora_rank, attn.qk_rope_head_dim, attn.qk_nope_head_dim, attn.v_head_dim
+    kv_b = attn.kv_b_proj.weight.view(attn.num_heads, nope + v, lora)  # .view(..., -1, nope + v).split((nope, v))
+    return {"kv_a_proj_with_mqa.weight.latent": attn.kv_a_proj_with_mqa.weight[:lora],
+            "kv_a_proj_with_mqa.weight.k": attn.kv_a_proj_with_mqa.weight[lora:lora + rope],
+            "kv_b_proj.weight.k": kv_b[:, :nope].reshape(-1, lora),
+            "kv_b_proj.weight.v": kv_b[:, nope:].reshape(-1, lora)}
+
+
+def test_deepseek_mla_qk_is_the_queries_and_the_key_rows_of_both_fused_weights():
+    model = _deepseek()
+    prefix = "model.layers.{i}.self_attn."
+    qk = {t.name: t for t in resolve_targets(model, "qk")}
+    assert set(qk) == {prefix.format(i=i) + n for i in range(2) for n in (
+        "q_a_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight.k", "kv_b_proj.weight.k")}
+    attention = {t.name: t for t in resolve_targets(model, "attention")}
+    for i, layer in enumerate(model.model.layers):
+        for name, block in _mla_blocks(layer.self_attn).items():
+            assert torch.equal(attention[prefix.format(i=i) + name].matrix(), block), name
+    before = {i: {n: b.detach().clone() for n, b in _mla_blocks(layer.self_attn).items()}
+              for i, layer in enumerate(model.model.layers)}
+    MSign(model, period=1, targets="qk").apply()
+    for i, layer in enumerate(model.model.layers):
+        after = _mla_blocks(layer.self_attn)
+        for name in ("kv_a_proj_with_mqa.weight.latent", "kv_b_proj.weight.v"):
+            assert torch.equal(after[name], before[i][name]), name  # the latent and the values are not keys
+        for name in ("kv_a_proj_with_mqa.weight.k", "kv_b_proj.weight.k"):
+            s = torch.linalg.svdvals(after[name].detach().double())
+            assert float((s.max() - s.min()) / s.max()) < 1e-4, name
+    assert "model.layers.1.mlp.gate.weight" not in {t.name for t in resolve_targets(model, "mlp")}  # the router
+
+
+@pytest.mark.parametrize(("config", "model"), [
+    ("Gemma2Config", "Gemma2ForCausalLM"), ("Olmo2Config", "Olmo2ForCausalLM"),
+    ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+])
+def test_other_hf_families_with_separate_projections_are_read_from_their_config(config, model):
+    import transformers
+
+    net = getattr(transformers, model)(getattr(transformers, config)(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64))
+    expected = {f"model.layers.{i}.self_attn.{p}_proj.weight": r for i in range(2)
+                for p, r in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "attn_out"))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {t.name: t.role for t in resolve_targets(net, "attention")} == expected
+    # The structure is checked against the config: an attention whose sizes disagree is not read.
+    attn = net.model.layers[0].self_attn
+    attn.k_proj = nn.Linear(32, 24, bias=False)
+    assert id(attn.k_proj.weight) not in read_model(net) and id(attn.q_proj.weight) not in read_model(net)
+
+
+def test_bloom_and_mpt_fused_weights_are_cut_as_their_attention_splits_them():
+    import transformers
+
+    torch.manual_seed(0)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+    attn = bloom.transformer.h[0].self_attention
+    with torch.no_grad():
+        attn.query_key_value.bias.zero_()
+        # BloomAttention's own split of its fused output, on the identity: rows of each block, head by head
+        q, k, v = attn._reshape(attn.query_key_value(torch.eye(32)[None]))  # (1, heads, 32, head_dim)
+    want = {t: m[0].transpose(0, 1).reshape(32, -1).T for t, m in zip("qkv", (q, k, v))}
+    got = {t.name.rsplit(".", 1)[1]: t for t in resolve_targets(bloom, "attention") if ".query_key_value." in t.name}
+    assert set(got) == set("qkv")
+    for tag, t in got.items():
+        assert torch.equal(t.matrix(), want[tag]), tag
+
+    mpt = transformers.MptForCausalLM(transformers.MptConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=1))
+    attn = mpt.transformer.blocks[0].attn
+    with torch.no_grad():
+        q, k, v = attn.Wqkv(torch.eye(32)[None]).chunk(3, dim=2)  # as MptAttention.forward splits it
+    got = {t.name.rsplit(".", 1)[1]: t for t in resolve_targets(mpt, "qk")}
+    assert set(got) == {"q", "k"}
+    assert torch.equal(got["q"].matrix(), q[0].T) and torch.equal(got["k"].matrix(), k[0].T)

@@ -152,6 +152,16 @@ ARCHS = [
          _projections("transformer.blocks.{i}.norm_attn_norm.attn.Wqkv",
                       "transformer.blocks.{i}.norm_attn_norm.attn.Wqkv.weight.{t}", heads=(4, 2, 2)),
          _outs("transformer.blocks.{i}.norm_attn_norm.attn.out_proj.weight"), wrong={"*.Wqkv.weight": "matrix"}),
+    *(Arch(f"falcon-{kind}", _hf("FalconConfig", "FalconForCausalLM", hidden_size=C, num_hidden_layers=LAYERS,
+                                 num_attention_heads=4, max_position_embeddings=64, **options), _run_hf,
+           _projections("transformer.h.{i}.self_attention.query_key_value",
+                        "transformer.h.{i}.self_attention.query_key_value.weight.{t}", heads=heads),
+           _outs("transformer.h.{i}.self_attention.dense.weight"), wrong={"*.query_key_value.weight": wrong})
+      for kind, options, heads, wrong in (
+          ("grouped", dict(new_decoder_architecture=True, num_kv_heads=2), (4, 2, 2), "rows:q=32,k=16,v=16"),
+          ("multi-query", dict(new_decoder_architecture=False, multi_query=True), (4, 1, 1), "matrix"),
+          ("multi-head", dict(new_decoder_architecture=False, multi_query=False), (4, 4, 4), "rows:q=32,k=32,v=32"),
+      )),
     Arch("nanogpt", lambda: _zero_biases(GPT(GPTConfig(n_layer=LAYERS, n_embd=C))), _run_ids,
          _projections("transformer.h.{i}.attn.c_attn", "transformer.h.{i}.attn.c_attn.weight.{t}"),
          _outs("transformer.h.{i}.attn.c_proj.weight")),

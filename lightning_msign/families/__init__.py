@@ -1,8 +1,9 @@
 """What the suite knows of each model family, one module per family (see :mod:`lightning_msign.families.base`).
 
-Built in, asked in this order (a family registered with :func:`register_family` comes first):
-LitGPT, ``torch.nn.MultiheadAttention``, HF GPT-2, HF GPTBigCode, HF GPT-NeoX, HF Phi-3, HF Llama / Mistral / Qwen2 /
-Qwen3 / Mixtral, HF T5 / mT5, HF DBRX, transformers-5 expert tensors, nanoGPT.
+Built in, asked in this order (a family registered with :func:`register_family` comes first): LitGPT,
+``torch.nn.MultiheadAttention``, HF GPT-2, HF GPTBigCode, HF GPT-NeoX, HF Phi-3, HF Llama / Mistral / Qwen2 / Qwen3 /
+Mixtral, HF T5 / mT5, HF DBRX, HF DeepSeek-V2 / V3 (MLA), HF Falcon / BLOOM / MPT, transformers-5 expert tensors, the
+attention and MLP classes of any other HF family with separate projections (checked against its config), nanoGPT.
 
 A user's family, in a few lines::
 
@@ -43,8 +44,11 @@ from lightning_msign.families.base import (
 )
 from lightning_msign.families.bigcode import GPTBigCode
 from lightning_msign.families.dbrx import DBRX
+from lightning_msign.families.deepseek import DeepSeekMLA
+from lightning_msign.families.falcon_bloom_mpt import FalconBloomMPT
 from lightning_msign.families.gpt2 import GPT2
 from lightning_msign.families.hf_experts import ExpertTensors
+from lightning_msign.families.hf_generic import HFSeparateProjections
 from lightning_msign.families.litgpt import LitGPT
 from lightning_msign.families.llama import LlamaLike
 from lightning_msign.families.nanogpt import NanoGPT
@@ -55,7 +59,7 @@ from lightning_msign.families.torch_mha import TorchMultiheadAttention
 
 BUILT_IN: tuple[Family, ...] = (
     LitGPT(), TorchMultiheadAttention(), GPT2(), GPTBigCode(), GPTNeoX(), Phi3(), LlamaLike(), T5(), DBRX(),
-    ExpertTensors(), NanoGPT(),
+    DeepSeekMLA(), FalconBloomMPT(), ExpertTensors(), HFSeparateProjections(), NanoGPT(),
 )
 """The built-in families, in the order they are asked."""
 

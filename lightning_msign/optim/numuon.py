@@ -43,7 +43,14 @@ from lightning_msign.functional.lowrank import rank_k_sign
 from lightning_msign.functional.msign import BACKENDS, msign
 from lightning_msign.functional.precision import as_compute
 from lightning_msign.layouts import LAYOUT_HELP, parse_layout, validate_layouts
-from lightning_msign.targets import LayoutsArg, TargetMatrix, _catalog, _example_layout, _expand, unwrap_module
+from lightning_msign.targets import (
+    LayoutsArg,
+    TargetMatrix,
+    _catalog,
+    _expand,
+    declaration_hint,
+    unwrap_module,
+)
 
 AdjustLR = Literal["match_rms_adamw", "original", "none"]
 RankSchedule = Literal["constant", "cosine", "piecewise"]
@@ -161,8 +168,8 @@ def matrix_layouts(module: nn.Module, layouts: LayoutsArg = None) -> dict[int, t
         u = undetermined[0]
         raise ValueError(
             f"Parameter {u.name!r} of {u.owner} (shape {tuple(u.param.shape)}) looks like a fused weight whose layout"
-            f" cannot be read from the model; a Muon update of it as one matrix would mix its blocks. Declare it, for"
-            f" example layouts={{{u.name!r}: {_example_layout(u)!r}}}: " + LAYOUT_HELP
+            f" cannot be read from the model; a Muon update of it as one matrix would mix its blocks:"
+            f" {declaration_hint(u.name, tuple(u.param.shape))}" + LAYOUT_HELP
         )
     out: dict[int, tuple[nn.Parameter, Optional[str]]] = {}
     for t in entries:
