@@ -9,9 +9,12 @@ export WANDB_MODE ?= offline
 
 .PHONY: setup train train-healthy test test-fast bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# peft (for the adapter tests) goes in without its requirements: they are all installed by the line before, and
+# resolving them again could move litgpt's pins.
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "peft==0.21.*"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -86,10 +86,13 @@ class TargetMatrix:
         param_name: name of the parameter in the unwrapped module.
         param: the parameter itself.
         role: ``"q"``, ``"k"``, ``"v"``, ``"qkv"`` (fused, treated as one), ``"attn_out"``, ``"mlp"``,
-            ``"router"``, ``"embedding"``, ``"lm_head"`` or ``"other"``.
+            ``"router"``, ``"embedding"``, ``"lm_head"``, ``"adapter"`` (a LoRA ``lora_A`` / ``lora_B``) or
+            ``"other"``.
         layout: how the parameter splits (``None``: it is one 2D matrix).
         expert: index along the first dimension of a 3D expert tensor, else ``None``.
         offset, size: the block's place along the layout's axis (within one head for interleaved layouts).
+        adapted: the name of the adapter layer (peft LoRA) whose frozen base weight this is, or whose adapter
+            matrix (role ``"adapter"``) this is; ``None`` outside adapter layers.
     """
 
     name: str
@@ -100,6 +103,7 @@ class TargetMatrix:
     expert: Optional[int] = None
     offset: int = 0
     size: int = 0
+    adapted: Optional[str] = None
 
     @cached_property
     def param_shape(self) -> tuple[int, ...]:
@@ -217,6 +221,28 @@ def _name_roles(module: nn.Module) -> tuple[dict[int, str], set[int]]:
     return roles, embedding_ids
 
 
+def adapter_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The adapter layers of ``module`` (peft's ``BaseTunerLayer``: LoRA and its kin), with their cleaned names.
+
+    Read from the classes peft has loaded (no import of peft: a model without it has none).
+    """
+    import sys
+
+    tuner = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    if tuner is None:
+        return []
+    return [(clean_name(n), m) for n, m in module.named_modules() if isinstance(m, tuner)]
+
+
+def _adapter_output_layout(base: Optional[Layout]) -> Optional[Layout]:
+    """The layout of a LoRA ``lora_B`` weight ``(out, r)`` over the output features of a fused base weight: its rows
+    hold the base's output blocks (the base's rows, or a ``Conv1D``'s columns)."""
+    if base is None or not base.blocks or base.experts:
+        return None
+    kind = {"rows": "rows", "cols": "rows", "heads": "heads", "colheads": "heads"}[base.kind]
+    return Layout(kind, base.blocks, heads=base.heads, source=f"lora_B over the base's {base.source or base.kind}")
+
+
 @dataclass(frozen=True)
 class _Undetermined:
     """A parameter that looks fused but whose layout is unknown: selecting it is an error."""
@@ -239,6 +265,16 @@ def _catalog(
     out: list[TargetMatrix] = []
     undetermined: list[_Undetermined] = []
     seen: set[int] = set()
+    adapted: dict[int, str] = {}  # id(param) -> its adapter layer: the frozen base weight and the adapter matrices
+    for layer_name, layer in adapter_layers(module):
+        base = layer.get_base_layer()
+        base_weight = getattr(base, "weight", None)
+        for p in layer.parameters():
+            adapted[id(p)] = layer_name
+            if p is not base_weight and all(p is not q for q in base.parameters()):
+                role_b = read.get(id(base_weight), ("other", None))[1] if isinstance(base_weight, Tensor) else None
+                is_b = any(p is w for d in (getattr(layer, "lora_B", {}) or {}).values() for w in d.parameters())
+                read[id(p)] = ("adapter", _adapter_output_layout(role_b) if is_b else None)
     for raw_name, p in module.named_parameters():
         if p.ndim < 2 or id(p) in seen or raw_name.endswith("bias"):  # tied weights are listed once; biases
             continue  # are never matrices, 2D stacks of expert biases (E, out) included
@@ -260,7 +296,7 @@ def _catalog(
             continue
         if layout is not None and role == "qkv" and not split_qkv and layout.blocks and not layout.experts:
             layout = Layout("matrix", source="split_qkv=False")
-        out.extend(_expand(name, p, role, layout))
+        out.extend(_expand(name, p, role, layout, adapted.get(id(p))))
     return out, undetermined
 
 
@@ -295,19 +331,21 @@ def _gathered_catalog(
     return ordered, list(blocked.values()), attention
 
 
-def _expand(name: str, p: nn.Parameter, role: str, layout: Optional[Layout]) -> list[TargetMatrix]:
+def _expand(name: str, p: nn.Parameter, role: str, layout: Optional[Layout],
+            adapted: Optional[str] = None) -> list[TargetMatrix]:
     if layout is None or (layout.kind == "matrix" and not layout.experts):
-        return [TargetMatrix(name, name, p, role, layout)]
+        return [TargetMatrix(name, name, p, role, layout, adapted=adapted)]
     experts = range(p.shape[0]) if layout.experts else [None]
     out = []
     for e in experts:
         prefix = name if e is None else f"{name}.e{e}"
         if not layout.blocks:
-            out.append(TargetMatrix(prefix, name, p, role, layout, expert=e))
+            out.append(TargetMatrix(prefix, name, p, role, layout, expert=e, adapted=adapted))
             continue
         offset = 0
         for tag, size in layout.blocks:
-            out.append(TargetMatrix(f"{prefix}.{tag}", name, p, TAG_ROLES.get(tag, role), layout, e, offset, size))
+            tag_role = role if role == "adapter" else TAG_ROLES.get(tag, role)
+            out.append(TargetMatrix(f"{prefix}.{tag}", name, p, tag_role, layout, e, offset, size, adapted))
             offset += size
     return out
 
@@ -411,6 +449,17 @@ def resolve_targets(
                 f" it as one matrix would be wrong; {declaration_hint(u.name, u.shape)}"
                 + LAYOUT_HELP
                 + (f". Also undetermined: {[b.name for b in blocked[1:4]]}" if len(blocked) > 1 else "")
+            )
+        adapted = [t for t in hits if t.adapted is not None] if item in PRESETS else []
+        if adapted:
+            t = adapted[0]
+            what = "an adapter matrix" if t.role == "adapter" else "the frozen base weight"
+            raise ValueError(
+                f"`targets` preset {item!r} selects {t.name!r}, {what} of the adapter layer {t.adapted!r} (peft)."
+                " The layer computes W + s * B @ A: signing, smoothing or measuring W alone would ignore the trainable"
+                " adapters (the weights save_pretrained keeps), and acting on A or B alone is not acting on the"
+                " effective weight. Merge the adapters first (`merge_and_unload()`), or select matrices by glob"
+                " pattern on purpose (e.g. '*.lora_B.*')"
             )
         if not hits:
             unmatched.append(item)

@@ -232,3 +232,46 @@ def test_bloom_and_mpt_fused_weights_are_cut_as_their_attention_splits_them():
     got = {t.name.rsplit(".", 1)[1]: t for t in resolve_targets(mpt, "qk")}
     assert set(got) == {"q", "k"}
     assert torch.equal(got["q"].matrix(), q[0].T) and torch.equal(got["k"].matrix(), k[0].T)
+
+
+def _lora_llama():
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]))
+
+
+@pytest.mark.parametrize("preset", ["attention", "qk", "all_2d"])
+def test_lora_layers_are_refused_by_presets_not_half_edited(preset):
+    """A preset reaching a LoRA layer's frozen base weight (or its adapters) refuses at setup: W alone is not the
+    layer's weight W + s B A, and the adapters are what peft saves."""
+    model = _lora_llama()
+    with pytest.raises(ValueError, match=r"selects '.*q_proj\.base_layer\.weight', the frozen base weight of the "
+                                         r"adapter layer '.*q_proj' \(peft\).*merge_and_unload"):
+        resolve_targets(model, preset)
+    with pytest.raises(ValueError, match="adapter layer"):
+        MSign(model, period=1, targets=preset)
+    # What no adapter touches is selected as before; a pattern on the adapters is the user's choice.
+    assert len(resolve_targets(model, "mlp")) == 3
+    assert [t.role for t in resolve_targets(model, "*.lora_B.*")] == ["adapter"] * 3
+
+
+def test_lora_b_of_a_fused_conv1d_is_cut_into_the_base_blocks_for_muon():
+    import peft
+    import transformers
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64,
+                                                                 n_positions=16))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    groups = {g["name"]: g for g in muon_param_groups(model)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    layouts = dict(zip((names[id(p)] for p in groups["muon"]["params"]), groups["muon"]["layouts"]))
+    prefix = "base_model.model.transformer.h.0.attn.c_attn."
+    # B's rows are c_attn's output features, [q | k | v] of split_size each (the base's Conv1D columns)
+    assert layouts[prefix + "lora_B.default.weight"] == "rows:q=32,k=32,v=32"
+    assert layouts[prefix + "lora_A.default.weight"] is None
+    assert prefix + "base_layer.weight" not in layouts  # frozen: not in an optimizer group
