@@ -7,6 +7,11 @@ never guessed from the shape). Blocks are named ``<parameter name>.<tag>`` (``.e
 
 Presets (a ``targets`` string, or an element of a ``targets`` list):
 
+The presets select by *role*, and a role is what a model family reads from the module that owns the weight
+(:mod:`lightning_msign.families`: its class and config), never a name alone: ``q_proj`` in a module no family
+recognises is a plain matrix (``"other"``, in ``"all_2d"`` and reachable by pattern). Structure alone gives two
+roles in any model: ``nn.Embedding`` weights are embeddings, and ``get_output_embeddings()`` is the LM head.
+
 ``"attention"``
     Query, key, value and output projections of every attention layer.
 ``"qk"``
@@ -25,10 +30,10 @@ one character and everything else (brackets included) is literal: ``"*.attn.proj
 are those of ``module.named_parameters()`` of the unwrapped module (``torch.compile``'s ``_orig_mod``,
 Fabric's ``_forward_module`` and DDP's ``module`` wrappers removed).
 
-A selection that includes a parameter which looks fused (its name, e.g. ``qkv``, ``c_attn``,
-``query_key_value``, or more than two dimensions) but whose layout no reader knows raises, naming the
-parameter and how to declare its layout; a preset that finds fewer matrices than the model's attention
-layers imply warns, naming what it missed.
+A selection that may include a parameter which looks fused (its name, e.g. ``qkv``, ``c_attn``,
+``query_key_value``, or more than two dimensions: a suspicion used only to refuse) but whose layout no family
+reads raises, naming the parameter and the kinds of declaration; a preset that finds fewer matrices than the
+model's attention layers imply warns, naming what it missed.
 """
 
 from __future__ import annotations
@@ -67,14 +72,6 @@ _ROLE_PRESETS: dict[str, frozenset[str]] = {
 }
 _EXCLUDED_FROM_ALL_2D = frozenset({"embedding", "lm_head"})
 
-_Q_NAMES = frozenset({"q_proj", "query", "wq", "q_lin"})
-_K_NAMES = frozenset({"k_proj", "key", "wk", "k_lin"})
-_V_NAMES = frozenset({"v_proj", "value", "wv", "v_lin"})
-_ATTN_OUT_NAMES = frozenset({"o_proj", "out_proj", "wo", "out_lin"})
-_MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3", "fc_1", "fc_2", "c_fc"})
-_MLP_PARENTS = frozenset({"mlp", "feed_forward", "ffn", "experts", "block_sparse_moe", "shared_experts"})
-_ATTN_PARENTS = ("attn", "attention", "self_attn")
-_ROUTER_NAMES = frozenset({"gate", "router"})
 
 
 @dataclass(frozen=True)
@@ -186,39 +183,26 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(f"^{escaped}$")
 
 
-def _name_roles(module: nn.Module) -> tuple[dict[int, str], set[int]]:
-    """Roles of weights told by their module's name (separate projections, MLPs, routers, heads)."""
+def _structural_roles(module: nn.Module) -> dict[int, str]:
+    """Roles told by the module's structure alone, for any model: the weights of ``nn.Embedding`` modules
+    (``"embedding"``, tied LM heads included) and what a model's ``get_output_embeddings()`` returns (``"lm_head"``,
+    Hugging Face). Every other role comes from a model family (:mod:`lightning_msign.families`), never from a name."""
     roles: dict[int, str] = {}
-    embedding_ids: set[int] = set()
-    for mod_name, mod in module.named_modules():
-        path = clean_name(mod_name).split(".")
-        local = path[-1]
+    for mod in module.modules():
         if isinstance(mod, nn.Embedding):
-            embedding_ids.add(id(mod.weight))
             roles[id(mod.weight)] = "embedding"
+    for mod in module.modules():
+        get = getattr(mod, "get_output_embeddings", None)
+        if not callable(get):
             continue
-        weight = getattr(mod, "weight", None)
-        if not isinstance(weight, Tensor) or weight.ndim < 2 or id(weight) in roles:
+        try:
+            head = get()
+        except (AttributeError, NotImplementedError, TypeError):  # a base model or a wrapper without a head
             continue
-        in_attn = any(p.startswith(_ATTN_PARENTS) or p.endswith(_ATTN_PARENTS) for p in path[:-1])
-        in_mlp = any(p in _MLP_PARENTS for p in path[:-1])
-        if local in _Q_NAMES:
-            roles[id(weight)] = "q"
-        elif local in _K_NAMES:
-            roles[id(weight)] = "k"
-        elif local in _V_NAMES:
-            roles[id(weight)] = "v"
-        elif local in _ATTN_OUT_NAMES or (in_attn and local in ("proj", "c_proj", "dense", "o")):
-            roles[id(weight)] = "attn_out"
-        elif local in ("lm_head", "output", "embed_out") or id(weight) in embedding_ids:
-            roles[id(weight)] = "lm_head"
-        elif (local in _ROUTER_NAMES and in_mlp) or "Router" in type(mod).__name__:
-            roles[id(weight)] = "router"
-        elif local in _MLP_NAMES or in_mlp:
-            roles[id(weight)] = "mlp"
-        elif in_attn and local in ("qkv", "c_attn", "query_key_value", "qkv_proj", "Wqkv", "W_pack"):
-            roles[id(weight)] = "qkv"
-    return roles, embedding_ids
+        weight = getattr(head, "weight", None)
+        if isinstance(weight, Tensor) and weight.ndim == 2:
+            roles.setdefault(id(weight), "lm_head")
+    return roles
 
 
 def adapter_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -259,7 +243,7 @@ def _catalog(
 ) -> tuple[list[TargetMatrix], list[_Undetermined]]:
     module = unwrap_module(module)
     read = read_layouts(module)
-    roles, embedding_ids = _name_roles(module)
+    roles = _structural_roles(module)
     owners = {id(p): type(m).__name__ for m in module.modules() for p in m.parameters(recurse=False)}
     declared = [(_glob_regex(pattern), pattern, layout) for pattern, layout in layouts.items()]
     out: list[TargetMatrix] = []
@@ -281,14 +265,14 @@ def _catalog(
         seen.add(id(p))
         name = clean_name(raw_name)
         role, layout = read.get(id(p), (roles.get(id(p), "other"), None))
-        if role == "other" and id(p) in embedding_ids:
+        if roles.get(id(p)) == "embedding":  # a head tied to the embedding is the embedding
             role = "embedding"
-        if role == "other" and p.ndim > 2 and any(part in _MLP_PARENTS for part in name.split(".")[:-1]):
-            role = "mlp"  # an expert tensor (E, ., .): 'mlp' selects it, and raises when its layout is unknown
         for rx, pattern, declared_layout in declared:
             if rx.match(name):
                 layout = declared_layout
                 break
+        if layout is not None and layout.experts and role == "other":
+            role = "mlp"  # declared a stack of experts' matrices (or read as one): 'mlp' selects them
         if layout is not None:
             layout.check(tuple(p.shape), name)
         elif looks_fused(name, p) and role not in ("embedding", "lm_head"):
@@ -437,10 +421,7 @@ def resolve_targets(
     unmatched: list[str] = []
     for item in items:
         hits = [t for t in entries if any(_selects(item, t.role, name, True) for name in (t.name, t.param_name))]
-        blocked = [  # a fused Q/K/V weight holds the query and key blocks 'qk' selects
-            u for u in undetermined
-            if _selects(item, "q" if u.role == "qkv" else u.role, u.name, len(u.shape) == 2 or u.role == "mlp")
-        ]
+        blocked = [u for u in undetermined if _may_select(item, u)]
         if blocked:
             u = blocked[0]
             raise ValueError(
@@ -474,7 +455,9 @@ def resolve_targets(
         )
         raise ValueError(
             f"`targets` entries {unmatched} match no matrix of {type(unwrap_module(module)).__name__}. Presets:"
-            f" {PRESETS}; matrix-shaped parameters: {names}{unread}"
+            f" {PRESETS} select by the roles a model family reads (lightning_msign.families): where no registered"
+            " family recognises the modules, register one (a few lines: `register_family`) or select the matrices"
+            f" by glob pattern; matrix-shaped parameters: {names}{unread}"
         )
     unique: dict[str, TargetMatrix] = {}
     for t in selected:
@@ -483,6 +466,17 @@ def resolve_targets(
     result = sorted(unique.values(), key=lambda t: order[t.name])
     _warn_missing_attention(attention, items, result)
     return result
+
+
+def _may_select(item: str, u: _Undetermined) -> bool:
+    """Whether ``item`` could mean the unread fused-looking parameter ``u`` (selecting it is then an error)."""
+    if u.role != "other":  # a family said what it is, not how it splits
+        return _selects(item, "q" if u.role == "qkv" else u.role, u.name, True)  # fused Q/K/V holds the 'qk' blocks
+    if item in ("attention", "qk"):  # no family read it: a fused 2-D weight may be an attention's Q/K/V
+        return len(u.shape) == 2
+    if item == "mlp":  # ... and a stack of more than two dimensions a mixture of experts
+        return len(u.shape) > 2
+    return _selects(item, u.role, u.name, True)
 
 
 def declaration_hint(name: str, shape: tuple[int, ...]) -> str:
@@ -547,9 +541,10 @@ def _warn_missing_attention(
         if missing:
             warnings.warn(
                 f"targets preset {preset!r} found {len(selected)} matrices, but {len(missing)} attention layers lack"
-                f" some of theirs: {missing[:4]}{' ...' if len(missing) > 4 else ''}. Their projections are not"
-                " recognised: select them with glob patterns, or declare the layout of a fused weight with"
-                " `layouts` (see lightning_msign.layouts).",
+                f" some of theirs: {missing[:4]}{' ...' if len(missing) > 4 else ''}. No registered model family says"
+                " what their projections are: register one (lightning_msign.families.register_family), select them"
+                " with glob patterns, or declare the layout of a fused weight with `layouts` (see"
+                " lightning_msign.layouts).",
                 UserWarning,
                 stacklevel=3,
             )

@@ -25,6 +25,7 @@ from litgpt import Config as LitConfig
 from torch import Tensor, nn
 
 from lightning_msign import PSS, Layout, MSign, StableRank, parse_layout, resolve_targets
+from lightning_msign.families import Family, linears, register_family, unregister_family
 from lightning_msign.targets import validate_targets
 
 C = 32
@@ -84,8 +85,9 @@ def test_a_declared_layout_cuts_timm_attention_as_its_forward_does():
     model = _no_bias(Blocks(TimmAttention(C, 4), TimmAttention(C, 4)))
     projections = _projections("blocks.{i}.attn.qkv", "blocks.{i}.attn.qkv.weight.{t}")
     true = true_qkv(model, _run, projections, C)
-    targets = {t.name: t for t in resolve_targets(model, "attention", layouts=QKV_ROWS)}
-    assert set(targets) == set(true) | {"blocks.0.attn.proj.weight", "blocks.1.attn.proj.weight"}
+    with pytest.warns(UserWarning, match=r"TimmAttention: no attn_out"):  # no family says what `proj` is
+        targets = {t.name: t for t in resolve_targets(model, "attention", layouts=QKV_ROWS)}
+    assert set(targets) == set(true)  # the declaration's tags give the roles of the blocks, and only those
     for name, weight in true.items():
         assert targets[name].role == name[-1]
         torch.testing.assert_close(targets[name].matrix(), weight, rtol=0, atol=0)
@@ -195,12 +197,31 @@ def test_selecting_the_unrecognised_projections_by_pattern_silences_the_warning(
     assert names[4:] == [f"blocks.1.attn.{p}.weight" for p in ("to_q", "to_k", "to_v", "to_out.0")]
 
 
+class _Timm(Family):
+    """A user's family for timm's attention: ``qkv`` is its fused Q/K/V (layout declared), ``proj`` its output."""
+
+    name = "test timm"
+
+    def read(self, module):
+        if not isinstance(module, TimmAttention):
+            return None
+        return {id(module.qkv.weight): ("qkv", None), **linears(module, "attn_out", "proj")}
+
+
 def test_recognised_models_do_not_warn():
     model = Blocks(nn.MultiheadAttention(C, 4, batch_first=True), TimmAttention(C, 4))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        resolve_targets(model, "attention", layouts=QKV_ROWS)
-        resolve_targets(model, "qk", layouts=QKV_ROWS)
+    family = register_family(_Timm())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            attention = resolve_targets(model, "attention", layouts=QKV_ROWS)
+            resolve_targets(model, "qk", layouts=QKV_ROWS)
+        assert "blocks.1.attn.proj.weight" in {t.name for t in attention}
+        # the family says what qkv is, not how it splits: without the declaration it is refused
+        with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv\.weight.*`layouts`"):
+            resolve_targets(model, "qk")
+    finally:
+        unregister_family(family)
 
 
 # ----------------------------------------------------------------------------------------------- NaN

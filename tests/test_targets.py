@@ -90,7 +90,10 @@ def test_torch_multihead_attention_and_plain_linears():
     assert [t.name for t in resolve_targets(model, "1.*")] == ["1.weight"]
 
 
-def test_hf_style_separate_projections():
+def test_names_alone_give_no_role():
+    """``q_proj``, ``up_proj`` in modules no model family recognises are plain matrices: 'attention' finds nothing
+    and says how to register the family; a glob pattern or 'all_2d' still reaches them."""
+
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
@@ -102,10 +105,12 @@ def test_hf_style_separate_projections():
             self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(16, 8)
 
     model = nn.ModuleDict({"embed_tokens": nn.Embedding(10, 8), "self_attn": Attn(), "mlp": MLP()})
-    assert [t.role for t in resolve_targets(model, "attention")] == ["q", "k", "v", "attn_out"]
-    assert [t.name for t in resolve_targets(model, "qk")] == ["self_attn.q_proj.weight", "self_attn.k_proj.weight"]
-    assert len(resolve_targets(model, "mlp")) == 2
+    for preset in ("attention", "qk", "mlp"):
+        with pytest.raises(ValueError, match=r"match no matrix .*register_family"):
+            resolve_targets(model, preset)
+    assert {t.role for t in resolve_targets(model, "all_2d")} == {"other"}
     assert "embed_tokens.weight" not in [t.name for t in resolve_targets(model, "all_2d")]
+    assert [t.name for t in resolve_targets(model, "*.q_proj.weight")] == ["self_attn.q_proj.weight"]
 
 
 def test_presets_constant():
