@@ -275,3 +275,18 @@ def test_lora_b_of_a_fused_conv1d_is_cut_into_the_base_blocks_for_muon():
     assert layouts[prefix + "lora_B.default.weight"] == "rows:q=32,k=32,v=32"
     assert layouts[prefix + "lora_A.default.weight"] is None
     assert prefix + "base_layer.weight" not in layouts  # frozen: not in an optimizer group
+
+
+def test_readme_table_of_families_is_the_registry():
+    """README's "Models and fused weights" table is generated from the registry (`python -m lightning_msign.families
+    README.md` rewrites it): a family added, changed or removed without regenerating fails here."""
+    from pathlib import Path
+
+    from lightning_msign.families import readme_table
+    from lightning_msign.families.__main__ import END, START
+
+    for family in BUILT_IN:
+        assert family.model and family.splits and family.read_from, family
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split(START, 1)[1].split(END, 1)[0]
+    assert section.strip() == readme_table(BUILT_IN).strip(), "regenerate: python -m lightning_msign.families README.md"

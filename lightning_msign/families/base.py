@@ -60,12 +60,17 @@ class Family:
     sizes from the module or its config; a parameter's name counts only inside a module it recognised.
 
     Attributes:
-        name: shown in messages and in README's table of families.
+        name: shown in messages.
         attention_classes: the attention classes whose logits :meth:`attention_probe` rebuilds (for messages).
+        model, splits, read_from: its row of README's table of families (:func:`readme_table`): the models, their
+            roles and how their fused weights split, and what that is read from.
     """
 
     name: ClassVar[str] = ""
     attention_classes: ClassVar[tuple[str, ...]] = ()
+    model: ClassVar[str] = ""
+    splits: ClassVar[str] = ""
+    read_from: ClassVar[str] = ""
 
     def read(self, module: nn.Module) -> Optional[Found]:
         """Roles and layouts of the parameters ``module`` owns, if it is one of the family's modules."""
@@ -157,6 +162,16 @@ def block_info(block: nn.Module) -> Optional[BlockInfo]:
         if info is not None:
             return info
     return None
+
+
+def readme_table(families: Optional[tuple[Family, ...]] = None) -> str:
+    """The markdown table of README's "Models and fused weights", one row per family (default: the registered
+    ones, in the order they are asked): models, roles and fused weights, read from, attention logits."""
+    rows = ["| model | roles and fused weights | read from | attention logits |", "|---|---|---|---|"]
+    for family in registered_families() if families is None else families:
+        logits = ", ".join(family.attention_classes) if family.attention_classes else "no"
+        rows.append(f"| {family.model or family.name} | {family.splits} | {family.read_from} | {logits} |")
+    return "\n".join(rows) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ reading helpers

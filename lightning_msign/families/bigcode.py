@@ -14,6 +14,9 @@ from lightning_msign.layouts import Layout
 
 class GPTBigCode(Family):
     name = "HF GPTBigCode"
+    model = 'HF GPTBigCode (StarCoder)'
+    splits = '`c_attn` rows `[Q (C) \\| K (hd) \\| V (hd)]` (multi-query) or `[q_h k_h v_h]` per head (multi-head)'
+    read_from = '`multi_query`, `kv_dim`, `head_dim`'
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "GPTBigCodeMLP"):

@@ -20,6 +20,12 @@ from lightning_msign.families.base import Family, Found, int_attr, is_transforme
 
 class DBRX(Family):
     name = "HF DBRX"
+    model = 'HF DBRX'
+    splits = (
+        '`Wqkv` rows `[Q \\| K \\| V]` (GQA); experts stacked in 2-D `w1`, `v1`, `w2` `(E I, H)`: row blocks '
+        "`e0`, `e1`, ... one per expert (the forward's `view(E, I, H)[e]`); router `layer` (not `mlp`)"
+    )
+    read_from = '`num_heads`, `num_key_value_heads`, `head_dim`; `moe_num_experts`, `ffn_hidden_size`'
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "DbrxAttention"):

@@ -27,6 +27,12 @@ _VERSIONS = ("DeepseekV2", "DeepseekV3")
 
 class DeepSeekMLA(Family):
     name = "HF DeepSeek-V2, V3 (MLA)"
+    model = 'HF DeepSeek-V2 / V3 (MLA)'
+    splits = (
+        '`kv_a_proj_with_mqa` rows `[latent \\| k_rope]`; `kv_b_proj` rows `[k_nope \\| v]` per head; `q_proj` '
+        'or `q_a_proj` + `q_b_proj` are queries (`"qk"` = those and the two `k` blocks); MoE gate the router'
+    )
+    read_from = '`kv_lora_rank`, `qk_rope_head_dim`, `qk_nope_head_dim`, `v_head_dim`, `num_attention_heads`'
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, *(v + "Attention" for v in _VERSIONS)):

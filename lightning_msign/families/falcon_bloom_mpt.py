@@ -27,6 +27,13 @@ def _heads(n: int, source: str, **sizes: int) -> Layout:
 
 class FalconBloomMPT(Family):
     name = "HF Falcon, BLOOM, MPT"
+    model = 'HF Falcon (3 layouts), BLOOM, MPT'
+    splits = (
+        'Falcon `query_key_value`: per key group `[q.. \\| k \\| v]` (`new_decoder_architecture`), `[Q \\| k \\| '
+        'v]` (`multi_query`), or `[q k v]` per head; BLOOM `query_key_value` `[q k v]` per head; MPT `Wqkv` '
+        'rows `[Q \\| K \\| V]`'
+    )
+    read_from = "`num_heads`, `num_kv_heads`, `head_dim`, Falcon's two flags; MPT `hidden_size`"
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "FalconAttention"):

@@ -70,6 +70,12 @@ class GPT2AttentionProbe(AttentionProbe):
 
 class GPT2(Family):
     name = "HF GPT-2"
+    model = 'HF GPT-2'
+    splits = (
+        '`attn.c_attn` (`Conv1D`, weight `(in, 3 out)`): *column* blocks `[Q \\| K \\| V]`; cross-attention '
+        '`q_attn` + `c_attn` `[K \\| V]`'
+    )
+    read_from = '`split_size`'
     attention_classes = ("HF GPT2Attention",)
 
     def read(self, module: nn.Module) -> Optional[Found]:

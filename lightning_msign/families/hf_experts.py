@@ -15,6 +15,9 @@ from lightning_msign.layouts import Layout
 
 class ExpertTensors(Family):
     name = "transformers-5 expert tensors"
+    model = 'transformers-5 experts (Mixtral, Qwen3-MoE, ...)'
+    splits = '3D `gate_up_proj (E, 2I, H)`: per expert `[gate \\| up]`; `down_proj (E, H, I)`'
+    read_from = "`num_experts`, `intermediate_dim`, the library's `is_transposed` / `is_concatenated` flags"
 
     def read(self, module: nn.Module) -> Optional[Found]:
         gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)

@@ -48,6 +48,12 @@ def _mlp_agrees(module: nn.Module) -> bool:
 
 class HFSeparateProjections(Family):
     name = "HF attention / MLP with separate projections (any family, checked against its config)"
+    model = (
+        'other HF families with `q_proj`/`k_proj`/`v_proj`/`o_proj` and `gate_proj`/`up_proj`/`down_proj` '
+        '(Gemma, OLMo 2, Qwen2-MoE, ...)'
+    )
+    splits = 'separate projections, read only where their sizes agree with the config'
+    read_from = '`num_attention_heads`, `num_key_value_heads`, `head_dim`'
 
     def read(self, module: nn.Module) -> Optional[Found]:
         cls = type(module)

@@ -147,6 +147,9 @@ def _projections(block: Block) -> Optional[tuple[str, ...]]:
 
 class LitGPT(Family):
     name = "LitGPT"
+    model = 'LitGPT `GPT` (any config)'
+    splits = '`attn.qkv`: rows `[Q \\| K \\| V]`, grouped-query sizes; MLPs, MoE router `gate`, `lm_head`'
+    read_from = '`config.n_head`, `n_query_groups`, `head_size`'
     attention_classes = ("litgpt CausalSelfAttention",)
 
     def read(self, module: nn.Module) -> Optional[Found]:

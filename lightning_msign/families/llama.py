@@ -99,6 +99,12 @@ _BLOCKS = tuple(f"transformers.models.{m}.modeling_{m}.{c}DecoderLayer" for m, c
 
 class LlamaLike(Family):
     name = "HF Llama, Mistral, Qwen2, Qwen3, Mixtral"
+    model = 'HF Llama, Mistral, Qwen2, Qwen3, Mixtral (transformers 4.x)'
+    splits = (
+        "separate `q_proj`/`k_proj`/`v_proj`/`o_proj`; experts' `w1`/`w2`/`w3`; router `gate` (in `all_2d`, "
+        'not `mlp`)'
+    )
+    read_from = 'the attention, MLP and MoE classes'
     attention_classes = ("HF LlamaAttention", "HF MistralAttention", "HF Qwen2Attention", "HF Qwen3Attention")
 
     def read(self, module: nn.Module) -> Optional[Found]:

@@ -15,6 +15,9 @@ _BLOCK_PARTS = ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c
 
 class NanoGPT(Family):
     name = "nanoGPT"
+    model = 'nanoGPT'
+    splits = '`c_attn = Linear(C, 3C)`: rows `[Q \\| K \\| V]`'
+    read_from = "the attention's `n_embd`"
 
     def read(self, module: nn.Module) -> Optional[Found]:
         c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)

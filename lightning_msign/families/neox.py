@@ -14,6 +14,9 @@ from lightning_msign.layouts import Layout
 
 class GPTNeoX(Family):
     name = "HF GPT-NeoX"
+    model = 'HF GPT-NeoX / Pythia'
+    splits = '`query_key_value` rows `[q_h k_h v_h]` per head'
+    read_from = '`head_size`, `num_attention_heads`'
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "GPTNeoXMLP"):

@@ -12,6 +12,9 @@ from lightning_msign.families.base import Family, Found, int_attr, is_transforme
 
 class Phi3(Family):
     name = "HF Phi-3"
+    model = 'HF Phi-3'
+    splits = '`qkv_proj` rows `[Q \\| K \\| V]` (GQA); `mlp.gate_up_proj` rows `[gate \\| up]`'
+    read_from = 'config'
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "Phi3Attention"):

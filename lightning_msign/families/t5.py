@@ -20,6 +20,12 @@ def _names(suffix: str) -> tuple[str, ...]:
 
 class T5(Family):
     name = "HF T5, mT5"
+    model = 'HF T5, mT5'
+    splits = (
+        "separate `q`/`k`/`v`/`o` of every `T5Attention` (self and cross); the feed-forward's `wi`(`_0`/`_1`)"
+        ' and `wo` are `mlp`'
+    )
+    read_from = 'the attention and feed-forward classes'
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, *_names("Attention")):

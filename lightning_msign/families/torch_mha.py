@@ -12,6 +12,9 @@ from lightning_msign.families.base import Family, Found, rows
 
 class TorchMultiheadAttention(Family):
     name = "torch.nn.MultiheadAttention"
+    model = '`torch.nn.MultiheadAttention`'
+    splits = '`in_proj_weight` rows `[Q \\| K \\| V]`'
+    read_from = '`embed_dim`'
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if not isinstance(module, nn.MultiheadAttention):
