@@ -45,13 +45,20 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
         ),
         "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config, {"head_dim": 8}, [None, None]),
         "phi": (t.PhiForCausalLM, t.PhiConfig, {}, [None, None]),
+        "mixtral": (t.MixtralForCausalLM, t.MixtralConfig, {"sliding_window": 3, "num_local_experts": 2}, [3, 3]),
+        "gemma": (t.GemmaForCausalLM, t.GemmaConfig, {"head_dim": 8}, [None, None]),
+        "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config, {}, [None, None]),
+        "qwen3_moe": (t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig,
+                      {"head_dim": 8, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16},
+                      [None, None]),
     }  # fmt: skip
     model_cls, config_cls, extra, windows = builders[arch]
     config = config_cls(**{**_COMMON, **extra, **overrides}, attn_implementation=attn_implementation)
     return model_cls(config), windows
 
 
-SUPPORTED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3"]
+SUPPORTED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "olmo2",
+             "qwen3_moe"]
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)

@@ -2,11 +2,13 @@
 rotary queries and keys, gated MLPs, the blocks.
 
 - Attention of Llama, Mistral, Qwen2, Qwen3, Mixtral: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``. Queries and keys
-  (:class:`RotaryAttentionProbe`, Llama, Mistral, Qwen2, Qwen3): the ``q_proj`` / ``k_proj`` outputs (Qwen3: the
-  ``q_norm`` / ``k_norm`` outputs, RMS norms over each head) split into heads of ``head_dim``, rotated by the
+  (:class:`RotaryAttentionProbe`: Llama, Mistral, Qwen2, Qwen3, Mixtral, Gemma, OLMo 2, Qwen3-MoE): the ``q_proj`` /
+  ``k_proj`` outputs (Qwen3, Qwen3-MoE: the ``q_norm`` / ``k_norm`` outputs, RMS norms over each head; OLMo 2: over all
+  heads, before the split) split into heads of ``head_dim``, rotated by the
   ``position_embeddings = (cos, sin)`` the decoder layer passes to the attention, with the model's own
   ``apply_rotary_pos_emb``; ``num_key_value_heads`` key groups (grouped-query attention); scale ``module.scaling``.
-  Sliding window: Mistral's ``config.sliding_window`` (every layer), Qwen2's / Qwen3's ``module.sliding_window`` (the
+  Sliding window: Mistral's and Mixtral's ``config.sliding_window`` (every layer), Qwen2's / Qwen3's
+  ``module.sliding_window`` (the
   layers of type ``"sliding_attention"``); Llama none. The logits are rebuilt from the projections, whatever kernel
   ``config._attn_implementation`` then runs.
 - MLPs ``gate_proj``, ``up_proj``, ``down_proj`` (role ``"mlp"``); Mixtral's sparse MoE block: ``gate`` the router,
@@ -93,6 +95,10 @@ _PROBES: dict[str, type[AttentionProbe]] = {
     "transformers.models.mistral.modeling_mistral.MistralAttention": _MistralProbe,
     "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": RotaryAttentionProbe,
     "transformers.models.qwen3.modeling_qwen3.Qwen3Attention": _Qwen3Probe,
+    "transformers.models.mixtral.modeling_mixtral.MixtralAttention": _MistralProbe,
+    "transformers.models.gemma.modeling_gemma.GemmaAttention": RotaryAttentionProbe,
+    "transformers.models.olmo2.modeling_olmo2.Olmo2Attention": _Qwen3Probe,  # norms over all heads: same sources
+    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeAttention": _Qwen3Probe,
 }
 _BLOCKS = tuple(f"transformers.models.{m}.modeling_{m}.{c}DecoderLayer" for m, c in _MODELS if m != "mixtral")
 
@@ -105,7 +111,8 @@ class LlamaLike(Family):
         'not `mlp`)'
     )
     read_from = 'the attention, MLP and MoE classes'
-    attention_classes = ("HF LlamaAttention", "HF MistralAttention", "HF Qwen2Attention", "HF Qwen3Attention")
+    attention_classes = ("HF LlamaAttention", "HF MistralAttention", "HF Qwen2Attention", "HF Qwen3Attention",
+                         "HF MixtralAttention", "HF GemmaAttention", "HF Olmo2Attention", "HF Qwen3MoeAttention")
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, *_ATTENTIONS):
