@@ -46,6 +46,7 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
         "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config, {"head_dim": 8}, [None, None]),
         "phi": (t.PhiForCausalLM, t.PhiConfig, {}, [None, None]),
         "mixtral": (t.MixtralForCausalLM, t.MixtralConfig, {"sliding_window": 3, "num_local_experts": 2}, [3, 3]),
+        "phi3": (t.Phi3ForCausalLM, t.Phi3Config, {"sliding_window": 3, "pad_token_id": 0}, [3, 3]),
         "gemma": (t.GemmaForCausalLM, t.GemmaConfig, {"head_dim": 8}, [None, None]),
         "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config, {}, [None, None]),
         "qwen3_moe": (t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig,
@@ -58,7 +59,7 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
 
 
 SUPPORTED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "olmo2",
-             "qwen3_moe"]
+             "qwen3_moe", "phi3"]
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
@@ -68,7 +69,7 @@ def test_softmax_of_the_rebuilt_logits_is_the_attention_hf_computes(arch):
     model.eval()
     with torch.no_grad():  # large logits, so a wrong scale, key group or window shows in the softmax
         for name, p in model.named_parameters():
-            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "c_attn")):
+            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "c_attn", "qkv_proj")):
                 p.mul_(10.0)
     blocks = Diagnostics(model).decoder.blocks
     probes = [attention_probe(attention_module(block), keep=True) for block in blocks]
