@@ -290,3 +290,19 @@ def test_readme_table_of_families_is_the_registry():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split(START, 1)[1].split(END, 1)[0]
     assert section.strip() == readme_table(BUILT_IN).strip(), "regenerate: python -m lightning_msign.families README.md"
+
+
+def test_bert_attention_output_and_feed_forward_dense_are_told_apart_by_class():
+    import transformers
+
+    model = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                                 num_attention_heads=4, intermediate_size=32))
+    prefix = "bert.encoder.layer.{i}."
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention = {t.name: t.role for t in resolve_targets(model, "attention")}
+    assert attention == {prefix.format(i=i) + n: r for i in range(2) for n, r in (
+        ("attention.self.query.weight", "q"), ("attention.self.key.weight", "k"),
+        ("attention.self.value.weight", "v"), ("attention.output.dense.weight", "attn_out"))}
+    assert {t.name for t in resolve_targets(model, "mlp")} == {
+        prefix.format(i=i) + n for i in range(2) for n in ("intermediate.dense.weight", "output.dense.weight")}

@@ -2,8 +2,9 @@
 
 Built in, asked in this order (a family registered with :func:`register_family` comes first): LitGPT,
 ``torch.nn.MultiheadAttention``, HF GPT-2, HF GPTBigCode, HF GPT-NeoX, HF Phi-3, HF Llama / Mistral / Qwen2 / Qwen3 /
-Mixtral, HF T5 / mT5, HF DBRX, HF DeepSeek-V2 / V3 (MLA), HF Falcon / BLOOM / MPT, transformers-5 expert tensors, the
-attention and MLP classes of any other HF family with separate projections (checked against its config), nanoGPT.
+Mixtral, HF T5 / mT5, HF DBRX, HF DeepSeek-V2 / V3 (MLA), HF Falcon / BLOOM / MPT, HF BERT / RoBERTa,
+transformers-5 expert tensors, the attention and MLP classes of any other HF family with separate projections
+(checked against its config), nanoGPT.
 
 A user's family, in a few lines::
 
@@ -43,6 +44,7 @@ from lightning_msign.families.base import (
     unregister_family,
     weight_of,
 )
+from lightning_msign.families.bert import BERT
 from lightning_msign.families.bigcode import GPTBigCode
 from lightning_msign.families.dbrx import DBRX
 from lightning_msign.families.deepseek import DeepSeekMLA
@@ -60,7 +62,7 @@ from lightning_msign.families.torch_mha import TorchMultiheadAttention
 
 BUILT_IN: tuple[Family, ...] = (
     LitGPT(), TorchMultiheadAttention(), GPT2(), GPTBigCode(), GPTNeoX(), Phi3(), LlamaLike(), T5(), DBRX(),
-    DeepSeekMLA(), FalconBloomMPT(), ExpertTensors(), HFSeparateProjections(), NanoGPT(),
+    DeepSeekMLA(), FalconBloomMPT(), BERT(), ExpertTensors(), HFSeparateProjections(), NanoGPT(),
 )
 """The built-in families, in the order they are asked."""
 
