@@ -2,13 +2,17 @@
 """What the recommended guard costs per optimizer step: its check alone (healthy run) and check + sign (failing run).
 
 On the main job's model (recipes/shakespeare/high_lr.yaml: 12-layer, width-64 LitGPT, batch 16 x 128, AdamW,
-32-true), three arms are timed side by side, each round in a fresh random order (``common.interleaved``):
+32-true), these arms are timed side by side, each round in a fresh random order (``common.interleaved``):
 
 - ``train step``: forward, backward, clip at 1.0, ``AdamW.step``, ``zero_grad`` on one batch;
-- ``check``: ``MSign.step`` of the recommended guard (``max_attn_logit``) with a threshold no logit reaches, so it
-  measures and decides but never writes: what a healthy run pays after every step;
-- ``check + sign``: the same guard with the threshold at 0 and ``period_after_trigger=1``, so it measures and signs
-  every Q and K block after every step (weights restored before each call): what a failing run pays;
+- ``train step, check from its forward``: the same step on a twin model (same weights, own optimizer) to which the
+  recommended guard (``max_attn_logit``, ``logits_from="training_forward"``, the default) is attached with a
+  threshold no logit reaches, then ``MSign.step``: the logits are read in the training forward of the step, so this
+  arm minus the train step is what a healthy run pays;
+- ``check by a second forward``: ``MSign.step`` of the same guard with ``logits_from="second_forward"`` (one more
+  forward of 4 sequences after the step: what the check cost before the logits were read in the training forward);
+- ``check + sign``: the second-forward guard with the threshold at 0 and ``period_after_trigger=1``, so it measures
+  and signs every Q and K block after every step (weights restored before each call): what a failing run pays;
 - ``check + sign + sranks``: the same with ``log_stable_rank=True`` (the default; with ``polar_express`` it pays
   one singular-value computation of every input and result for the logged stable ranks).
 
@@ -29,13 +33,28 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from common import atomic_write, interleaved, log, machine_description, machine_line, ms_cell, paired_ratio, ratio_cell
+from common import (
+    atomic_write,
+    interleaved,
+    log,
+    machine_description,
+    machine_line,
+    ms_cell,
+    paired_ratio,
+    pct,
+    ratio_cell,
+)
 from common import summary as time_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"n_layer": 12, "n_embd": 64, "n_head": 4, "rotary_percentage": 0.0, "parallel_residual": False,
          "bias": False}
 QUICK_MODEL = {**MODEL, "n_layer": 2}
+
+
+def pct_cell(st: dict[str, Any]) -> str:
+    """``median [q1, q3]`` of a :func:`paired_ratio`, in percent."""
+    return f"{pct(st['median'])} [{pct(st['q1'])}, {pct(st['q3'])}]"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -57,29 +76,44 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = QUICK_MODEL if args.quick else MODEL
     module = LitGPTModule(dict(config), vocab_size=256, block_size=128, lr=0.03)
     model = module.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.03, betas=(0.9, 0.95), weight_decay=0.1)
+    twin = LitGPTModule(dict(config), vocab_size=256, block_size=128, lr=0.03).model
+    twin.load_state_dict(model.state_dict())
+    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=0.03, betas=(0.9, 0.95), weight_decay=0.1)
+                  for m in (model, twin)}
     ids = torch.randint(0, 256, (16, 129))
     x, y = ids[:, :-1], ids[:, 1:]
 
-    def train_step() -> None:
-        logits = model(x)
+    def step_of(m: torch.nn.Module) -> None:
+        logits = m(x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        optimizers[id(m)].step()
+        optimizers[id(m)].zero_grad()
 
     options = dict(period=None, targets="qk", backend="polar_express", min_spacing=1, log_stable_rank=False)
-    calm = MSign(model, max_attn_logit=1e30, **options)
-    hot = MSign(model, max_attn_logit=1e-30, period_after_trigger=1, **options)
-    logged = MSign(model, max_attn_logit=1e-30, period_after_trigger=1, **{**options, "log_stable_rank": True})
-    steps = {"calm": 0, "hot": 0, "logged": 0}
+    in_forward = MSign(twin, max_attn_logit=1e30, **options)  # logits_from="training_forward", the default
+    second = dict(options, logits_from="second_forward")
+    calm = MSign(model, max_attn_logit=1e30, **second)
+    hot = MSign(model, max_attn_logit=1e-30, period_after_trigger=1, **second)
+    logged = MSign(model, max_attn_logit=1e-30, period_after_trigger=1, **{**second, "log_stable_rank": True})
+    steps = {"in_forward": 0, "calm": 0, "hot": 0, "logged": 0}
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def restore() -> None:
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
+            for m in (model, twin):
+                for n, p in m.named_parameters():
+                    p.copy_(saved[n])
+
+    def train_step() -> None:
+        step_of(model)
+
+    def train_step_checked() -> None:
+        step_of(twin)
+        steps["in_forward"] += 1
+        metrics = in_forward.step(steps["in_forward"])  # no ids: the logits come from the forward just run
+        assert "msign/attn_logit_max" in metrics and not metrics.get("msign/applications")
 
     def check() -> None:
         steps["calm"] += 1
@@ -94,11 +128,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         assert "msign/srank_after_min" in logged.step(steps["logged"], input_ids=x)
 
     log(f"trigger_cost: {config['n_layer']}-layer model, {len(calm.matrices)} Q/K blocks, {args.rounds} rounds")
-    arms = {"train step": train_step, "check": check, "check + sign": check_and_sign,
+    arms = {"train step": train_step, "train step, check from its forward": train_step_checked,
+            "check by a second forward": check, "check + sign": check_and_sign,
             "check + sign + sranks": check_sign_sranks}
     times = interleaved(arms, args.rounds, args.warmup, seed=0, device="cpu", reset=restore)
     stats = {name: time_summary(t) for name, t in times.items()}
     ratios = {name: paired_ratio(times[name], times["train step"]) for name in list(arms)[1:]}
+    in_step = [a - b for a, b in zip(times["train step, check from its forward"], times["train step"])]
+    ratios["check from the training forward"] = paired_ratio(in_step, times["train step"])
     machine = machine_description()
     res: dict[str, Any] = {"model": config, "batch": [16, 128], "rounds": args.rounds, "threads": args.threads,
                            "machine": machine, "stats": stats, "ratios_to_train_step": ratios,
@@ -112,12 +149,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         "| arm | ms per call, median [IQR] | per call / training step |",
         "|---|---:|---:|",
         f"| train step | {ms_cell(stats['train step'])} | 1 |",
-        f"| check (healthy run: measure, decide, no write) | {ms_cell(stats['check'])} |"
-        f" {ratio_cell(ratios['check'])} |",
+        f"| train step, check read from its forward (healthy run) | "
+        f"{ms_cell(stats['train step, check from its forward'])} |"
+        f" {ratio_cell(ratios['train step, check from its forward'])} |",
+        f"| check by a second forward (healthy run, `logits_from=\"second_forward\"`) |"
+        f" {ms_cell(stats['check by a second forward'])} | {ratio_cell(ratios['check by a second forward'])} |",
         f"| check + sign of every Q/K block (failing run) | {ms_cell(stats['check + sign'])} |"
         f" {ratio_cell(ratios['check + sign'])} |",
         f"| the same, logging every block's stable rank before and after | {ms_cell(stats['check + sign + sranks'])} |"
         f" {ratio_cell(ratios['check + sign + sranks'])} |",
+        "",
+        f"What the check read from the training forward adds to a step (per-round difference of the first two"
+        f" arms, over the train step): {pct_cell(ratios['check from the training forward'])}.",
         "",
     ]
     text = "\n".join(lines)

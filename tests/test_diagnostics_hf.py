@@ -27,6 +27,11 @@ _COMMON = {
 }  # fmt: skip
 
 
+_MLA = {"kv_lora_rank": 8, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "first_k_dense_replace": 1,
+        "n_group": 1, "topk_group": 1, "num_key_value_heads": 4}  # fmt: skip
+
+
 def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
     """A tiny causal LM of ``arch``; its expected sliding windows per layer."""
     t = transformers
@@ -44,7 +49,6 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
             {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}, [None, 3],
         ),
         "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config, {"head_dim": 8}, [None, None]),
-        "phi": (t.PhiForCausalLM, t.PhiConfig, {}, [None, None]),
         "mixtral": (t.MixtralForCausalLM, t.MixtralConfig, {"sliding_window": 3, "num_local_experts": 2}, [3, 3]),
         "phi3": (t.Phi3ForCausalLM, t.Phi3Config, {"sliding_window": 3, "pad_token_id": 0}, [3, 3]),
         "gemma": (t.GemmaForCausalLM, t.GemmaConfig, {"head_dim": 8}, [None, None]),
@@ -52,24 +56,62 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
         "qwen3_moe": (t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig,
                       {"head_dim": 8, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16},
                       [None, None]),
+        # read where they call the attention function (families/hf_attention.py): the window is in the mask
+        "gpt_neox": (t.GPTNeoXForCausalLM, t.GPTNeoXConfig, {"rotary_pct": 0.5}, [None, None]),
+        # query_pre_attn_scalar 4: scaling 0.5, not head_dim ** -0.5
+        "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config,
+                   {"head_dim": 8, "sliding_window": 3, "query_pre_attn_scalar": 4}, [3, None]),
+        "gemma2-no-softcap": (t.Gemma2ForCausalLM, t.Gemma2Config,
+                              {"head_dim": 8, "sliding_window": 3, "query_pre_attn_scalar": 4,
+                               "attn_logit_softcapping": None}, [3, None]),
+        "gemma3": (t.Gemma3ForCausalLM, t.Gemma3TextConfig,
+                   {"head_dim": 8, "sliding_window": 3, "sliding_window_pattern": 2, "query_pre_attn_scalar": 4},
+                   [3, None]),
+        "phi": (t.PhiForCausalLM, t.PhiConfig, {"qk_layernorm": True}, [None, None]),
+        "olmo": (t.OlmoForCausalLM, t.OlmoConfig, {"clip_qkv": 8.0}, [None, None]),
+        "cohere": (t.CohereForCausalLM, t.CohereConfig, {"use_qk_norm": True}, [None, None]),
+        "granite": (t.GraniteForCausalLM, t.GraniteConfig, {"attention_multiplier": 0.3}, [None, None]),
+        "starcoder2": (t.Starcoder2ForCausalLM, t.Starcoder2Config, {"sliding_window": 3}, [3, 3]),
+        "opt": (t.OPTForCausalLM, t.OPTConfig, {"ffn_dim": 64, "word_embed_proj_dim": 32, "num_key_value_heads": 4},
+                [None, None]),
+        "smollm3": (t.SmolLM3ForCausalLM, t.SmolLM3Config, {"pad_token_id": 0}, [None, None]),
+        "glm4": (t.Glm4ForCausalLM, t.Glm4Config, {"head_dim": 8, "pad_token_id": 0}, [None, None]),
+        "deepseek_v3": (t.DeepseekV3ForCausalLM, t.DeepseekV3Config, _MLA, [None, None]),
+        "deepseek_v2": (t.DeepseekV2ForCausalLM, t.DeepseekV2Config, _MLA, [None, None]),
     }  # fmt: skip
+    if arch.startswith("gpt_bigcode"):
+        config = {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": MAX_LENGTH,
+                  "multi_query": arch == "gpt_bigcode"}
+        config = t.GPTBigCodeConfig(**{**config, **overrides}, attn_implementation=attn_implementation)
+        return t.GPTBigCodeForCausalLM(config), [None, None]
     model_cls, config_cls, extra, windows = builders[arch]
     config = config_cls(**{**_COMMON, **extra, **overrides}, attn_implementation=attn_implementation)
     return model_cls(config), windows
 
 
-SUPPORTED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "olmo2",
-             "qwen3_moe", "phi3"]
+HOOKED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "olmo2",
+          "qwen3_moe", "phi3"]
+"""Rebuilt from the outputs of their projections (hook probes)."""
+INTERFACE = ["gpt_neox", "gemma2", "gemma2-no-softcap", "gemma3", "phi", "olmo", "cohere", "granite", "starcoder2",
+             "gpt_bigcode", "gpt_bigcode-multi-head", "opt", "smollm3", "glm4", "deepseek_v3", "deepseek_v2"]
+"""Read where they call transformers' attention function."""
+SUPPORTED = HOOKED + INTERFACE
+_GROUPS = {"gpt2": 4, "gpt2-inverse-layer-scale": 4, "gpt_neox": 4, "opt": 4, "gpt_bigcode": 1,
+           "gpt_bigcode-multi-head": 4, "deepseek_v3": 4, "deepseek_v2": 4}
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
 def test_softmax_of_the_rebuilt_logits_is_the_attention_hf_computes(arch):
+    """Eager attention's probabilities (``output_attentions``) equal the softmax of the probe's logits under the pairs
+    it reduced over (causal, window, or the kernel's mask) and, for Gemma 2, the soft-capping: scale, key groups,
+    RoPE and norms are the model's. The logits are made large so that an error shows in the softmax."""
     torch.manual_seed(0)
     model, windows = _hf_model(arch)
     model.eval()
-    with torch.no_grad():  # large logits, so a wrong scale, key group or window shows in the softmax
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "c_attn", "qkv_proj")):
+            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "c_attn", "qkv_proj", "query_key_value",
+                                                        "q_b_proj", "kv_b_proj", "kv_a_proj")):
                 p.mul_(10.0)
     blocks = Diagnostics(model).decoder.blocks
     probes = [attention_probe(attention_module(block), keep=True) for block in blocks]
@@ -79,19 +121,23 @@ def test_softmax_of_the_rebuilt_logits_is_the_attention_hf_computes(arch):
         out = model(ids, output_attentions=True, use_cache=False)
     for h in handles:
         h.remove()
-    assert [p.window for p in probes] == windows
-    for probe, ref in zip(probes, out.attentions):  # ref: HF's softmax probabilities (B, n_head, T, T)
-        q, k = probe.query, probe.key
+    cap = getattr(model.config, "attn_logit_softcapping", None)
+    for i, (probe, ref) in enumerate(zip(probes, out.attentions)):  # ref: HF's softmax probabilities (B, h, T, T)
+        q, k, allowed = probe.query, probe.key, probe.allowed
         n_head, n_groups = q.shape[1], k.shape[1]
-        assert n_head == 4 and n_groups == (4 if arch.startswith("gpt2") else 2)
+        assert n_head == 4 and n_groups == _GROUPS.get(arch, 2)
+        expected = causal_allowed(10, windows[i])
+        assert torch.equal(allowed.expand(2, 1, 10, 10), expected.expand(2, 1, 10, 10)), i
         logits = q @ k.repeat_interleave(n_head // n_groups, dim=1).mT * probe.scale
-        allowed = causal_allowed(10, probe.window)
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        capped = logits if cap is None else torch.tanh(logits / cap) * cap
+        probs = capped.masked_fill(~allowed, float("-inf")).softmax(-1)
         assert (probs - ref).abs().max().item() < 1e-5
         assert probe.value.item() == pytest.approx(logits.abs().masked_fill(~allowed, 0).amax().item(), rel=1e-6)
         assert probe.value.item() > 1.0  # the softmax is far from uniform: the comparison means something
     if arch == "gpt2-inverse-layer-scale":
         assert probes[1].scale == pytest.approx(1 / (2 * math.sqrt(8)))
+    if arch.startswith("gemma2") or arch == "gemma3":
+        assert all(p.scale == 0.5 for p in probes)
 
 
 class _HFCausalLM(LightningModule):
@@ -206,9 +252,11 @@ def test_hf_block_jacobians_against_dense(arch):
 
 def test_unsupported_attention_fails_at_setup_and_the_rest_works(tmp_path):
     seed_everything(0)
-    module = _HFCausalLM(_hf_model("phi")[0])
+    t = transformers  # GPT-J: neither a hook probe nor transformers' attention interface in 4.57
+    config = t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=MAX_LENGTH)
+    module = _HFCausalLM(t.GPTJForCausalLM(config))
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[DiagnosticsMonitor(every_n_steps=1)])
-    with pytest.raises(ValueError, match="got PhiAttention in block 0 of `model.layers`.*attention_logits=False"):
+    with pytest.raises(ValueError, match="got GPTJAttention in block 0 of `transformer.h`.*attention_logits=False"):
         trainer.fit(module, _loader())
     assert module.steps_run == 0  # raised at setup, before any step
 

@@ -27,7 +27,9 @@ STEPS = 24
 
 
 class LogitRecorder(Callback):
-    """Placed before the MSign callback: each layer's attention-logit max on the same ids, before MSign acts."""
+    """Each layer's attention-logit max on the first ``batch_size`` sequences of a batch, with the weights the
+    training forward of that batch uses (recomputed just before it, in eval mode): what MSign's check of that step
+    reads from the training forward. Keyed by the optimizer step the batch belongs to (1-based)."""
 
     def __init__(self, batch_size: int = 4) -> None:
         self.per_layer: dict[int, list[float]] = {}
@@ -38,10 +40,10 @@ class LogitRecorder(Callback):
         self.diagnostics = Diagnostics(trainer.strategy.model, every_n_steps=1, output_logits=False,
                                        max_batch_size=self.batch_size)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         values = self.diagnostics.compute(batch_input_ids(batch))
         n = len(self.diagnostics.decoder.blocks)
-        self.per_layer[trainer.global_step] = [values[f"diag/attn_logit_max/{i}"] for i in range(n)]
+        self.per_layer[trainer.global_step + 1] = [values[f"diag/attn_logit_max/{i}"] for i in range(n)]
 
 
 class SrankRecorder(Callback):
@@ -91,7 +93,7 @@ def applications(logger: RecordingLogger) -> dict[int, int]:
 
 # ------------------------------------------------------------------------------------------- attention logits
 def test_attention_logit_trigger_fires_exactly_at_the_crossing_on_the_hot_layers(tmp_path):
-    threshold, spacing = 100.0, 8
+    threshold, spacing = 100.0, 10
     recorder, logger = LogitRecorder(), RecordingLogger()
     cb = MSignCallback(period=None, targets="qk", backend="svd", max_attn_logit=threshold, min_spacing=spacing)
     fit(tmp_path, [recorder, cb], logger=logger)
@@ -101,11 +103,12 @@ def test_attention_logit_trigger_fires_exactly_at_the_crossing_on_the_hot_layers
     assert crossings and crossings[0] > 3, recorder.per_layer  # calm at first, then running away
     assert guard.trigger_steps == sorted(expected) and guard.trigger_steps[0] == crossings[0]
     assert applications(logger) == {s: len(names) for s, names in expected.items()}
-    # Spacing held a step back (layer 1 hot again 7 steps after its application), and a step with one hot layer
+    # Spacing held a step back (layer 1 hot again 9 steps after its application), and a step with one hot layer
     # signed only that layer's Q and K.
     assert len(guard.trigger_steps) < len(crossings)
     assert any(len(names) == 2 for names in expected.values())
-    # The signal the trigger read is the largest logit the recorder measured on the same ids.
+    # The signal the trigger read, in the training forward, is the largest logit the recorder measured on the same
+    # ids with the same weights.
     logged = {step + 1: m["msign/attn_logit_max"] for step, m in logger.records if "msign/attn_logit_max" in m}
     assert sorted(logged) == list(range(1, STEPS + 1))
     assert all(logged[s] == max(recorder.per_layer[s]) for s in logged)

@@ -11,7 +11,7 @@ from typing_extensions import override
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
 from lightning_msign.callbacks.warmup import require_stability_ratio_source
 from lightning_msign.guards.diagnostics import batch_input_ids
-from lightning_msign.guards.msign import MSign, MSignBackend
+from lightning_msign.guards.msign import LogitSource, MSign, MSignBackend
 
 
 class MSignCallback(GuardCallback):
@@ -20,8 +20,9 @@ class MSignCallback(GuardCallback):
 
     The math, the arguments, the triggers and the metrics are those of :class:`~lightning_msign.MSign` (read
     its docstring). This callback checks and applies after each optimizer step (``trainer.global_step``: once
-    per optimizer step under gradient accumulation, right on resume), on the token ids of the batch just
-    trained on (``max_attn_logit``: a tensor, a dict's ``"input_ids"`` or a sequence's first element), reads
+    per optimizer step under gradient accumulation, right on resume); ``max_attn_logit`` reads the logits of the
+    step's training forward (the token ids of the batch, a tensor, a dict's ``"input_ids"`` or a sequence's first
+    element, serve a second forward where that forward was not seen, or with ``logits_from="second_forward"``), reads
     the gradient norm in ``on_before_optimizer_step`` (``max_grad_ratio``) and the latest stability ratio of
     the Trainer's curvature monitor (``max_curvature_ratio``), and writes its metrics straight to the
     Trainer's loggers at the step index of that batch's ``train/loss``. Under DDP, FSDP2
@@ -71,11 +72,12 @@ class MSignCallback(GuardCallback):
         probe_seq_len: Optional[int] = 128,
         model_attr: Optional[str] = None,
         period_after_trigger: Optional[int] = None,
+        logits_from: LogitSource = "training_forward",
     ) -> None:
         super().__init__(MSign(
             None, period, targets, backend, steps, split_qkv, log_stable_rank, layouts, max_attn_logit,
             min_srank_fraction, max_grad_ratio, max_curvature_ratio, check_every, min_spacing, warmup_steps,
-            grad_alpha, probe_batch_size, probe_seq_len, model_attr, period_after_trigger,
+            grad_alpha, probe_batch_size, probe_seq_len, model_attr, period_after_trigger, logits_from=logits_from,
         ))
         self._curvature: Any = None
 

@@ -1,6 +1,7 @@
 """Hugging Face GPTBigCode (StarCoder; transformers 4.57): ``c_attn`` rows ``[q | k | v]`` with a key and value of one
 head's width under multi-query attention, rows interleaved per head otherwise, ``[k | v]`` under cross-attention (with
-``q_attn`` the query); ``c_proj`` the output; ``GPTBigCodeMLP`` ``c_fc``, ``c_proj``."""
+``q_attn`` the query); ``c_proj`` the output; ``GPTBigCodeMLP`` ``c_fc``, ``c_proj``. Attention logits: the queries and
+keys its attention hands to the attention function (:mod:`lightning_msign.families.hf_attention`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_msign.families.base import Family, Found, int_attr, is_transformers, linears, rows, weight_of
+from lightning_msign.families.hf_attention import InterfaceProbe, hf_classes, interface_probe
 from lightning_msign.layouts import Layout
 
 
@@ -17,6 +19,11 @@ class GPTBigCode(Family):
     model = 'HF GPTBigCode (StarCoder)'
     splits = '`c_attn` rows `[Q (C) \\| K (hd) \\| V (hd)]` (multi-query) or `[q_h k_h v_h]` per head (multi-head)'
     read_from = '`multi_query`, `kv_dim`, `head_dim`'
+    attention_classes = ("HF GPTBigCodeAttention",)
+    _probed = hf_classes(("gpt_bigcode", "GPTBigCodeAttention"))
+
+    def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[InterfaceProbe]:
+        return interface_probe(attn, self._probed, keep=keep)
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "GPTBigCodeMLP"):

@@ -10,7 +10,9 @@ As the attention's forward splits them:
 - ``o_proj`` the output. ``"qk"`` therefore selects the query projections and the ``k`` blocks of both fused weights.
 
 MLPs (``gate_proj``, ``up_proj``, ``down_proj``: the dense layers, every expert, the shared experts) are ``"mlp"``; the
-MoE gate's ``weight`` is the router.
+MoE gate's ``weight`` is the router. Attention logits: the queries and keys (``[q_nope | q_rope]`` against
+``[k_nope | k_rope]`` per head) the attention hands to the attention function
+(:mod:`lightning_msign.families.hf_attention`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_msign.families.base import Family, Found, int_attr, is_transformers, linears, rows, weight_of
+from lightning_msign.families.hf_attention import InterfaceProbe, hf_classes, interface_probe
 from lightning_msign.layouts import Layout
 
 _VERSIONS = ("DeepseekV2", "DeepseekV3")
@@ -33,6 +36,11 @@ class DeepSeekMLA(Family):
         'or `q_a_proj` + `q_b_proj` are queries (`"qk"` = those and the two `k` blocks); MoE gate the router'
     )
     read_from = '`kv_lora_rank`, `qk_rope_head_dim`, `qk_nope_head_dim`, `v_head_dim`, `num_attention_heads`'
+    attention_classes = ("HF DeepseekV2Attention", "HF DeepseekV3Attention")
+    _probed = hf_classes(("deepseek_v2", "DeepseekV2Attention"), ("deepseek_v3", "DeepseekV3Attention"))
+
+    def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[InterfaceProbe]:
+        return interface_probe(attn, self._probed, keep=keep)
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, *(v + "Attention" for v in _VERSIONS)):

@@ -7,6 +7,10 @@ Most transformers families (Gemma, OLMo 2, Qwen2-MoE, Qwen3-MoE, Granite, ...) w
 ``v_proj`` ``num_key_value_heads * head_dim``, ``o_proj`` takes ``num_attention_heads * head_dim``; the MLP's
 ``gate_proj`` and ``up_proj`` have the outputs ``down_proj`` takes. A module that does not agree is not read (its
 weights get no role from this family). Families with their own module here are asked first.
+
+Attention logits of the classes in :data:`INTERFACE_ATTENTIONS` (whatever their projections): the queries and keys
+they hand to the attention function (:mod:`lightning_msign.families.hf_attention`); each is compared with its eager
+attention probabilities in the tests.
 """
 
 from __future__ import annotations
@@ -16,6 +20,15 @@ from typing import Optional
 from torch import nn
 
 from lightning_msign.families.base import Family, Found, int_attr, linears
+from lightning_msign.families.hf_attention import InterfaceProbe, hf_classes, interface_probe
+
+_INTERFACE = (
+    ("gemma2", "Gemma2Attention"), ("gemma3", "Gemma3Attention"), ("phi", "PhiAttention"), ("olmo", "OlmoAttention"),
+    ("cohere", "CohereAttention"), ("granite", "GraniteAttention"), ("starcoder2", "Starcoder2Attention"),
+    ("opt", "OPTAttention"), ("smollm3", "SmolLM3Attention"), ("glm4", "Glm4Attention"),
+)
+INTERFACE_ATTENTIONS: tuple[str, ...] = hf_classes(*_INTERFACE)
+"""The attention classes (transformers 4.57) whose logits are read where they call the attention function."""
 
 
 def _linear(module: nn.Module, name: str) -> Optional[nn.Linear]:
@@ -50,10 +63,15 @@ class HFSeparateProjections(Family):
     name = "HF attention / MLP with separate projections (any family, checked against its config)"
     model = (
         'other HF families with `q_proj`/`k_proj`/`v_proj`/`o_proj` and `gate_proj`/`up_proj`/`down_proj` '
-        '(Gemma, OLMo 2, Qwen2-MoE, ...)'
+        '(Gemma, OLMo 2, Qwen2-MoE, ...); attention logits of Gemma 2 / 3, Phi, OLMo, Cohere, Granite, Starcoder2, '
+        'OPT, SmolLM3, GLM-4'
     )
     splits = 'separate projections, read only where their sizes agree with the config'
     read_from = '`num_attention_heads`, `num_key_value_heads`, `head_dim`'
+    attention_classes = tuple(f"HF {c}" for _, c in _INTERFACE)
+
+    def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[InterfaceProbe]:
+        return interface_probe(attn, INTERFACE_ATTENTIONS, keep=keep)
 
     def read(self, module: nn.Module) -> Optional[Found]:
         cls = type(module)

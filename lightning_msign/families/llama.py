@@ -80,16 +80,6 @@ class _Qwen3Probe(RotaryAttentionProbe):
     normed = True
 
 
-
-
-class _MistralProbe(RotaryAttentionProbe):
-    window_from_config = True
-
-
-class _Qwen3Probe(RotaryAttentionProbe):
-    normed = True
-
-
 _PROBES: dict[str, type[AttentionProbe]] = {
     "transformers.models.llama.modeling_llama.LlamaAttention": RotaryAttentionProbe,
     "transformers.models.mistral.modeling_mistral.MistralAttention": _MistralProbe,

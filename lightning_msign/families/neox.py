@@ -1,6 +1,7 @@
 """Hugging Face GPT-NeoX / Pythia (transformers 4.57): ``query_key_value`` rows interleaved per head
 (``[q | k | v]`` of ``head_size`` each, ``num_attention_heads`` times), ``dense`` the output; ``GPTNeoXMLP``
-``dense_h_to_4h``, ``dense_4h_to_h``; ``embed_out`` the LM head."""
+``dense_h_to_4h``, ``dense_4h_to_h``; ``embed_out`` the LM head. Attention logits: the queries and keys its attention
+hands to the attention function (:mod:`lightning_msign.families.hf_attention`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_msign.families.base import Family, Found, int_attr, is_transformers, linears, weight_of
+from lightning_msign.families.hf_attention import InterfaceProbe, hf_classes, interface_probe
 from lightning_msign.layouts import Layout
 
 
@@ -17,6 +19,11 @@ class GPTNeoX(Family):
     model = 'HF GPT-NeoX / Pythia'
     splits = '`query_key_value` rows `[q_h k_h v_h]` per head'
     read_from = '`head_size`, `num_attention_heads`'
+    attention_classes = ("HF GPTNeoXAttention",)
+    _probed = hf_classes(("gpt_neox", "GPTNeoXAttention"))
+
+    def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[InterfaceProbe]:
+        return interface_probe(attn, self._probed, keep=keep)
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "GPTNeoXMLP"):

@@ -41,7 +41,9 @@ def causal_allowed(T: int, window: Optional[int] = None, device: Optional[torch.
     return allowed
 
 
-def attention_logit_max(q: Tensor, k: Tensor, scale: float, window: Optional[int] = None) -> Tensor:
+def attention_logit_max(
+    q: Tensor, k: Tensor, scale: float, window: Optional[int] = None, allowed: Optional[Tensor] = None
+) -> Tensor:
     r"""Largest attention logit in absolute value, :math:`\max_{b,h,t,\,j \in A(t)} |s_{b,h,t,j}|`.
 
     Args:
@@ -50,14 +52,18 @@ def attention_logit_max(q: Tensor, k: Tensor, scale: float, window: Optional[int
             ``h`` attends with key group ``h // (n_head // n_groups)``.
         scale: the factor :math:`c` of the logits (``1 / sqrt(hs)`` for most models).
         window: with a sliding window of this many tokens, only keys ``t - window < j <= t`` count.
+        allowed: the pairs that count, a boolean tensor broadcastable to ``(B, 1, T, T)`` (for instance the mask a
+            model hands its attention kernel, padding included), in place of the causal pairs and ``window``.
 
     Returns:
-        A 0-dim tensor of ``q``'s dtype (compute in float32 by passing float32 ``q``, ``k``). Computed one
-        key group at a time: memory ``B * (n_head / n_groups) * T**2`` entries.
+        A 0-dim tensor of ``q``'s dtype (compute in float32 by passing float32 ``q``, ``k``). All heads at once
+        while ``B * n_head * T**2`` is at most ``2**24`` entries, else one key group at a time (memory
+        ``B * (n_head / n_groups) * T**2`` entries).
 
     Raises:
         ValueError: ``q``/``k`` are not 4-dimensional, disagree in ``B``, ``T`` or ``hs``, ``n_head`` is not
-            a multiple of ``n_groups``, or ``window`` is not a positive int.
+            a multiple of ``n_groups``, ``window`` is not a positive int, or ``allowed`` is not a boolean tensor
+            broadcastable to ``(B, 1, T, T)`` or comes with ``window``.
 
     Example::
 
@@ -65,10 +71,12 @@ def attention_logit_max(q: Tensor, k: Tensor, scale: float, window: Optional[int
         >>> attention_logit_max(q, q, scale=0.5).item()  # pair (1, 1): 9 * 0.5; pair (0, 1) is not causal
         4.5
     """
-    return attention_logit_max_per_head(q, k, scale, window).amax()
+    return attention_logit_max_per_head(q, k, scale, window, allowed).amax()
 
 
-def attention_logit_max_per_head(q: Tensor, k: Tensor, scale: float, window: Optional[int] = None) -> Tensor:
+def attention_logit_max_per_head(
+    q: Tensor, k: Tensor, scale: float, window: Optional[int] = None, allowed: Optional[Tensor] = None
+) -> Tensor:
     r"""Largest attention logit in absolute value of each query head, :math:`\max_{b,t,\,j \in A(t)} |s_{b,h,t,j}|`.
 
     The per-head maxima that QK-Clip (Kimi K2, arXiv 2507.20534) rescales by; arguments, checks and memory as
@@ -89,14 +97,40 @@ def attention_logit_max_per_head(q: Tensor, k: Tensor, scale: float, window: Opt
         )
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"`window` must be None or a positive int, got {window!r}")
-    allowed = causal_allowed(T, window, q.device)
+    causal = allowed is None
+    if not causal:
+        shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else None
+        fits = shape is not None and len(shape) <= 4 and all(
+            a in (1, b) for a, b in zip(reversed(shape), reversed((B, 1, T, T))))
+        if not fits or allowed.dtype != torch.bool or window is not None:
+            got = f"{allowed.dtype} of shape {shape}" if shape is not None else type(allowed).__name__
+            raise ValueError(
+                f"`allowed` must be a boolean tensor broadcastable to (B, 1, T, T) = {(B, 1, T, T)}, without `window`,"
+                f" got {got} and window={window!r}"
+            )
     per_group = n_head // n_groups
+    if B * n_head * T * T <= _AT_ONCE:  # every head in one batched product
+        scores = (q.reshape(B, n_groups, per_group, T, hs) @ k.unsqueeze(2).mT).reshape(B, n_head, T, T)
+        return _largest(scores, allowed, causal, window) * scale
     q = q.reshape(B, n_groups, per_group, T, hs)
-    out = []
-    for g in range(n_groups):
-        scores = q[:, g] @ k[:, g, None].mT  # (B, heads per group, T, T)
-        out.append(scores.abs().masked_fill(~allowed, 0).amax(dim=(0, 2, 3)))
+    out = [_largest(q[:, g] @ k[:, g, None].mT, allowed, causal, window) for g in range(n_groups)]
     return torch.cat(out) * scale
+
+
+_AT_ONCE = 1 << 24
+"""Logits computed at once (64 MiB in float32); above, one key group at a time."""
+
+
+def _largest(scores: Tensor, allowed: Optional[Tensor], causal: bool, window: Optional[int]) -> Tensor:
+    """Per head (dim 1), the largest ``|score|`` over the counted pairs; ``scores`` is overwritten."""
+    if causal:  # in place: no mask is built
+        scores.tril_()
+        if window is not None:
+            scores.triu_(1 - window)
+    else:
+        scores.masked_fill_(~allowed, 0)  # type: ignore[arg-type]
+    dims = (0, 2, 3)
+    return torch.maximum(scores.amax(dim=dims), scores.amin(dim=dims).neg())
 
 
 def output_logit_stats(logits: Tensor) -> tuple[Tensor, Tensor]:

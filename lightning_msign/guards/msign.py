@@ -6,7 +6,7 @@ import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +26,12 @@ from lightning_msign.functional.precision import as_compute
 from lightning_msign.functional.spectral import stable_rank
 from lightning_msign.guards.base import TargetedGuard
 from lightning_msign.guards.diagnostics import Diagnostics
+from lightning_msign.models.capture import ForwardLogits
 from lightning_msign.targets import LayoutsArg, TargetsArg
 
 MSignBackend = Backend  # the functional backends
+LogitSource = Literal["training_forward", "second_forward"]
+"""Where ``max_attn_logit`` reads the logits: the step's own training forward, or one more forward after the step."""
 
 
 @dataclass
@@ -70,8 +73,16 @@ class MSign(TargetedGuard):
 
     - ``max_attn_logit``: the targets in a layer whose largest attention logit
       (:class:`~lightning_msign.Diagnostics`' ``attn_logit_max``, on the first ``probe_batch_size``
-      sequences of the ids just trained on) is above it. An absolute number: softmax saturates at logits
-      of tens whatever the model's size (Kimi K2's QK-Clip uses 100, the default here).
+      sequences of the batch, their first ``probe_seq_len`` tokens) is above it. An absolute number: softmax
+      saturates at logits of tens whatever the model's size (Kimi K2's QK-Clip uses 100, the default here).
+      ``logits_from="training_forward"`` (the default) reads them in the step's own training forward
+      (:class:`~lightning_msign.models.capture.ForwardLogits`: the queries and keys the forward computes anyway,
+      reduced under ``torch.no_grad()``; every micro-batch of the step under gradient accumulation), so they are
+      the logits of the weights *before* the optimizer step, and no second forward pass is run. A check step
+      whose training forward the guard did not see (the forward ran outside the attached module, in eval mode or
+      without gradients) falls back, with a warning, to one forward of ``input_ids`` after the step, which is what
+      ``logits_from="second_forward"`` always does (the logits of the updated weights, at the cost of that
+      forward).
     - ``min_srank_fraction``: a matrix whose exact stable rank is below this fraction of its own stable
       rank at the first check at or after ``warmup_steps`` (relative: a stable rank depends on the shape).
     - ``max_grad_ratio``: every target, when :math:`\|g_t\| / \bar g_{t-1}` (EWMA with weight
@@ -127,12 +138,15 @@ class MSign(TargetedGuard):
             :class:`~lightning_msign.Diagnostics`); ``None`` finds it.
         period_after_trigger: once a trigger has fired, also apply to every target every this many steps
             from that step on (the run has shown it is failing); ``None``: only what the triggers flag.
+        logits_from: where ``max_attn_logit`` reads the logits: ``"training_forward"`` (the step's own forward)
+            or ``"second_forward"`` (a forward of ``input_ids`` after the step).
 
     Raises:
         ValueError: at construction, for any bad argument or when neither ``period`` nor a trigger is set;
             when attached, for targets that match no matrix or include a fused weight whose layout is
             unknown, and with ``max_attn_logit`` when the model's attention logits cannot be rebuilt or no
-            target lies in a block; at :meth:`step`, with ``max_attn_logit`` and no ``input_ids``.
+            target lies in a block; at :meth:`step`, with ``max_attn_logit`` and no ``input_ids`` when they are
+            needed (``logits_from="second_forward"``, or a check step whose training forward was not seen).
 
     Metrics (returned by :meth:`step` / :meth:`apply`):
         ``msign/applications``, ``msign/time_ms``, ``msign/skipped_nonfinite`` (count so far),
@@ -164,6 +178,7 @@ class MSign(TargetedGuard):
         probe_seq_len: Optional[int] = 128,
         model_attr: Optional[str] = None,
         period_after_trigger: Optional[int] = None,
+        logits_from: LogitSource = "training_forward",
     ) -> None:
         super().__init__(targets, split_qkv, layouts)
         self.period = check_optional_positive_int(period, "period")
@@ -196,7 +211,10 @@ class MSign(TargetedGuard):
                 f"`period_after_trigger` ({period_after_trigger!r}) needs a trigger (`max_attn_logit`,"
                 " `min_srank_fraction`, `max_grad_ratio` or `max_curvature_ratio`)"
             )
+        self.logits_from = check_choice(logits_from, "logits_from", LogitSource)
         self._probe: Any = None  # a Diagnostics computing attention logits only (max_attn_logit)
+        self._forward_logits: Optional[ForwardLogits] = None  # logits_from="training_forward"
+        self._warned_fallback = False
         self._layer_of: list[Optional[int]] = []  # block index of each target, None outside the blocks
         self._applications = 0
         self._skipped_nonfinite = 0
@@ -218,6 +236,9 @@ class MSign(TargetedGuard):
 
     def _on_attach(self, module: nn.Module) -> None:
         super()._on_attach(module)
+        if self._forward_logits is not None:  # attached again: the hooks of the last attach go
+            self._forward_logits.remove()
+            self._forward_logits = None
         if self.max_attn_logit is None:
             return
         probe = Diagnostics(
@@ -234,6 +255,15 @@ class MSign(TargetedGuard):
                 f" block of `{probe.decoder.blocks_path}`: target the attention matrices (e.g. targets='qk')"  # type: ignore[union-attr]
             )
         self._probe = probe
+        if self.logits_from == "training_forward":
+            self._forward_logits = ForwardLogits(
+                probe.decoder, self._next_check, batch_size=self.probe_batch_size, seq_len=self.probe_seq_len
+            )
+
+    def _next_check(self) -> Optional[int]:
+        """The step about to be taken when it is a check step (read by the training forward's hooks)."""
+        step = self._last_step + 1
+        return step if step % self.check_every == 0 else None
 
     @property
     def applications(self) -> int:
@@ -313,9 +343,10 @@ class MSign(TargetedGuard):
             The metrics of the check and of the application, or ``{}`` when there was neither.
         """
         self._require_module("step")
-        if self.max_attn_logit is not None and input_ids is None:
+        if self.max_attn_logit is not None and input_ids is None and self.logits_from == "second_forward":
             raise ValueError(
-                "MSign(max_attn_logit=...) needs the token ids just trained on: call step(step, input_ids=ids)"
+                "MSign(max_attn_logit=..., logits_from='second_forward') needs the token ids just trained on: call"
+                " step(step, input_ids=ids)"
             )
         current = self._advance(step)
         if current is None:
@@ -344,9 +375,8 @@ class MSign(TargetedGuard):
         n_layers = 0
         signals: list[float] = []
         if self.max_attn_logit is not None:
-            values = self._probe.compute(input_ids)
             n_layers = len(self._probe.decoder.blocks)  # a block held inactive by a warm-up reports no value
-            signals += [values.get(f"{keys.DIAG_ATTN_LOGIT_MAX_PREFIX}{i}", math.nan) for i in range(n_layers)]
+            signals += self._attention_logits(current, input_ids, n_layers)
         reading = self._grad_reading
         grad_ratio = reading[1] if reading is not None and reading[0] == current else None
         if self.max_grad_ratio is not None and grad_ratio is None:
@@ -386,6 +416,28 @@ class MSign(TargetedGuard):
             if armed and not math.isnan(ratio) and ratio >= self.max_curvature_ratio:
                 flagged |= set(self.target_names)
         return flagged, metrics
+
+    def _attention_logits(self, current: int, input_ids: Optional[Tensor], n_layers: int) -> list[float]:
+        """Each layer's attention-logit max for check step ``current`` (NaN for a layer that did not run)."""
+        read = None if self._forward_logits is None else self._forward_logits.read(current)
+        if read is not None:
+            return [math.nan if v is None else v for v in read]
+        if input_ids is None:
+            raise ValueError(
+                f"MSign(max_attn_logit=...) saw no training forward of optimizer step {current} through the attached"
+                " module (in training mode, with gradients) and has no token ids for a second forward: call"
+                " step(step, input_ids=ids), or run the forward through the module the guard is attached to"
+            )
+        if self._forward_logits is not None and not self._warned_fallback:
+            self._warned_fallback = True
+            warnings.warn(
+                f"MSign(max_attn_logit=...) saw no training forward of optimizer step {current} through the attached"
+                " module (in training mode, with gradients): the logits of such steps are read on a second forward"
+                " of `input_ids` after the step (a forward pass more). Pass logits_from='second_forward' to say so.",
+                stacklevel=3,
+            )
+        values = self._probe.compute(input_ids)
+        return [values.get(f"{keys.DIAG_ATTN_LOGIT_MAX_PREFIX}{i}", math.nan) for i in range(n_layers)]
 
     def _stable_ranks(self, owned: list[OwnedMatrix]) -> dict[int, StableRankResult]:
         out: dict[int, StableRankResult] = {}

@@ -4,7 +4,9 @@ Recognised layouts (the first module, in ``module.modules()`` order, with a non-
 blocks at one of :data:`BLOCK_PATHS`):
 
 - ``transformer.h``: LitGPT's ``GPT`` and Hugging Face GPT-2 (``GPT2LMHeadModel``);
-- ``model.layers``: Hugging Face Llama-family models (``LlamaForCausalLM``, Mistral, Qwen2, Qwen3, ...).
+- ``model.layers``: Hugging Face Llama-family models (``LlamaForCausalLM``, Mistral, Qwen2, Qwen3, Gemma, Phi, ...);
+- ``gpt_neox.layers``: Hugging Face GPT-NeoX / Pythia;
+- ``model.decoder.layers``: Hugging Face OPT.
 
 Attention logits need an :class:`AttentionProbe` for the blocks' attention class, which the model families of
 :mod:`lightning_msign.families` provide (:func:`attention_probe`); output logits and Jacobians work on any
@@ -23,10 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_msign.functional.attention import attention_logit_max
+from lightning_msign.functional.attention import attention_logit_max, causal_allowed
 from lightning_msign.targets import unwrap_module
 
-BLOCK_PATHS: tuple[str, ...] = ("transformer.h", "model.layers")
+BLOCK_PATHS: tuple[str, ...] = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
 """Where the blocks of a recognised decoder live, tried in this order."""
 
 MAX_LENGTH_ATTRIBUTES: tuple[str, ...] = ("n_positions", "max_position_embeddings", "block_size")
@@ -169,8 +171,9 @@ def block_output(output: Any) -> Tensor:
 
 
 def attention_module(block: nn.Module) -> Optional[nn.Module]:
-    """A block's self-attention: ``block.attn`` (LitGPT, GPT-2) or ``block.self_attn`` (Llama family)."""
-    for name in ("attn", "self_attn"):
+    """A block's self-attention: ``block.attn`` (LitGPT, GPT-2), ``block.self_attn`` (Llama family) or
+    ``block.attention`` (GPT-NeoX). Its class then decides whether its logits can be read."""
+    for name in ("attn", "self_attn", "attention"):
         attn = getattr(block, name, None)
         if isinstance(attn, nn.Module):
             return attn
@@ -197,8 +200,9 @@ class AttentionProbe:
 
     Args:
         attn: the attention module.
-        keep: keep the last ``q`` (``(B, n_head, T, hs)``) and ``k`` (``(B, n_groups, T, hs)``) in
-            :attr:`query` and :attr:`key` (for tests and for inspecting the logits).
+        keep: keep the last ``q`` (``(B, n_head, T, hs)``), ``k`` (``(B, n_groups, T, hs)``) and the pairs that
+            counted (a boolean mask broadcastable to ``(B, 1, T, T)``) in :attr:`query`, :attr:`key` and
+            :attr:`allowed` (for tests and for inspecting the logits).
 
     Attributes:
         value: the last call's :math:`\max |s|` (0-dim tensor), ``None`` before one.
@@ -210,7 +214,18 @@ class AttentionProbe:
         self.value: Optional[Tensor] = None
         self.query: Optional[Tensor] = None
         self.key: Optional[Tensor] = None
+        self.allowed: Optional[Tensor] = None
+        self.batch_size: Optional[int] = None
+        self.seq_len: Optional[int] = None
         self._seen: dict[str, Any] = {}
+
+    def limit(self, batch_size: Optional[int], seq_len: Optional[int]) -> AttentionProbe:
+        """Reduce over the first ``batch_size`` sequences and their first ``seq_len`` tokens only (``None``: all),
+        as when reading the training forward, whose batch is not cut: the maximum is then over the (query, key) pairs
+        among those tokens (under causal attention exactly the logits a forward of the cut sequences would form).
+        Returns the probe."""
+        self.batch_size, self.seq_len = batch_size, seq_len
+        return self
 
     # ------------------------------------------------------------------------------- subclass API
     @property
@@ -252,10 +267,28 @@ class AttentionProbe:
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         seen, self._seen = self._seen, {}
-        q, k = self.query_key(seen)
-        self.value = attention_logit_max(q, k, self.scale, window=self.window)
+        with torch.no_grad(), torch.autocast(self._device_type(), enabled=False):
+            q, k = self.query_key(seen)
+            self.record(q, k, self.scale, window=self.window)
+
+    def _device_type(self) -> str:
+        param = next(self.attn.parameters(), None)
+        return "cpu" if param is None else param.device.type
+
+    def record(
+        self, q: Tensor, k: Tensor, scale: float, window: Optional[int] = None, allowed: Optional[Tensor] = None
+    ) -> None:
+        """Keep the largest ``|logit|`` of queries ``(B, n_head, T, hs)`` and keys ``(B, n_groups, T, hs)`` (cut to the
+        probe's :meth:`limit`; ``allowed``, a boolean mask broadcastable to ``(B, 1, T, T)``, is cut alike)."""
+        b, n = self.batch_size, self.seq_len
+        q, k = to_compute(q.detach()[:b, :, :n]), to_compute(k.detach()[:b, :, :n])
+        if allowed is not None:
+            allowed = allowed[:b] if allowed.ndim == 4 else allowed
+            allowed = allowed[..., :n, :n]
+        self.value = attention_logit_max(q, k, scale, window=window, allowed=allowed)
         if self.keep:
             self.query, self.key = q, k
+            self.allowed = causal_allowed(q.shape[2], window, q.device) if allowed is None else allowed
 
 
 def attention_probe(attn: Optional[nn.Module], keep: bool = False) -> Optional[AttentionProbe]:

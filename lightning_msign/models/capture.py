@@ -1,0 +1,107 @@
+"""Attention logits of the training forward itself: no second forward pass.
+
+:class:`ForwardLogits` puts a forward pre-hook and a forward hook on a decoder. When the decoder runs in training
+mode with gradients enabled and its owner asks for the step about to be taken (``wanted()``), the pre-hook attaches
+each block's :class:`~lightning_msign.models.AttentionProbe` (limited to the first ``batch_size`` sequences and
+``seq_len`` tokens) and the hook removes the probes when the forward returns. Each probe reduces its layer's
+largest logit under ``torch.no_grad()`` from tensors the forward computes anyway; the forward's values, its autograd
+graph and the random numbers it draws are untouched. Forwards in eval mode or without gradients (validation,
+generation, a second probe forward) are never read, and the blocks recomputed by activation checkpointing during the
+backward pass are not either (the probes are gone by then).
+
+Under gradient accumulation every micro-batch of the step is read and each layer keeps its maximum over them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_msign.models.base import AttentionProbe, Decoder, attention_module, attention_probe
+
+__all__ = ["ForwardLogits"]
+
+
+class ForwardLogits:
+    """Per-layer attention-logit maxima read from a decoder's own training forward passes.
+
+    Args:
+        decoder: the decoder (:func:`~lightning_msign.models.find_decoder`); every block's attention must have a
+            probe (:func:`~lightning_msign.models.attention_probe`).
+        wanted: called before each training forward: the optimizer step (1-based) the forward belongs to when it is
+            to be read, else ``None``.
+        batch_size: sequences of the batch read (the first ones; ``None``: all).
+        seq_len: tokens per sequence read (the first ones; ``None``: all).
+
+    Raises:
+        ValueError: a block's attention has no probe.
+    """
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        wanted: Callable[[], Optional[int]],
+        batch_size: Optional[int] = None,
+        seq_len: Optional[int] = None,
+    ) -> None:
+        self.decoder = decoder
+        self.wanted = wanted
+        probes: list[AttentionProbe] = []
+        for i, block in enumerate(decoder.blocks):
+            probe = attention_probe(attention_module(block))
+            if probe is None:
+                raise ValueError(f"The attention of block {i} of `{decoder.blocks_path}` has no logit probe")
+            probes.append(probe.limit(batch_size, seq_len))
+        self.probes = probes
+        self._step: Optional[int] = None
+        self._values: list[Optional[Tensor]] = [None] * len(probes)
+        self._attached: list[Any] = []
+        self._hooks: list[RemovableHandle] = [
+            decoder.model.register_forward_pre_hook(self._pre),
+            decoder.model.register_forward_hook(self._post),
+        ]
+
+    def remove(self) -> None:
+        """Remove the hooks from the decoder."""
+        self._detach_probes()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def read(self, step: int) -> Optional[list[Optional[float]]]:
+        """Each layer's maximum over the forwards read for optimizer step ``step`` (``None`` for a layer that did
+        not run, such as a block held inactive by a warm-up), or ``None`` when no forward of that step was read."""
+        if self._step != step:
+            return None
+        return [None if v is None else float(v) for v in self._values]
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        if self._attached or not (module.training and torch.is_grad_enabled()):
+            return
+        step = self.wanted()
+        if step is None:
+            return
+        if step != self._step:
+            self._step, self._values = step, [None] * len(self.probes)
+        for probe in self.probes:
+            probe.value = None
+            self._attached.extend(probe.attach())
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._attached:
+            return
+        self._detach_probes()
+        for i, probe in enumerate(self.probes):
+            value, probe.value = probe.value, None
+            if value is not None:
+                previous = self._values[i]
+                self._values[i] = value if previous is None else torch.maximum(previous, value)
+
+    def _detach_probes(self) -> None:
+        attached, self._attached = self._attached, []
+        for handle in attached:
+            handle.remove()
