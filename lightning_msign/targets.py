@@ -21,7 +21,8 @@ roles in any model: ``nn.Embedding`` weights are embeddings, and ``get_output_em
     matrix, fused ``[gate | up]`` split); not the router.
 ``"all_2d"``
     Every matrix except token embeddings and the LM head: 2D weights and the matrices of 3D expert
-    tensors (norm weights and biases are 1D and never targets; convolution kernels are not 2D). To
+    tensors (norm weights and biases are 1D and never targets; the kernels of ``torch.nn`` convolutions are not 2D
+    and are targets only when declared, ``layouts={"<name>": "flatten"}``). To
     include embeddings and head, add their names: ``["all_2d", "*lm_head.weight", "*wte.weight"]``.
 
 Any other string is a glob pattern on target names, where ``*`` matches any run of characters, ``?``
@@ -245,6 +246,8 @@ def _catalog(
     read = read_layouts(module)
     roles = _structural_roles(module)
     owners = {id(p): type(m).__name__ for m in module.modules() for p in m.parameters(recurse=False)}
+    kernels = {id(m.weight) for m in module.modules()  # a torch convolution's kernel: known, and no matrix
+               if isinstance(m, nn.modules.conv._ConvNd) and isinstance(getattr(m, "weight", None), Tensor)}
     declared = [(_glob_regex(pattern), pattern, layout) for pattern, layout in layouts.items()]
     out: list[TargetMatrix] = []
     undetermined: list[_Undetermined] = []
@@ -275,6 +278,10 @@ def _catalog(
             role = "mlp"  # declared a stack of experts' matrices (or read as one): 'mlp' selects them
         if layout is not None:
             layout.check(tuple(p.shape), name)
+        elif id(p) in kernels:  # not a target unless declared ('flatten'): a kernel holds no fused matrices
+            continue
+        elif p.ndim > 2 and role == "embedding":  # learned tokens or positions (1, n, hidden): no matrices
+            continue
         elif looks_fused(name, p) and role not in ("embedding", "lm_head"):
             undetermined.append(_Undetermined(name, p, role, owners.get(id(p), "?"), tuple(p.shape)))
             continue

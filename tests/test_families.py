@@ -306,3 +306,89 @@ def test_bert_attention_output_and_feed_forward_dense_are_told_apart_by_class():
         ("attention.self.value.weight", "v"), ("attention.output.dense.weight", "attn_out"))}
     assert {t.name for t in resolve_targets(model, "mlp")} == {
         prefix.format(i=i) + n for i in range(2) for n in ("intermediate.dense.weight", "output.dense.weight")}
+
+
+def _fairseq_like(name: str):
+    """Tiny BART / mBART / Marian / Whisper / OPT / CLIP / SigLIP / Phi / ViT models and, from their module tree,
+    the true roles: the attention class's own projections, the layer's (or MLP class's) ``fc1`` / ``fc2``."""
+    import transformers as t
+
+    seq2seq = dict(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                   decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=40, pad_token_id=0,
+                   bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    vision = dict(tower, image_size=8, patch_size=4)
+    builders = {
+        "bart": (t.BartForConditionalGeneration, t.BartConfig, seq2seq, "BartAttention", "Bart{}Layer"),
+        "mbart": (t.MBartForConditionalGeneration, t.MBartConfig, seq2seq, "MBartAttention", "MBart{}Layer"),
+        "marian": (t.MarianMTModel, t.MarianConfig, seq2seq, "MarianAttention", "Marian{}Layer"),
+        "whisper": (t.WhisperForConditionalGeneration, t.WhisperConfig,
+                    dict(seq2seq, num_mel_bins=8, max_source_positions=16, max_target_positions=16),
+                    "WhisperAttention", "Whisper{}Layer"),
+        "opt": (t.OPTForCausalLM, t.OPTConfig, dict(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, ffn_dim=48, word_embed_proj_dim=32),
+                "OPTAttention", "OPT{}Layer"),
+        "clip_text": (t.CLIPTextModel, t.CLIPTextConfig, dict(tower, vocab_size=64), "CLIPAttention", "CLIPMLP"),
+        "clip_vision": (t.CLIPVisionModel, t.CLIPVisionConfig, vision, "CLIPAttention", "CLIPMLP"),
+        "siglip_vision": (t.SiglipVisionModel, t.SiglipVisionConfig, vision, "SiglipAttention", "SiglipMLP"),
+        "phi": (t.PhiForCausalLM, t.PhiConfig, dict(tower, vocab_size=64), "PhiAttention", "PhiMLP"),
+        "vit": (t.ViTModel, t.ViTConfig, vision, "ViTSelfAttention", "ViT{}"),
+    }
+    model_cls, config_cls, kwargs, attention_cls, mlp_cls = builders[name]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs))
+    projections = {"q": ("q_proj", "query"), "k": ("k_proj", "key"), "v": ("v_proj", "value"),
+                   "attn_out": ("out_proj", "dense")}
+    mlp_classes = {mlp_cls.format(kind) for kind in ("Encoder", "Decoder", "Intermediate", "Output")}
+    roles: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind == attention_cls:
+            for role, children in projections.items():
+                for child in children:
+                    if isinstance(getattr(module, child, None), nn.Linear):
+                        roles[f"{module_name}.{child}.weight"] = role
+        elif isinstance(module, nn.MultiheadAttention):  # SigLIP's pooling head (the torch family)
+            roles.update({f"{module_name}.in_proj_weight.{tag}": tag for tag in "qkv"})
+            roles[f"{module_name}.out_proj.weight"] = "attn_out"
+        elif kind == "ViTSelfOutput":
+            roles[f"{module_name}.dense.weight"] = "attn_out"
+        elif kind in mlp_classes:
+            for child in ("fc1", "fc2", "dense"):
+                if isinstance(getattr(module, child, None), nn.Linear):
+                    roles[f"{module_name}.{child}.weight"] = "mlp"
+    return model, roles
+
+
+FAIRSEQ_LIKE = ["bart", "mbart", "marian", "whisper", "opt", "clip_text", "clip_vision", "siglip_vision", "phi",
+                "vit"]
+
+
+@pytest.mark.parametrize("name", FAIRSEQ_LIKE)
+def test_out_proj_and_fc_families_roles_and_qk_msign(name):
+    model, roles = _fairseq_like(name)
+    n_attention = sum(r == "q" for r in roles.values())
+    assert n_attention >= 2 and sum(r == "mlp" for r in roles.values()) >= 4  # every layer's (self and cross)
+    if name in ("bart", "mbart", "marian", "whisper"):
+        assert n_attention == 6  # 2 encoder self, 2 decoder self, 2 decoder cross
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every attention found whole: no warning
+        attention = {t.name: t.role for t in resolve_targets(model, "attention")}
+    assert attention == {n: r for n, r in roles.items() if r != "mlp"}
+    assert {t.name: t.role for t in resolve_targets(model, "mlp")} == {n: r for n, r in roles.items() if r == "mlp"}
+    blocks = {t.name: t for t in resolve_targets(model, "attention")}
+    before = {n: t.matrix().detach().clone() for n, t in blocks.items()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    signed = {t.param_name for t in blocks.values() if t.role in ("q", "k")}
+    MSign(model, period=1, targets="qk").apply()
+    for n, t in blocks.items():
+        if t.role in ("q", "k"):
+            s = torch.linalg.svdvals(t.matrix().detach().double())
+            assert float((s.max() - s.min()) / s.max()) < 1e-4, n
+            torch.testing.assert_close(torch.linalg.matrix_norm(t.matrix().detach().double()),
+                                       torch.linalg.matrix_norm(before[n].double()), rtol=1e-5, atol=0)
+        else:
+            assert torch.equal(t.matrix(), before[n]), n  # V and the outputs (V's rows of a fused weight too)
+    for n, p in model.named_parameters():
+        if n not in signed:
+            assert torch.equal(p, params[n]), n  # the feed-forward, norms, embeddings, convolutions

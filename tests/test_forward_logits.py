@@ -44,6 +44,13 @@ def _hf(arch: str):
     if arch == "gemma2":
         return t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=8, sliding_window=4, query_pre_attn_scalar=4,
                                                   attn_implementation="sdpa"))
+    if arch == "opt":
+        return t.OPTForCausalLM(t.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                                            max_position_embeddings=32, dropout=0.0, attn_implementation="sdpa"))
+    if arch == "phi":
+        return t.PhiForCausalLM(t.PhiConfig(**{**common, "num_key_value_heads": 4}, qk_layernorm=True,
+                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="sdpa"))
     if arch == "deepseek_v3":
         mla = {"kv_lora_rank": 8, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
                "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
@@ -65,7 +72,7 @@ def _attention_functions(model) -> tuple:
     return getattr(modeling, "eager_attention_forward", None), dict(getattr(interface, "_local_mapping", {}))
 
 
-@pytest.mark.parametrize("arch", ["litgpt", "gpt2", "llama", "gpt_neox", "gemma2", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["litgpt", "gpt2", "llama", "gpt_neox", "gemma2", "deepseek_v3", "opt", "phi"])
 def test_the_check_reads_the_training_forward_and_changes_nothing(arch):
     torch.manual_seed(0)
     model = _litgpt() if arch == "litgpt" else _hf(arch)

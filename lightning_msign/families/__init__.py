@@ -2,9 +2,9 @@
 
 Built in, asked in this order (a family registered with :func:`register_family` comes first): LitGPT,
 ``torch.nn.MultiheadAttention``, HF GPT-2, HF GPTBigCode, HF GPT-NeoX, HF Phi-3, HF Llama / Mistral / Qwen2 / Qwen3 /
-Mixtral, HF T5 / mT5, HF DBRX, HF DeepSeek-V2 / V3 (MLA), HF Falcon / BLOOM / MPT, HF BERT / RoBERTa,
-transformers-5 expert tensors, the attention and MLP classes of any other HF family with separate projections
-(checked against its config), nanoGPT.
+Mixtral, HF T5 / mT5, HF DBRX, HF DeepSeek-V2 / V3 (MLA), HF Falcon / BLOOM / MPT, HF BERT / RoBERTa / ViT,
+HF BART / mBART / Marian / Whisper / OPT, HF CLIP / SigLIP / Phi, transformers-5 expert tensors, the attention and
+MLP classes of any other HF family with separate projections (checked against its config), nanoGPT.
 
 A user's family, in a few lines::
 
@@ -22,6 +22,7 @@ A user's family, in a few lines::
     register_family(MyNet())
 """
 
+from lightning_msign.families.bart import BART
 from lightning_msign.families.base import (
     HF_TUPLE,
     ROLES,
@@ -46,6 +47,7 @@ from lightning_msign.families.base import (
 )
 from lightning_msign.families.bert import BERT
 from lightning_msign.families.bigcode import GPTBigCode
+from lightning_msign.families.clip import CLIP
 from lightning_msign.families.dbrx import DBRX
 from lightning_msign.families.deepseek import DeepSeekMLA
 from lightning_msign.families.falcon_bloom_mpt import FalconBloomMPT
@@ -62,7 +64,7 @@ from lightning_msign.families.torch_mha import TorchMultiheadAttention
 
 BUILT_IN: tuple[Family, ...] = (
     LitGPT(), TorchMultiheadAttention(), GPT2(), GPTBigCode(), GPTNeoX(), Phi3(), LlamaLike(), T5(), DBRX(),
-    DeepSeekMLA(), FalconBloomMPT(), BERT(), ExpertTensors(), HFSeparateProjections(), NanoGPT(),
+    DeepSeekMLA(), FalconBloomMPT(), BERT(), BART(), CLIP(), ExpertTensors(), HFSeparateProjections(), NanoGPT(),
 )
 """The built-in families, in the order they are asked."""
 

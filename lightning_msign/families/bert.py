@@ -1,17 +1,17 @@
-"""Hugging Face BERT and RoBERTa (transformers 4.57): ``*SelfAttention``'s ``query``, ``key``, ``value`` (the SDPA
+"""Hugging Face BERT, RoBERTa and ViT (transformers 4.57): ``*SelfAttention``'s ``query``, ``key``, ``value`` (the SDPA
 subclasses included); the attention's output projection is ``*SelfOutput.dense``; the feed-forward is
 ``*Intermediate.dense`` and ``*Output.dense`` (role ``"mlp"``) -- two ``dense`` layers told apart by their classes,
-not their names."""
+not their names. ViT's learned class token and positions (``ViTEmbeddings``) are embeddings."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_msign.families.base import Family, Found, is_transformers, linears
 
-_PREFIXES = ("Bert", "Roberta")
+_PREFIXES = ("Bert", "Roberta", "ViT")
 
 
 def _names(suffix: str) -> tuple[str, ...]:
@@ -19,8 +19,8 @@ def _names(suffix: str) -> tuple[str, ...]:
 
 
 class BERT(Family):
-    name = "HF BERT, RoBERTa"
-    model = "HF BERT, RoBERTa"
+    name = "HF BERT, RoBERTa, ViT"
+    model = "HF BERT, RoBERTa, ViT"
     splits = (
         "separate `query`/`key`/`value` of `*SelfAttention`; output `*SelfOutput.dense`; the feed-forward's"
         " `*Intermediate.dense`, `*Output.dense` are `mlp`"
@@ -34,4 +34,11 @@ class BERT(Family):
             return linears(module, "attn_out", "dense")
         if is_transformers(module, *_names("Intermediate"), *_names("Output")):
             return linears(module, "mlp", "dense")
+        if is_transformers(module, "ViTEmbeddings"):  # learned vectors (1, n, hidden): embeddings, no matrices
+            return _vectors(module, "cls_token", "position_embeddings", "mask_token")
         return None
+
+
+def _vectors(module: nn.Module, *names: str) -> Found:
+    """``{id(p): ("embedding", None)}`` of the named tensors of ``module`` (learned tokens and positions)."""
+    return {id(p): ("embedding", None) for p in (getattr(module, n, None) for n in names) if isinstance(p, Tensor)}

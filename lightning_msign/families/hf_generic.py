@@ -23,9 +23,9 @@ from lightning_msign.families.base import Family, Found, int_attr, linears
 from lightning_msign.families.hf_attention import InterfaceProbe, hf_classes, interface_probe
 
 _INTERFACE = (
-    ("gemma2", "Gemma2Attention"), ("gemma3", "Gemma3Attention"), ("phi", "PhiAttention"), ("olmo", "OlmoAttention"),
+    ("gemma2", "Gemma2Attention"), ("gemma3", "Gemma3Attention"), ("olmo", "OlmoAttention"),
     ("cohere", "CohereAttention"), ("granite", "GraniteAttention"), ("starcoder2", "Starcoder2Attention"),
-    ("opt", "OPTAttention"), ("smollm3", "SmolLM3Attention"), ("glm4", "Glm4Attention"),
+    ("smollm3", "SmolLM3Attention"), ("glm4", "Glm4Attention"),
 )
 INTERFACE_ATTENTIONS: tuple[str, ...] = hf_classes(*_INTERFACE)
 """The attention classes (transformers 4.57) whose logits are read where they call the attention function."""
@@ -63,8 +63,8 @@ class HFSeparateProjections(Family):
     name = "HF attention / MLP with separate projections (any family, checked against its config)"
     model = (
         'other HF families with `q_proj`/`k_proj`/`v_proj`/`o_proj` and `gate_proj`/`up_proj`/`down_proj` '
-        '(Gemma, OLMo 2, Qwen2-MoE, ...); attention logits of Gemma 2 / 3, Phi, OLMo, Cohere, Granite, Starcoder2, '
-        'OPT, SmolLM3, GLM-4'
+        '(Gemma, OLMo 2, Qwen2-MoE, ...); attention logits of Gemma 2 / 3, OLMo, Cohere, Granite, Starcoder2, '
+        'SmolLM3, GLM-4'
     )
     splits = 'separate projections, read only where their sizes agree with the config'
     read_from = '`num_attention_heads`, `num_key_value_heads`, `head_dim`'
