@@ -296,3 +296,82 @@ def test_output_logits_are_read_from_what_the_model_returns():
         output_logits("logits")
     with pytest.raises(TypeError, match="got tuple"):
         output_logits((None, 1.0))
+
+
+def _encoder_model(arch: str, attn_implementation: str = "eager"):
+    """A tiny encoder or encoder-decoder of ``arch`` and the keyword arguments of a forward (a padded batch of 2)."""
+    t = transformers
+    seq2seq = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, pad_token_id=0,
+                   bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, dropout=0.0,
+                   attn_implementation=attn_implementation)
+    tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 attn_implementation=attn_implementation)
+    vision = dict(tower, image_size=16, patch_size=4, num_channels=3)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0  # the second sequence is padded: its last 3 keys do not count
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    if arch == "bart":
+        return t.BartForConditionalGeneration(t.BartConfig(**seq2seq)), {
+            "input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :8]}
+    if arch == "whisper":
+        config = t.WhisperConfig(**seq2seq, num_mel_bins=8, max_source_positions=10, max_target_positions=16)
+        features = torch.randn(2, 8, 20, generator=torch.Generator().manual_seed(3))
+        return t.WhisperForConditionalGeneration(config), {"input_features": features, "decoder_input_ids": ids[:, :8]}
+    if arch == "vit":
+        return t.ViTModel(t.ViTConfig(**vision)), {"pixel_values": pixels}
+    if arch == "clip_vision":
+        return t.CLIPVisionModel(t.CLIPVisionConfig(**vision)), {"pixel_values": pixels}
+    if arch == "siglip_vision":
+        return t.SiglipVisionModel(t.SiglipVisionConfig(**vision)), {"pixel_values": pixels}
+    if arch == "clip_text":
+        return t.CLIPTextModel(t.CLIPTextConfig(**tower, vocab_size=VOCAB)), {"input_ids": ids, "attention_mask": mask}
+    raise ValueError(arch)
+
+
+ENCODERS = ["bart", "whisper", "vit", "clip_vision", "siglip_vision", "clip_text"]
+
+
+@pytest.mark.parametrize("arch", ENCODERS)
+def test_encoder_and_cross_attention_logits_are_the_attention_hf_computes(arch):
+    """Encoders (all pairs, the padding mask), decoders (causal) and cross-attention (decoder queries to encoder keys,
+    the encoder's padding): the softmax of the probe's logits under the pairs it reduced over is HF's eager
+    attention."""
+    from lightning_msign.models import find_decoder
+
+    model, inputs = _encoder_model(arch)
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "query", "key")):
+                p.mul_(10.0)
+    decoder = find_decoder(model)
+    assert decoder.n_stacks == (2 if arch in ("bart", "whisper") else 1)
+    probes = [attention_probe(a, keep=True) for i in range(len(decoder.blocks)) for a in decoder.attentions(i)]
+    handles = [h for p in probes for h in p.attach()]
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    for h in handles:
+        h.remove()
+    if arch in ("bart", "whisper"):  # encoder self, then each decoder block's self and cross
+        refs = list(out.encoder_attentions) + [r for pair in zip(out.decoder_attentions, out.cross_attentions)
+                                                for r in pair]
+    else:
+        refs = list(out.attentions)
+    assert len(probes) == len(refs) == (6 if arch in ("bart", "whisper") else 2)
+    kinds = set()
+    for i, (probe, ref) in enumerate(zip(probes, refs)):
+        q, k, allowed = probe.query, probe.key, probe.allowed
+        logits = q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).mT * probe.scale
+        allowed = allowed.expand(logits.shape[0], 1, *logits.shape[2:])
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        assert (probs - ref).abs().max().item() < 1e-5, i
+        assert probe.value.item() == pytest.approx(logits.abs().masked_fill(~allowed, 0).amax().item(), rel=1e-6)
+        assert probe.value.item() > 1.0
+        kinds.add(("cross" if q.shape[2] != k.shape[2] else "causal" if not allowed[0, 0, 0, 1] else "all")
+                  + ("+pad" if not torch.equal(allowed[0], allowed[1]) else ""))  # the padded sequence differs
+    expected = {"bart": {"all+pad", "causal", "cross+pad"}, "whisper": {"all", "causal", "cross"},
+                "clip_text": {"causal+pad"}}.get(arch, {"all"})
+    assert kinds == expected

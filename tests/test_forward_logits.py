@@ -139,3 +139,55 @@ def test_a_step_whose_forward_was_not_seen_falls_back_or_fails_clearly():
         second.step(1)
     with pytest.raises(ValueError, match="`logits_from` must be one of"):
         MSign(model, period=None, max_attn_logit=1.0, logits_from="forward")
+
+
+@pytest.mark.parametrize("arch", ["bart", "whisper", "vit"])
+def test_encoders_and_encoder_decoders_are_read_in_their_training_forward(arch):
+    """A model with two stacks (BART, Whisper: the decoder blocks' cross-attention counts) or one that takes no token
+    ids (ViT pixels, Whisper audio features): each block's logits, read in the training forward, equal those of a
+    no-grad forward with the weights before the step (the same probes attached by hand), and the check changes
+    nothing; no second forward can be run, and the fallback says why."""
+    from test_diagnostics_hf import _encoder_model
+
+    from lightning_msign.models import attention_probe, find_decoder
+
+    model, inputs = _encoder_model(arch, attn_implementation="sdpa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "query", "key")):
+                p.mul_(10.0)
+    plain = copy.deepcopy(model)
+    guard = MSign(model, period=None, targets="qk", max_attn_logit=1e9, probe_batch_size=2, probe_seq_len=None)
+    reference = copy.deepcopy(model)
+    decoder = find_decoder(reference)
+    probes = [(i, attention_probe(a)) for i in range(len(decoder.blocks)) for a in decoder.attentions(i)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, plain)]
+
+    def loss(m):
+        out = m(**inputs)
+        hidden = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        return hidden.square().mean()
+
+    for step in range(1, 3):
+        reference.load_state_dict(model.state_dict())
+        reference.eval()
+        handles = [h for _, p in probes for h in p.attach()]
+        with torch.no_grad():
+            reference(**inputs)
+        for h in handles:
+            h.remove()
+        per_block = [max(p.value.item() for j, p in probes if j == i) for i in range(len(decoder.blocks))]
+        for m, opt in zip((model, plain), opts):
+            m.train()
+            loss(m).backward()
+            opt.step()
+            opt.zero_grad()
+        metrics = guard.step(step)
+        assert metrics["msign/attn_logit_max"] == pytest.approx(max(per_block), rel=1e-5)
+        assert guard._forward_logits.read(step) == pytest.approx(per_block, rel=1e-5)
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name
+    if arch != "bart":  # no token ids: the second forward is refused with the reason
+        with pytest.raises(ValueError, match="takes no token ids.*logits_from='training_forward'"), \
+                pytest.warns(UserWarning, match="saw no training forward"):
+            guard.step(3, input_ids=torch.zeros(2, 4, dtype=torch.long))

@@ -7,7 +7,10 @@ parameter's name alone):
   ``"attn_out"``, ``"mlp"``, ``"router"``, ``"embedding"``, ``"lm_head"``) and, for a fused or stacked weight, its
   :class:`~lightning_msign.layouts.Layout`;
 - :meth:`Family.attention_probe`: how to rebuild an attention module's queries and keys (attention logits);
-- :meth:`Family.block`: a block's output projections and the structure of its output (architecture warm-up).
+- :meth:`Family.block`: a block's output projections and the structure of its output (architecture warm-up);
+- :meth:`Family.stack` and :meth:`Family.block_attentions`: where an encoder's or a decoder's blocks are and which
+  attention modules' logits count for a block (self- and cross-attention), for the attention logits of models that
+  are not decoder-only.
 
 The catalog of targets, the presets, the warm-up, the diagnostics, Muon's parameter groups and the error messages
 all ask the registry (:func:`read_model`, :func:`attention_probe`, :func:`block_info`); no other module holds a
@@ -82,6 +85,15 @@ class Family:
 
     def block(self, block: nn.Module) -> Optional[BlockInfo]:
         """The warm-up's view of ``block``, if it is one of the family's blocks."""
+        return None
+
+    def stack(self, module: nn.Module) -> Optional[nn.ModuleList]:
+        """The blocks of ``module``, if it is one of the family's stacks of blocks (an encoder, a decoder)."""
+        return None
+
+    def block_attentions(self, block: nn.Module) -> Optional[tuple[nn.Module, ...]]:
+        """The attention modules whose logits count for ``block`` (its self-attention, then a decoder block's
+        cross-attention), if it is one of the family's blocks."""
         return None
 
     def __repr__(self) -> str:
@@ -161,6 +173,24 @@ def block_info(block: nn.Module) -> Optional[BlockInfo]:
         info = family.block(block)
         if info is not None:
             return info
+    return None
+
+
+def block_stack(module: nn.Module) -> Optional[nn.ModuleList]:
+    """The blocks of ``module`` from the first family that says it is a stack of blocks, else ``None``."""
+    for family in _REGISTRY:
+        blocks = family.stack(module)
+        if blocks is not None:
+            return blocks
+    return None
+
+
+def block_attentions(block: nn.Module) -> Optional[tuple[nn.Module, ...]]:
+    """The attention modules of ``block`` from the first family that recognises it, else ``None``."""
+    for family in _REGISTRY:
+        found = family.block_attentions(block)
+        if found is not None:
+            return found
     return None
 
 

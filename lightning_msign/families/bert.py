@@ -10,12 +10,18 @@ from typing import Optional
 from torch import Tensor, nn
 
 from lightning_msign.families.base import Family, Found, is_transformers, linears
+from lightning_msign.families.hf_attention import InterfaceProbe, hf_classes, interface_probe
 
 _PREFIXES = ("Bert", "Roberta", "ViT")
 
 
 def _names(suffix: str) -> tuple[str, ...]:
     return tuple(p + suffix for p in _PREFIXES)
+
+
+_LOGITS = hf_classes(("vit", "ViTSelfAttention"))
+"""The attention classes whose logits are read where they call the attention function (BERT's and RoBERTa's do not
+call one in transformers 4.57)."""
 
 
 class BERT(Family):
@@ -26,6 +32,20 @@ class BERT(Family):
         " `*Intermediate.dense`, `*Output.dense` are `mlp`"
     )
     read_from = "the attention, self-output, intermediate and output classes"
+    attention_classes = ("HF ViTSelfAttention",)
+
+    def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[InterfaceProbe]:
+        return interface_probe(attn, _LOGITS, keep=keep)
+
+    def stack(self, module: nn.Module) -> Optional[nn.ModuleList]:
+        if is_transformers(module, "ViTEncoder") and isinstance(getattr(module, "layer", None), nn.ModuleList):
+            return module.layer
+        return None
+
+    def block_attentions(self, block: nn.Module) -> Optional[tuple[nn.Module, ...]]:
+        if is_transformers(block, "ViTLayer"):
+            return (block.attention.attention,)
+        return None
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, *_names("SelfAttention")):

@@ -19,8 +19,8 @@ def _names(suffix: str) -> tuple[str, ...]:
     return tuple(p + suffix for p in _PREFIXES)
 
 
-_LOGITS = hf_classes(("phi", "PhiAttention"))
-"""The attention classes whose logits are read where they call the attention function (decoder-only models)."""
+_LOGITS = hf_classes(("clip", "CLIPAttention"), ("siglip", "SiglipAttention"), ("phi", "PhiAttention"))
+"""The attention classes whose logits are read where they call the attention function."""
 
 
 class CLIP(Family):
@@ -31,7 +31,7 @@ class CLIP(Family):
         " are `mlp`"
     )
     read_from = "the attention and MLP classes"
-    attention_classes = ("HF PhiAttention",)
+    attention_classes = ("HF CLIPAttention", "HF SiglipAttention", "HF PhiAttention")
 
     def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[InterfaceProbe]:
         return interface_probe(attn, _LOGITS, keep=keep)
@@ -45,4 +45,15 @@ class CLIP(Family):
             return linears(module, "mlp", "fc1", "fc2")
         if is_transformers(module, "SiglipMultiheadAttentionPoolingHead") and isinstance(module.probe, Tensor):
             return {id(module.probe): ("embedding", None)}  # the pooling's learned query (1, 1, hidden)
+        return None
+
+    def stack(self, module: nn.Module) -> Optional[nn.ModuleList]:
+        if is_transformers(module, "CLIPEncoder", "SiglipEncoder") and isinstance(getattr(module, "layers", None),
+                                                                                  nn.ModuleList):
+            return module.layers
+        return None
+
+    def block_attentions(self, block: nn.Module) -> Optional[tuple[nn.Module, ...]]:
+        if is_transformers(block, "CLIPEncoderLayer", "SiglipEncoderLayer"):
+            return (block.self_attn,)
         return None

@@ -1,12 +1,12 @@
 """Attention logits of Hugging Face families read where the model hands ``q`` and ``k`` to its attention kernel.
 
 Most transformers families (4.57: GPT-NeoX, Gemma 2 / 3, Phi, OLMo, Cohere, Granite, Starcoder2, GPTBigCode, OPT,
-DeepSeek-V3, SmolLM3, GLM-4, ...) compute attention as ``attention_interface(self, query, key, value, attention_mask,
-scaling=..., sliding_window=..., **kwargs)``: the module-level ``eager_attention_forward`` of their modeling module for
-``attn_implementation="eager"``, else the function registered under that name in transformers'
-``ALL_ATTENTION_FUNCTIONS`` (SDPA, flex, flash, or one a user registered). The queries and keys it receives are the
-final ones: after the projections, the per-head norms and RoPE, keys per key group. :class:`InterfaceProbe` reads
-them there.
+DeepSeek-V3, SmolLM3, GLM-4, BART, Whisper, CLIP, SigLIP, ViT, ...) compute attention as ``attention_interface(self,
+query, key, value, attention_mask, scaling=..., sliding_window=..., **kwargs)``: the module-level
+``eager_attention_forward`` of their modeling module for ``attn_implementation="eager"``, else the function registered
+under that name in transformers' ``ALL_ATTENTION_FUNCTIONS`` (SDPA, flex, flash, or one a user registered). The
+queries and keys it receives are the final ones: after the projections, the per-head norms and RoPE, keys per key
+group. :class:`InterfaceProbe` reads them there.
 
 While a probe is attached, the eager function of the attention's modeling module and every entry of the
 ``ALL_ATTENTION_FUNCTIONS`` it calls are wrapped (through the mapping's own local overrides, which the model looks
@@ -18,7 +18,8 @@ wrappers are removed when the last probe is.
 What the probe reduces (:func:`~lightning_msign.functional.attention_logit_max`): ``|scaling * q k^T|`` with the
 ``scaling`` passed to the kernel (``None``: ``head_dim ** -0.5``, what SDPA, flex and flash use), over the pairs the
 mask passed to the kernel allows (a boolean mask, or a float mask's entries above half its dtype's minimum; without
-one, causal pairs within the ``sliding_window`` passed, or all pairs when the module's ``is_causal`` is ``False``).
+one, causal pairs within the ``sliding_window`` passed, or all pairs when the module's ``is_causal`` is ``False``:
+an encoder's, or a cross-attention's, whose queries and keys then differ in number).
 Logits are read before any soft-capping (Gemma 2: ``softcap``), additive biases in a float mask are not part of
 them. Only classes whose probabilities this reproduces are listed by their families (tests compare with the eager
 attention's ``output_attentions``); an eager function without a ``scaling`` argument scales in its own way and is
@@ -125,11 +126,6 @@ class InterfaceProbe(AttentionProbe):
         query, key, mask = named.get("query"), named.get("key"), named.get("attention_mask")
         if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.ndim != 4 or key.ndim != 4:
             raise RuntimeError(f"{type(self.attn).__name__}'s attention function got no 4-D `query` and `key`")
-        if query.shape[2] != key.shape[2]:
-            raise RuntimeError(
-                f"{type(self.attn).__name__} attends {query.shape[2]} queries to {key.shape[2]} keys (a KV cache or"
-                " cross-attention): attention logits are read on a forward of whole sequences without a cache"
-            )
         scaling = named.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         window = named.get("sliding_window")
@@ -143,9 +139,14 @@ class InterfaceProbe(AttentionProbe):
             else:
                 causal = named.get("is_causal")
                 causal = getattr(self.attn, "is_causal", True) if causal is None else bool(causal)
-                if not causal:
-                    allowed = torch.ones(1, 1, query.shape[2], query.shape[2], dtype=torch.bool, device=query.device)
+                if not causal:  # bidirectional or cross-attention: every pair
+                    allowed = torch.ones(1, 1, query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
                     window = None
+            if allowed is None and query.shape[2] != key.shape[2]:
+                raise RuntimeError(
+                    f"{type(self.attn).__name__} attends {query.shape[2]} queries causally to {key.shape[2]} keys (a KV"
+                    " cache): attention logits are read on a forward of whole sequences without a cache"
+                )
             self._scale, self._window = scale, window
             self.record(query, key, scale, window=window, allowed=allowed)
 

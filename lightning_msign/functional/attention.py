@@ -48,22 +48,24 @@ def attention_logit_max(
 
     Args:
         q: queries ``(B, n_head, T, hs)``.
-        k: keys ``(B, n_groups, T, hs)``, one per key group (before any ``repeat_interleave``); query head
-            ``h`` attends with key group ``h // (n_head // n_groups)``.
+        k: keys ``(B, n_groups, S, hs)``, one per key group (before any ``repeat_interleave``); query head
+            ``h`` attends with key group ``h // (n_head // n_groups)``. ``S = T`` unless ``allowed`` is given (a
+            cross-attention's ``S`` encoder positions).
         scale: the factor :math:`c` of the logits (``1 / sqrt(hs)`` for most models).
         window: with a sliding window of this many tokens, only keys ``t - window < j <= t`` count.
-        allowed: the pairs that count, a boolean tensor broadcastable to ``(B, 1, T, T)`` (for instance the mask a
-            model hands its attention kernel, padding included), in place of the causal pairs and ``window``.
+        allowed: the pairs that count, a boolean tensor broadcastable to ``(B, 1, T, S)`` (for instance the mask a
+            model hands its attention kernel, padding included, or all pairs of a bidirectional or cross-attention),
+            in place of the causal pairs and ``window``.
 
     Returns:
         A 0-dim tensor of ``q``'s dtype (compute in float32 by passing float32 ``q``, ``k``). All heads at once
-        while ``B * n_head * T**2`` is at most ``2**24`` entries, else one key group at a time (memory
-        ``B * (n_head / n_groups) * T**2`` entries).
+        while ``B * n_head * T * S`` is at most ``2**24`` entries, else one key group at a time (memory
+        ``B * (n_head / n_groups) * T * S`` entries).
 
     Raises:
         ValueError: ``q``/``k`` are not 4-dimensional, disagree in ``B``, ``T`` or ``hs``, ``n_head`` is not
             a multiple of ``n_groups``, ``window`` is not a positive int, or ``allowed`` is not a boolean tensor
-            broadcastable to ``(B, 1, T, T)`` or comes with ``window``.
+            broadcastable to ``(B, 1, T, S)`` or comes with ``window``.
 
     Example::
 
@@ -89,28 +91,28 @@ def attention_logit_max_per_head(
         raise ValueError(f"`q` and `k` must be 4-dimensional (B, heads, T, hs), got shapes {tuple(q.shape)}"
                          f" and {tuple(k.shape)}")
     B, n_head, T, hs = q.shape
-    n_groups = k.shape[1]
-    if (k.shape[0], k.shape[2], k.shape[3]) != (B, T, hs) or n_groups == 0 or n_head % n_groups != 0:
+    n_groups, S = k.shape[1], k.shape[2]
+    causal = allowed is None
+    if (k.shape[0], k.shape[3]) != (B, hs) or (causal and S != T) or n_groups == 0 or n_head % n_groups != 0:
         raise ValueError(
-            "`k` must be (B, n_groups, T, hs) with n_groups dividing n_head, for `q` of shape"
-            f" {tuple(q.shape)}, got {tuple(k.shape)}"
+            "`k` must be (B, n_groups, T, hs) with n_groups dividing n_head (S keys other than T only with `allowed`),"
+            f" for `q` of shape {tuple(q.shape)}, got {tuple(k.shape)}"
         )
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"`window` must be None or a positive int, got {window!r}")
-    causal = allowed is None
     if not causal:
         shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else None
         fits = shape is not None and len(shape) <= 4 and all(
-            a in (1, b) for a, b in zip(reversed(shape), reversed((B, 1, T, T))))
+            a in (1, b) for a, b in zip(reversed(shape), reversed((B, 1, T, S))))
         if not fits or allowed.dtype != torch.bool or window is not None:
             got = f"{allowed.dtype} of shape {shape}" if shape is not None else type(allowed).__name__
             raise ValueError(
-                f"`allowed` must be a boolean tensor broadcastable to (B, 1, T, T) = {(B, 1, T, T)}, without `window`,"
+                f"`allowed` must be a boolean tensor broadcastable to (B, 1, T, S) = {(B, 1, T, S)}, without `window`,"
                 f" got {got} and window={window!r}"
             )
     per_group = n_head // n_groups
-    if B * n_head * T * T <= _AT_ONCE:  # every head in one batched product
-        scores = (q.reshape(B, n_groups, per_group, T, hs) @ k.unsqueeze(2).mT).reshape(B, n_head, T, T)
+    if B * n_head * T * S <= _AT_ONCE:  # every head in one batched product
+        scores = (q.reshape(B, n_groups, per_group, T, hs) @ k.unsqueeze(2).mT).reshape(B, n_head, T, S)
         return _largest(scores, allowed, causal, window) * scale
     q = q.reshape(B, n_groups, per_group, T, hs)
     out = [_largest(q[:, g] @ k[:, g, None].mT, allowed, causal, window) for g in range(n_groups)]

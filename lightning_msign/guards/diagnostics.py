@@ -35,7 +35,6 @@ from lightning_msign.metric_keys import (
 from lightning_msign.models.base import (
     AttentionProbe,
     Decoder,
-    attention_module,
     attention_probe,
     block_output,
     find_decoder,
@@ -175,11 +174,17 @@ class Diagnostics(Guard):
         model = decoder.model
         if self._fsdp1 is not None:
             self._check_fsdp1(self._fsdp1)
+        if self.jacobian and decoder.n_stacks > 1:
+            raise ValueError(
+                f"`jacobian=True` measures a chain of blocks, and {type(model).__name__} has {decoder.n_stacks} stacks"
+                f" of them (`{decoder.blocks_path}`): pass jacobian=False"
+            )
         if self.attention_logits:
             for i, block in enumerate(decoder.blocks):
-                attn = attention_module(block)
-                if attention_probe(attn) is None:
-                    found = "no `attn` or `self_attn` module" if attn is None else type(attn).__name__
+                attns = decoder.attentions(i)
+                missing = [a for a in attns if attention_probe(a) is None]
+                if not attns or missing:
+                    found = "no `attn` or `self_attn` module" if not attns else type(missing[0]).__name__
                     raise ValueError(
                         f"`attention_logits=True` needs an attention class whose logits can be rebuilt"
                         f" ({', '.join(supported_attention())}), got {found} in block {i} of"
@@ -295,16 +300,16 @@ class Diagnostics(Guard):
         """One hooked forward: the model's output, each block's arguments, each layer's attention-logit max."""
         blocks = decoder.blocks
         block_inputs: list[Optional[tuple[tuple, dict]]] = [None] * len(blocks)
-        probes: list[AttentionProbe] = []
+        probes: list[list[AttentionProbe]] = []  # per block: its self-attention's, a decoder block's cross-attention's
         if self.attention_logits:
-            probes = [attention_probe(attention_module(block)) for block in blocks]  # type: ignore[misc]
+            probes = [[attention_probe(a) for a in decoder.attentions(i)] for i in range(len(blocks))]  # type: ignore[misc]
         handles: list[RemovableHandle] = []
         try:
             if self.jacobian:
                 for i, block in enumerate(blocks):
                     handles.append(block.register_forward_pre_hook(partial(_store_inputs, block_inputs, i),
                                                                    with_kwargs=True))
-            for probe in probes:
+            for probe in (p for block_probes in probes for p in block_probes):
                 handles.extend(probe.attach())
             # FSDP1: gather the units above the decoder (those inside it gather in their own forward).
             with self._fsdp1.summon_above(decoder.model) if self._fsdp1 is not None else nullcontext():
@@ -316,9 +321,11 @@ class Diagnostics(Guard):
         active = [not is_inactive(block) for block in blocks]
         if self.jacobian and any(entry is None for entry, on in zip(block_inputs, active) if on):
             raise RuntimeError(f"Diagnostics: the model's forward did not call every block of `{decoder.blocks_path}`")
-        if any(p.value is None for p, on in zip(probes, active) if on):
+        if any(p.value is None for ps, on in zip(probes, active) if on for p in ps):
             raise RuntimeError("Diagnostics: the model's forward did not call every block's attention")
-        return output, block_inputs, [p.value if on else None for p, on in zip(probes, active)]  # type: ignore[misc]
+        values = [torch.stack([p.value for p in ps]).amax() if on else None  # type: ignore[misc]
+                  for ps, on in zip(probes, active)]
+        return output, block_inputs, values  # type: ignore[return-value]
 
     def _jacobians(self, blocks: list[nn.Module], block_inputs: list[tuple[tuple, dict]]) -> dict[str, Tensor]:
         metrics: dict[str, Tensor] = {}

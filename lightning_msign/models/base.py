@@ -1,7 +1,9 @@
-r"""Decoder-only transformers as the diagnostics see them: the model to call, its blocks, its limits, its output.
+r"""Transformers as the diagnostics see them: the model to call, its blocks, its limits, its output.
 
-Recognised layouts (the first module, in ``module.modules()`` order, with a non-empty ``nn.ModuleList`` of
-blocks at one of :data:`BLOCK_PATHS`):
+Recognised layouts: the stacks of blocks a model family names (:meth:`~lightning_msign.families.Family.stack`: the
+encoder's and decoder's layers of HF BART / mBART / Marian / Whisper / OPT, CLIP / SigLIP and ViT encoders), the
+blocks of all of them in model order; else the first module, in ``module.modules()`` order, with a non-empty
+``nn.ModuleList`` of blocks at one of :data:`BLOCK_PATHS`:
 
 - ``transformer.h``: LitGPT's ``GPT`` and Hugging Face GPT-2 (``GPT2LMHeadModel``);
 - ``model.layers``: Hugging Face Llama-family models (``LlamaForCausalLM``, Mistral, Qwen2, Qwen3, Gemma, Phi, ...);
@@ -40,9 +42,9 @@ class Decoder:
     """A decoder-only transformer found in a module.
 
     Attributes:
-        model: the module called with token ids ``(B, T)``.
-        blocks: its blocks, in order.
-        blocks_path: where the blocks are (one of :data:`BLOCK_PATHS`).
+        model: the module called with token ids ``(B, T)`` (and whose forward brackets a training forward).
+        blocks: its blocks, in order (an encoder's, then a decoder's).
+        blocks_path: where the blocks are (one of :data:`BLOCK_PATHS`, or the stacks' paths joined by ``", "``).
         max_length: the longest sequence it accepts (LitGPT ``max_seq_length``, else ``config`` attributes
             :data:`MAX_LENGTH_ATTRIBUTES`), ``None`` if it tells none.
         call_kwargs: keyword arguments of every call (``use_cache=False`` where the forward takes it, so no
@@ -54,11 +56,37 @@ class Decoder:
     blocks_path: str
     max_length: Optional[int]
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    n_stacks: int = 1
+    """How many stacks of blocks (2 for an encoder-decoder)."""
+    takes_ids: bool = True
+    """Whether the model's forward takes token ids (not so a vision or speech encoder's)."""
 
     def __call__(self, input_ids: Tensor) -> Any:
+        if not self.takes_ids:
+            raise ValueError(
+                f"{type(self.model).__name__}'s forward takes no token ids, so no second forward can be run on them:"
+                " read its attention logits in the training forward (MSign(max_attn_logit=...,"
+                " logits_from='training_forward'), the default)"
+            )
         # `_call_impl`, not `__call__`: runs the module's hooks (FSDP2's included) but never a
         # torch.compile-d version (`nn.Module.compile`), which hooks would force to recompile.
         return self.model._call_impl(input_ids, **self.call_kwargs)
+
+    def attentions(self, index: int) -> tuple[nn.Module, ...]:
+        """The attention modules whose logits count for block ``index`` (:func:`block_attention_modules`)."""
+        return block_attention_modules(self.blocks[index])
+
+
+def block_attention_modules(block: nn.Module) -> tuple[nn.Module, ...]:
+    """The attention modules of ``block``: what its model family names (self- and cross-attention), else
+    :func:`attention_module` (empty when there is none)."""
+    from lightning_msign.families import block_attentions
+
+    found = block_attentions(block)
+    if found is not None:
+        return found
+    attn = attention_module(block)
+    return () if attn is None else (attn,)
 
 
 def _blocks_at(module: nn.Module) -> Optional[tuple[str, list[nn.Module]]]:
@@ -91,6 +119,9 @@ def find_decoder(module: nn.Module, model_attr: Optional[str] = None) -> Decoder
         ValueError: ``model_attr`` does not exist or does not lead to such a module, or none is found.
     """
     paths = " or ".join(f"`{p}`" for p in BLOCK_PATHS)
+    stacked = _family_stacks(module, model_attr)
+    if stacked is not None:
+        return stacked
     if model_attr is not None:
         model: Any = module
         for part in model_attr.split("."):
@@ -115,12 +146,50 @@ def find_decoder(module: nn.Module, model_attr: Optional[str] = None) -> Decoder
                 " pass `model_attr`"
             )
     path, blocks = found
+    return _decoder(model, blocks, path, 1)
+
+
+def _decoder(model: nn.Module, blocks: list[nn.Module], path: str, n_stacks: int) -> Decoder:
     model = unwrap_module(model)  # a torch.compile wrapper forwards attributes: call the module inside it
     try:
-        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
-        takes_cache = False
-    return Decoder(model, blocks, path, max_length(model), {"use_cache": False} if takes_cache else {})
+        parameters = {}  # type: ignore[assignment]
+    takes_cache = "use_cache" in parameters
+    takes_ids = not _is_transformers_model(model) or "input_ids" in parameters
+    return Decoder(model, blocks, path, max_length(model), {"use_cache": False} if takes_cache else {}, n_stacks,
+                   takes_ids)
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(module).__mro__)
+
+
+def _family_stacks(module: nn.Module, model_attr: Optional[str]) -> Optional[Decoder]:
+    """The stacks of blocks model families name in ``module`` (or ``module.<model_attr>``), as one :class:`Decoder`:
+    the model is the outermost Hugging Face model holding them all (its forward runs them all; its output has the
+    logits), else the innermost module that does."""
+    from lightning_msign.families import block_stack
+
+    root: Any = module
+    for part in (model_attr.split(".") if model_attr else []):
+        root = getattr(root, part, None)
+    if not isinstance(root, nn.Module):
+        return None
+    root = unwrap_module(root)
+    named = list(root.named_modules())
+    stacks = [(name, stack) for name, m in named if (stack := block_stack(m)) is not None and len(stack) > 0]
+    if not stacks:
+        return None
+    owners = [(name, m) for name, m in named
+              if all(name == "" or s.startswith(name + ".") for s, _ in stacks)]  # outermost first
+    model_name, model = next(((n, m) for n, m in owners if _is_transformers_model(m)), owners[-1])
+    prefix = f"{model_name}." if model_name else ""
+    names = {id(m): n for n, m in named}
+    path = ", ".join(names.get(id(stack), n)[len(prefix):] for n, stack in stacks)
+    blocks = [block for _, stack in stacks for block in stack]
+    return _decoder(model, blocks, path, len(stacks))
 
 
 def has_no_lm_head(model: nn.Module) -> bool:
@@ -201,7 +270,7 @@ class AttentionProbe:
     Args:
         attn: the attention module.
         keep: keep the last ``q`` (``(B, n_head, T, hs)``), ``k`` (``(B, n_groups, T, hs)``) and the pairs that
-            counted (a boolean mask broadcastable to ``(B, 1, T, T)``) in :attr:`query`, :attr:`key` and
+            counted (a boolean mask broadcastable to ``(B, 1, T, S)``) in :attr:`query`, :attr:`key` and
             :attr:`allowed` (for tests and for inspecting the logits).
 
     Attributes:
@@ -279,7 +348,7 @@ class AttentionProbe:
         self, q: Tensor, k: Tensor, scale: float, window: Optional[int] = None, allowed: Optional[Tensor] = None
     ) -> None:
         """Keep the largest ``|logit|`` of queries ``(B, n_head, T, hs)`` and keys ``(B, n_groups, T, hs)`` (cut to the
-        probe's :meth:`limit`; ``allowed``, a boolean mask broadcastable to ``(B, 1, T, T)``, is cut alike)."""
+        probe's :meth:`limit`; ``allowed``, a boolean mask broadcastable to ``(B, 1, T, S)``, is cut alike)."""
         b, n = self.batch_size, self.seq_len
         q, k = to_compute(q.detach()[:b, :, :n]), to_compute(k.detach()[:b, :, :n])
         if allowed is not None:

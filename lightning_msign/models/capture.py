@@ -9,7 +9,8 @@ graph and the random numbers it draws are untouched. Forwards in eval mode or wi
 generation, a second probe forward) are never read, and the blocks recomputed by activation checkpointing during the
 backward pass are not either (the probes are gone by then).
 
-Under gradient accumulation every micro-batch of the step is read and each layer keeps its maximum over them.
+Under gradient accumulation every micro-batch of the step is read and each layer keeps its maximum over them. A
+decoder block with cross-attention (an encoder-decoder) takes the larger of its two attentions' maxima.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_msign.models.base import AttentionProbe, Decoder, attention_module, attention_probe
+from lightning_msign.models.base import AttentionProbe, Decoder, attention_probe
 
 __all__ = ["ForwardLogits"]
 
@@ -49,15 +50,20 @@ class ForwardLogits:
     ) -> None:
         self.decoder = decoder
         self.wanted = wanted
-        probes: list[AttentionProbe] = []
-        for i, block in enumerate(decoder.blocks):
-            probe = attention_probe(attention_module(block))
-            if probe is None:
-                raise ValueError(f"The attention of block {i} of `{decoder.blocks_path}` has no logit probe")
-            probes.append(probe.limit(batch_size, seq_len))
+        probes: list[tuple[int, AttentionProbe]] = []  # (block index, probe): a decoder block's cross-attention too
+        for i in range(len(decoder.blocks)):
+            attns = decoder.attentions(i)
+            if not attns:
+                raise ValueError(f"Block {i} of `{decoder.blocks_path}` has no attention module")
+            for attn in attns:
+                probe = attention_probe(attn)
+                if probe is None:
+                    raise ValueError(f"The attention {type(attn).__name__} of block {i} of `{decoder.blocks_path}` has"
+                                     " no logit probe")
+                probes.append((i, probe.limit(batch_size, seq_len)))
         self.probes = probes
         self._step: Optional[int] = None
-        self._values: list[Optional[Tensor]] = [None] * len(probes)
+        self._values: list[Optional[Tensor]] = [None] * len(decoder.blocks)
         self._attached: list[Any] = []
         self._hooks: list[RemovableHandle] = [
             decoder.model.register_forward_pre_hook(self._pre),
@@ -86,8 +92,8 @@ class ForwardLogits:
         if step is None:
             return
         if step != self._step:
-            self._step, self._values = step, [None] * len(self.probes)
-        for probe in self.probes:
+            self._step, self._values = step, [None] * len(self._values)
+        for _, probe in self.probes:
             probe.value = None
             self._attached.extend(probe.attach())
 
@@ -95,7 +101,7 @@ class ForwardLogits:
         if not self._attached:
             return
         self._detach_probes()
-        for i, probe in enumerate(self.probes):
+        for i, probe in self.probes:
             value, probe.value = probe.value, None
             if value is not None:
                 previous = self._values[i]
