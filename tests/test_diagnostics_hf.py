@@ -53,6 +53,11 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
         "phi3": (t.Phi3ForCausalLM, t.Phi3Config, {"sliding_window": 3, "pad_token_id": 0}, [3, 3]),
         "gemma": (t.GemmaForCausalLM, t.GemmaConfig, {"head_dim": 8}, [None, None]),
         "olmo2": (t.Olmo2ForCausalLM, t.Olmo2Config, {}, [None, None]),
+        # its own forward (no attention function): the pairs are those of the 4-D mask the layer is passed
+        "qwen2_moe": (t.Qwen2MoeForCausalLM, t.Qwen2MoeConfig,
+                      {"num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16,
+                       "shared_expert_intermediate_size": 16, "use_sliding_window": True, "sliding_window": 3,
+                       "max_window_layers": 1}, [3, 3]),
         "qwen3_moe": (t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig,
                       {"head_dim": 8, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16},
                       [None, None]),
@@ -90,7 +95,7 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
 
 
 HOOKED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "olmo2",
-          "qwen3_moe", "phi3"]
+          "qwen3_moe", "phi3", "qwen2_moe"]
 """Rebuilt from the outputs of their projections (hook probes)."""
 INTERFACE = ["gpt_neox", "gemma2", "gemma2-no-softcap", "gemma3", "phi", "olmo", "cohere", "granite", "starcoder2",
              "gpt_bigcode", "gpt_bigcode-multi-head", "opt", "smollm3", "glm4", "deepseek_v3", "deepseek_v2"]

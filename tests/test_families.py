@@ -190,7 +190,6 @@ def test_deepseek_mla_qk_is_the_queries_and_the_key_rows_of_both_fused_weights()
 
 @pytest.mark.parametrize(("config", "model"), [
     ("Gemma2Config", "Gemma2ForCausalLM"), ("Olmo2Config", "Olmo2ForCausalLM"),
-    ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
 ])
 def test_other_hf_families_with_separate_projections_are_read_from_their_config(config, model):
     import transformers
@@ -392,3 +391,22 @@ def test_out_proj_and_fc_families_roles_and_qk_msign(name):
     for n, p in model.named_parameters():
         if n not in signed:
             assert torch.equal(p, params[n]), n  # the feed-forward, norms, embeddings, convolutions
+
+
+def test_qwen2_moe_routers_experts_and_shared_expert():
+    import transformers
+
+    net = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, max_position_embeddings=64))
+    roles = {t.name: t.role for t in resolve_targets(net, "all_2d")}
+    for i in range(2):
+        block = f"model.layers.{i}."
+        assert roles[block + "mlp.gate.weight"] == roles[block + "mlp.shared_expert_gate.weight"] == "router"
+        for p, r in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "attn_out")):
+            assert roles[f"{block}self_attn.{p}_proj.weight"] == r
+        mlp = [f"{block}mlp.experts.{e}.{m}_proj.weight" for e in range(3) for m in ("gate", "up", "down")]
+        mlp += [f"{block}mlp.shared_expert.{m}_proj.weight" for m in ("gate", "up", "down")]
+        assert all(roles[n] == "mlp" for n in mlp)
+    assert len(resolve_targets(net, "mlp")) == 2 * 12  # the routers are not selected by "mlp"

@@ -51,6 +51,10 @@ def _hf(arch: str):
     if arch == "phi":
         return t.PhiForCausalLM(t.PhiConfig(**{**common, "num_key_value_heads": 4}, qk_layernorm=True,
                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="sdpa"))
+    if arch == "qwen2_moe":  # SDPA without a window or padding: no mask is passed, the causal pairs count
+        return t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(**common, num_experts=2, num_experts_per_tok=1,
+                                                      moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                                      attn_implementation="sdpa"))
     if arch == "deepseek_v3":
         mla = {"kv_lora_rank": 8, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
                "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
@@ -72,7 +76,8 @@ def _attention_functions(model) -> tuple:
     return getattr(modeling, "eager_attention_forward", None), dict(getattr(interface, "_local_mapping", {}))
 
 
-@pytest.mark.parametrize("arch", ["litgpt", "gpt2", "llama", "gpt_neox", "gemma2", "deepseek_v3", "opt", "phi"])
+@pytest.mark.parametrize("arch", ["litgpt", "gpt2", "llama", "gpt_neox", "gemma2", "deepseek_v3", "opt", "phi",
+                                  "qwen2_moe"])
 def test_the_check_reads_the_training_forward_and_changes_nothing(arch):
     torch.manual_seed(0)
     model = _litgpt() if arch == "litgpt" else _hf(arch)

@@ -2,9 +2,9 @@
 
 Built in, asked in this order (a family registered with :func:`register_family` comes first): LitGPT,
 ``torch.nn.MultiheadAttention``, HF GPT-2, HF GPTBigCode, HF GPT-NeoX, HF Phi-3, HF Llama / Mistral / Qwen2 / Qwen3 /
-Mixtral, HF T5 / mT5, HF DBRX, HF DeepSeek-V2 / V3 (MLA), HF Falcon / BLOOM / MPT, HF BERT / RoBERTa / ViT,
-HF BART / mBART / Marian / Whisper / OPT, HF CLIP / SigLIP / Phi, transformers-5 expert tensors, the attention and
-MLP classes of any other HF family with separate projections (checked against its config), nanoGPT.
+Mixtral, HF Qwen2-MoE, HF T5 / mT5, HF DBRX, HF DeepSeek-V2 / V3 (MLA), HF Falcon / BLOOM / MPT, HF BERT / RoBERTa /
+ViT, HF BART / mBART / Marian / Whisper / OPT, HF CLIP / SigLIP / Phi, transformers-5 expert tensors, the attention
+and MLP classes of any other HF family with separate projections (checked against its config), nanoGPT.
 
 A user's family, in a few lines::
 
@@ -61,11 +61,12 @@ from lightning_msign.families.llama import LlamaLike
 from lightning_msign.families.nanogpt import NanoGPT
 from lightning_msign.families.neox import GPTNeoX
 from lightning_msign.families.phi3 import Phi3
+from lightning_msign.families.qwen2_moe import Qwen2MoE
 from lightning_msign.families.t5 import T5
 from lightning_msign.families.torch_mha import TorchMultiheadAttention
 
 BUILT_IN: tuple[Family, ...] = (
-    LitGPT(), TorchMultiheadAttention(), GPT2(), GPTBigCode(), GPTNeoX(), Phi3(), LlamaLike(), T5(), DBRX(),
+    LitGPT(), TorchMultiheadAttention(), GPT2(), GPTBigCode(), GPTNeoX(), Phi3(), LlamaLike(), Qwen2MoE(), T5(), DBRX(),
     DeepSeekMLA(), FalconBloomMPT(), BERT(), BART(), CLIP(), ExpertTensors(), HFSeparateProjections(), NanoGPT(),
 )
 """The built-in families, in the order they are asked."""
