@@ -58,6 +58,11 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
                       {"num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16,
                        "shared_expert_intermediate_size": 16, "use_sliding_window": True, "sliding_window": 3,
                        "max_window_layers": 1}, [3, 3]),
+        **{f"falcon-{kind}": (t.FalconForCausalLM, t.FalconConfig,
+                              {"num_attention_heads": 4, "alibi": False, "bias": False, **options}, [None, None])
+           for kind, options in (("grouped", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+                                 ("multi-query", {"new_decoder_architecture": False, "multi_query": True}),
+                                 ("multi-head", {"new_decoder_architecture": False, "multi_query": False}))},
         "qwen3_moe": (t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig,
                       {"head_dim": 8, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16},
                       [None, None]),
@@ -95,13 +100,14 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
 
 
 HOOKED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "olmo2",
-          "qwen3_moe", "phi3", "qwen2_moe"]
+          "qwen3_moe", "phi3", "qwen2_moe", "falcon-grouped", "falcon-multi-query", "falcon-multi-head"]
 """Rebuilt from the outputs of their projections (hook probes)."""
 INTERFACE = ["gpt_neox", "gemma2", "gemma2-no-softcap", "gemma3", "phi", "olmo", "cohere", "granite", "starcoder2",
              "gpt_bigcode", "gpt_bigcode-multi-head", "opt", "smollm3", "glm4", "deepseek_v3", "deepseek_v2"]
 """Read where they call transformers' attention function."""
 SUPPORTED = HOOKED + INTERFACE
-_GROUPS = {"gpt2": 4, "gpt2-inverse-layer-scale": 4, "gpt_neox": 4, "opt": 4, "gpt_bigcode": 1,
+_GROUPS = {"falcon-grouped": 4, "falcon-multi-query": 1, "falcon-multi-head": 4,
+           "gpt2": 4, "gpt2-inverse-layer-scale": 4, "gpt_neox": 4, "opt": 4, "gpt_bigcode": 1,
            "gpt_bigcode-multi-head": 4, "deepseek_v3": 4, "deepseek_v2": 4}
 
 
@@ -118,8 +124,8 @@ def test_softmax_of_the_rebuilt_logits_is_the_attention_hf_computes(arch):
             if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "c_attn", "qkv_proj", "query_key_value",
                                                         "q_b_proj", "kv_b_proj", "kv_a_proj")):
                 p.mul_(10.0)
-    blocks = Diagnostics(model).decoder.blocks
-    probes = [attention_probe(attention_module(block), keep=True) for block in blocks]
+    decoder = Diagnostics(model).decoder
+    probes = [attention_probe(decoder.attentions(i)[0], keep=True) for i in range(len(decoder.blocks))]
     handles = [h for p in probes for h in p.attach()]
     ids = torch.randint(0, VOCAB, (2, 10))
     with torch.no_grad():

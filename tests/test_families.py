@@ -410,3 +410,14 @@ def test_qwen2_moe_routers_experts_and_shared_expert():
         mlp += [f"{block}mlp.shared_expert.{m}_proj.weight" for m in ("gate", "up", "down")]
         assert all(roles[n] == "mlp" for n in mlp)
     assert len(resolve_targets(net, "mlp")) == 2 * 12  # the routers are not selected by "mlp"
+
+
+def test_qwen3_moe_router_is_a_router():
+    import transformers
+
+    net = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=16))
+    roles = {t.name: t.role for t in resolve_targets(net, "all_2d")}
+    assert [roles[f"model.layers.{i}.mlp.gate.weight"] for i in range(2)] == ["router", "router"]
+    assert not any(t.name.endswith("mlp.gate.weight") for t in resolve_targets(net, "mlp"))

@@ -55,6 +55,9 @@ def _hf(arch: str):
         return t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(**common, num_experts=2, num_experts_per_tok=1,
                                                       moe_intermediate_size=16, shared_expert_intermediate_size=16,
                                                       attn_implementation="sdpa"))
+    if arch == "falcon":
+        return t.FalconForCausalLM(t.FalconConfig(**common, alibi=False, new_decoder_architecture=True,
+                                                  num_kv_heads=2, attn_implementation="sdpa"))
     if arch == "deepseek_v3":
         mla = {"kv_lora_rank": 8, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
                "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
@@ -77,7 +80,7 @@ def _attention_functions(model) -> tuple:
 
 
 @pytest.mark.parametrize("arch", ["litgpt", "gpt2", "llama", "gpt_neox", "gemma2", "deepseek_v3", "opt", "phi",
-                                  "qwen2_moe"])
+                                  "qwen2_moe", "falcon"])
 def test_the_check_reads_the_training_forward_and_changes_nothing(arch):
     torch.manual_seed(0)
     model = _litgpt() if arch == "litgpt" else _hf(arch)

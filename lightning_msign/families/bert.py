@@ -19,7 +19,7 @@ def _names(suffix: str) -> tuple[str, ...]:
     return tuple(p + suffix for p in _PREFIXES)
 
 
-_LOGITS = hf_classes(("vit", "ViTSelfAttention"))
+_LOGITS = hf_classes(("vit", "ViTSelfAttention"), ("vit", "ViTAttention"))  # transformers 4, 5
 """The attention classes whose logits are read where they call the attention function (BERT's and RoBERTa's do not
 call one in transformers 4.57)."""
 
@@ -32,19 +32,22 @@ class BERT(Family):
         " `*Intermediate.dense`, `*Output.dense` are `mlp`"
     )
     read_from = "the attention, self-output, intermediate and output classes"
-    attention_classes = ("HF ViTSelfAttention",)
+    attention_classes = ("HF ViTSelfAttention", "HF ViTAttention (transformers 5)")
 
     def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[InterfaceProbe]:
         return interface_probe(attn, _LOGITS, keep=keep)
 
     def stack(self, module: nn.Module) -> Optional[nn.ModuleList]:
         if is_transformers(module, "ViTEncoder") and isinstance(getattr(module, "layer", None), nn.ModuleList):
-            return module.layer
+            return module.layer  # transformers 4
+        if is_transformers(module, "ViTModel") and isinstance(getattr(module, "layers", None), nn.ModuleList):
+            return module.layers  # transformers 5: no encoder module
         return None
 
     def block_attentions(self, block: nn.Module) -> Optional[tuple[nn.Module, ...]]:
         if is_transformers(block, "ViTLayer"):
-            return (block.attention.attention,)
+            inner = getattr(block.attention, "attention", None)  # transformers 4: ViTAttention wraps ViTSelfAttention
+            return (inner if isinstance(inner, nn.Module) else block.attention,)
         return None
 
     def read(self, module: nn.Module) -> Optional[Found]:
@@ -54,6 +57,8 @@ class BERT(Family):
             return linears(module, "attn_out", "dense")
         if is_transformers(module, *_names("Intermediate"), *_names("Output")):
             return linears(module, "mlp", "dense")
+        if is_transformers(module, "ViTMLP"):  # transformers 5 (its attention has q_proj ... o_proj: read generically)
+            return linears(module, "mlp", "fc1", "fc2")
         if is_transformers(module, "ViTEmbeddings"):  # learned vectors (1, n, hidden): embeddings, no matrices
             return _vectors(module, "cls_token", "position_embeddings", "mask_token")
         return None

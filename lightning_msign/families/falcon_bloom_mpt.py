@@ -9,20 +9,71 @@ attention's own split does.
   each; ``dense`` the output; the MLP's ``dense_h_to_4h``, ``dense_4h_to_h``.
 - MPT ``Wqkv`` (``chunk(3)`` in the forward): rows ``[q | k | v]`` of ``hidden_size`` each; ``out_proj`` the output;
   the MLP's ``up_proj``, ``down_proj``.
+
+Attention logits of Falcon with rotary positions (``alibi=False``, Falcon-7B/40B/180B; :class:`FalconProbe`): the
+``query_key_value`` output cut by the attention's own ``_split_heads`` and reshaped as its forward does, rotated by
+the ``position_embeddings`` the layer passes with the model's ``apply_rotary_pos_emb``; scale ``inv_norm_factor``
+(``1 / sqrt(head_dim)``, SDPA's default too); the pairs of the 4-D mask the layer passes, else causal. ALiBi
+Falcon, BLOOM and MPT add a per-head position bias to the logits: not read (refused at setup). In transformers 5
+Falcon's forward inlines the split and calls the attention function, where it is read instead
+(:mod:`lightning_msign.families.hf_attention`).
+
+No import of ``transformers`` here: a model's own module is read from ``sys.modules``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import Any, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
-from lightning_msign.families.base import Family, Found, int_attr, is_transformers, linears, rows, weight_of
+from lightning_msign.families.base import (
+    Family,
+    Found,
+    int_attr,
+    is_transformers,
+    linears,
+    qualified_name,
+    rows,
+    weight_of,
+)
+from lightning_msign.families.hf_attention import interface_probe, uses_attention_interface
 from lightning_msign.layouts import Layout
+from lightning_msign.models.base import AttentionProbe, MaskedAttentionProbe, argument, to_compute
+
+_FALCON = "transformers.models.falcon.modeling_falcon.FalconAttention"
 
 
 def _heads(n: int, source: str, **sizes: int) -> Layout:
     return Layout("heads", tuple(sizes.items()), heads=n, source=source)
+
+
+class FalconProbe(MaskedAttentionProbe):
+    """Hooks on a rotary HF ``FalconAttention``: the fused projection's output, the model's own split and RoPE, the
+    mask it was passed (see the module docstring)."""
+
+    @property
+    def scale(self) -> float:
+        return float(self.attn.inv_norm_factor)
+
+    def sources(self) -> dict[str, nn.Module]:
+        return {"qkv": self.attn.query_key_value}
+
+    def read_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return {"position_embeddings": argument(args, kwargs, 9, "position_embeddings"),
+                "mask": argument(args, kwargs, 2, "attention_mask")}
+
+    def query_key(self, seen: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        attn = self.attn
+        q, k, _ = attn._split_heads(seen["qkv"])  # (B, T, heads, head_dim), as the forward splits it
+        n_kv = attn.num_heads if attn.new_decoder_architecture else attn.num_kv_heads
+        B, T = q.shape[:2]
+        q = q.transpose(1, 2).reshape(B, attn.num_heads, T, attn.head_dim)
+        k = k.transpose(1, 2).reshape(B, n_kv, T, attn.head_dim)
+        cos, sin = seen["position_embeddings"]
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+        return to_compute(q), to_compute(k)
 
 
 class FalconBloomMPT(Family):
@@ -34,6 +85,21 @@ class FalconBloomMPT(Family):
         'rows `[Q \\| K \\| V]`'
     )
     read_from = "`num_heads`, `num_kv_heads`, `head_dim`, Falcon's two flags; MPT `hidden_size`"
+    attention_classes = ("HF FalconAttention (rotary)",)
+
+    def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[AttentionProbe]:
+        if qualified_name(attn) != _FALCON or getattr(attn.config, "alibi", True):
+            return None
+        if uses_attention_interface(attn):  # transformers 5: the split is inlined, the attention function called
+            return interface_probe(attn, (_FALCON,), keep=keep)
+        return FalconProbe(attn, keep=keep)
+
+    def block_attentions(self, block: nn.Module) -> Optional[tuple[nn.Module, ...]]:
+        if is_transformers(block, "FalconDecoderLayer", "BloomBlock"):
+            return (block.self_attention,)
+        if is_transformers(block, "MptBlock"):
+            return (block.attn,)
+        return None
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "FalconAttention"):

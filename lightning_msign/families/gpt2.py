@@ -14,12 +14,14 @@ r"""Hugging Face GPT-2 (transformers 4.57): ``GPT2Attention``'s ``Conv1D`` weigh
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from lightning_msign.families.base import (
     HF_TUPLE,
+    TENSOR,
     BlockInfo,
     Family,
     Found,
@@ -105,4 +107,13 @@ class GPT2(Family):
         if qualified_name(block) != _BLOCK:
             return None
         cross = ("crossattention.c_proj",) if hasattr(block, "crossattention") else ()
-        return BlockInfo(("attn.c_proj",) + cross + ("mlp.c_proj",), HF_TUPLE)
+        return BlockInfo(("attn.c_proj",) + cross + ("mlp.c_proj",), _block_output(block))
+
+
+def _block_output(block: nn.Module) -> str:
+    """What ``GPT2Block.forward`` returns: a tuple in transformers 4, the hidden state itself from transformers 5 on
+    (read from the version of the library the block's class comes from)."""
+    library = sys.modules.get(type(block).__module__.split(".")[0])
+    version = str(getattr(library, "__version__", "4"))
+    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 4
+    return TENSOR if major >= 5 else HF_TUPLE

@@ -11,8 +11,9 @@ rotary queries and keys, gated MLPs, the blocks.
   ``module.sliding_window`` (the
   layers of type ``"sliding_attention"``); Llama none. The logits are rebuilt from the projections, whatever kernel
   ``config._attn_implementation`` then runs.
-- MLPs ``gate_proj``, ``up_proj``, ``down_proj`` (role ``"mlp"``); Mixtral's sparse MoE block: ``gate`` the router,
-  the experts' ``w1``, ``w2``, ``w3``. ``lm_head`` of the ``*ForCausalLM`` model.
+- MLPs ``gate_proj``, ``up_proj``, ``down_proj`` (role ``"mlp"``); Mixtral's and Qwen3-MoE's sparse MoE block:
+  ``gate`` the router; Mixtral's experts' ``w1``, ``w2``, ``w3`` (transformers 4; 5 stores experts in 3-D tensors,
+  :mod:`lightning_msign.families.hf_experts`). ``lm_head`` of the ``*ForCausalLM`` model.
 - Decoder layers of Llama, Mistral, Qwen2, Qwen3: output projections ``self_attn.o_proj``, ``mlp.down_proj``.
 
 No import of ``transformers`` here: a model's own module is read from ``sys.modules``.
@@ -110,8 +111,8 @@ class LlamaLike(Family):
                     **linears(module, "v", "v_proj"), **linears(module, "attn_out", "o_proj")}
         if is_transformers(module, *_MLPS, "MixtralBlockSparseTop2MLP"):
             return linears(module, "mlp", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
-        if is_transformers(module, "MixtralSparseMoeBlock"):
-            return linears(module, "router", "gate")
+        if is_transformers(module, "MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock"):
+            return linears(module, "router", "gate")  # a Linear in transformers 4, a `*TopKRouter` in 5
         if is_transformers(module, *_HEADS):
             return linears(module, "lm_head", "lm_head")
         return None

@@ -6,7 +6,8 @@
   ``apply_rotary_pos_emb``; ``num_key_value_heads`` key groups; scale ``1 / sqrt(head_dim)`` (the eager forward
   divides by it; SDPA's default). The pairs are those of the ``attention_mask`` the layer passes (the model's 4-D
   causal mask, which holds the sliding window of the layers below ``max_window_layers`` and any padding), or all
-  causal pairs when it passes none (SDPA's ``is_causal``).
+  causal pairs when it passes none (SDPA's ``is_causal``). In transformers 5 the attention calls the attention
+  function and is read there (:mod:`lightning_msign.families.hf_attention`).
 - The sparse MoE block: ``gate`` and ``shared_expert_gate`` are routers; the experts and the shared expert are
   ``Qwen2MoeMLP`` (``gate_proj``, ``up_proj``, ``down_proj``: role ``"mlp"``).
 
@@ -19,12 +20,12 @@ import math
 import sys
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from lightning_msign.families.base import Family, Found, is_transformers, linears, qualified_name
 from lightning_msign.families.gpt2 import heads
-from lightning_msign.models.base import AttentionProbe, argument, to_compute
+from lightning_msign.families.hf_attention import interface_probe, uses_attention_interface
+from lightning_msign.models.base import AttentionProbe, MaskedAttentionProbe, argument, to_compute
 
 _ATTENTION = "Qwen2MoeAttention"  # the Sdpa and FlashAttention2 classes derive from it
 _PROBED = tuple(f"transformers.models.qwen2_moe.modeling_qwen2_moe.{c}"
@@ -32,7 +33,7 @@ _PROBED = tuple(f"transformers.models.qwen2_moe.modeling_qwen2_moe.{c}"
 """Exact classes probed: FlashAttention2 takes a 2-D padding mask and applies the window itself (not read)."""
 
 
-class MaskedRotaryProbe(AttentionProbe):
+class MaskedRotaryProbe(MaskedAttentionProbe):
     """Hooks on an attention that takes ``(hidden_states, attention_mask, ...)`` and ``position_embeddings``: the
     projections' outputs, RoPE, and the pairs of the mask it was passed (see the module docstring)."""
 
@@ -53,17 +54,6 @@ class MaskedRotaryProbe(AttentionProbe):
         cos, sin = seen["position_embeddings"]
         q, k = sys.modules[type(self.attn).__module__].apply_rotary_pos_emb(q, k, cos, sin)
         return to_compute(q), to_compute(k)
-
-    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        seen, self._seen = self._seen, {}
-        with torch.no_grad(), torch.autocast(self._device_type(), enabled=False):
-            q, k = self.query_key(seen)
-            mask = seen.get("mask")
-            allowed = None
-            if isinstance(mask, Tensor) and mask.ndim == 4:
-                mask = mask[:, :, :, : k.shape[2]].detach()
-                allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-            self.record(q, k, self.scale, allowed=allowed)
 
 
 class Qwen2MoE(Family):
@@ -87,4 +77,8 @@ class Qwen2MoE(Family):
         return None
 
     def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[AttentionProbe]:
-        return MaskedRotaryProbe(attn, keep=keep) if qualified_name(attn) in _PROBED else None
+        if qualified_name(attn) not in _PROBED:
+            return None
+        if uses_attention_interface(attn):  # transformers 5: it calls the attention function
+            return interface_probe(attn, _PROBED, keep=keep)
+        return MaskedRotaryProbe(attn, keep=keep)

@@ -360,6 +360,27 @@ class AttentionProbe:
             self.allowed = causal_allowed(q.shape[2], window, q.device) if allowed is None else allowed
 
 
+def allowed_from_mask(mask: Any, n_keys: int) -> Optional[Tensor]:
+    """The (query, key) pairs a 4-D attention mask lets through, ``(B or 1, 1, T, n_keys)`` boolean (a float mask's
+    entries above half its dtype's minimum); ``None`` when ``mask`` is no 4-D tensor (the kernel is then causal)."""
+    if not isinstance(mask, Tensor) or mask.ndim != 4:
+        return None
+    mask = mask[:, :, :, :n_keys].detach()
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+class MaskedAttentionProbe(AttentionProbe):
+    """An :class:`AttentionProbe` whose pairs are those of the 4-D ``attention_mask`` the attention is passed (what
+    :meth:`read_inputs` puts under ``"mask"``), or the causal pairs when it is passed none: for attentions that
+    receive the model's mask, which then holds any sliding window and padding."""
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        seen, self._seen = self._seen, {}
+        with torch.no_grad(), torch.autocast(self._device_type(), enabled=False):
+            q, k = self.query_key(seen)
+            self.record(q, k, self.scale, allowed=allowed_from_mask(seen.get("mask"), k.shape[2]))
+
+
 def attention_probe(attn: Optional[nn.Module], keep: bool = False) -> Optional[AttentionProbe]:
     """A probe for ``attn`` from the registered model family that rebuilds its logits
     (:func:`lightning_msign.families.attention_probe`), else ``None``."""
