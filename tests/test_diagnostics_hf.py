@@ -89,6 +89,17 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
         "deepseek_v3": (t.DeepseekV3ForCausalLM, t.DeepseekV3Config, _MLA, [None, None]),
         "deepseek_v2": (t.DeepseekV2ForCausalLM, t.DeepseekV2Config, _MLA, [None, None]),
     }  # fmt: skip
+    if arch == "dbrx":  # clip_qkv 2: the clamp is part of the queries and keys (and binds once scaled up)
+        config = t.DbrxConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=MAX_LENGTH, vocab_size=VOCAB,
+                              attn_config={"kv_n_heads": 2, "clip_qkv": 2.0},
+                              ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 2},
+                              attn_implementation=attn_implementation)
+        model = t.DbrxForCausalLM(config)
+        with torch.no_grad():  # the experts are initialised empty in transformers 4.57
+            for block in model.transformer.blocks:
+                for p in (block.ffn.experts.mlp.w1, block.ffn.experts.mlp.v1, block.ffn.experts.mlp.w2):
+                    p.normal_(std=0.2)
+        return model, [None, None]
     if arch.startswith("gpt_bigcode"):
         config = {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": MAX_LENGTH,
                   "multi_query": arch == "gpt_bigcode"}
@@ -100,7 +111,8 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
 
 
 HOOKED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "olmo2",
-          "qwen3_moe", "phi3", "qwen2_moe", "falcon-grouped", "falcon-multi-query", "falcon-multi-head"]
+          "qwen3_moe", "phi3", "qwen2_moe", "falcon-grouped", "falcon-multi-query", "falcon-multi-head",
+          "dbrx"]
 """Rebuilt from the outputs of their projections (hook probes)."""
 INTERFACE = ["gpt_neox", "gemma2", "gemma2-no-softcap", "gemma3", "phi", "olmo", "cohere", "granite", "starcoder2",
              "gpt_bigcode", "gpt_bigcode-multi-head", "opt", "smollm3", "glm4", "deepseek_v3", "deepseek_v2"]
@@ -122,7 +134,7 @@ def test_softmax_of_the_rebuilt_logits_is_the_attention_hf_computes(arch):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "c_attn", "qkv_proj", "query_key_value",
-                                                        "q_b_proj", "kv_b_proj", "kv_a_proj")):
+                                                        "q_b_proj", "kv_b_proj", "kv_a_proj", "Wqkv")):
                 p.mul_(10.0)
     decoder = Diagnostics(model).decoder
     probes = [attention_probe(decoder.attentions(i)[0], keep=True) for i in range(len(decoder.blocks))]
@@ -331,6 +343,14 @@ def _encoder_model(arch: str, attn_implementation: str = "eager"):
         config = t.WhisperConfig(**seq2seq, num_mel_bins=8, max_source_positions=10, max_target_positions=16)
         features = torch.randn(2, 8, 20, generator=torch.Generator().manual_seed(3))
         return t.WhisperForConditionalGeneration(config), {"input_features": features, "decoder_input_ids": ids[:, :8]}
+    if arch in ("bert", "roberta", "bert-decoder"):
+        model_cls, config_cls = ((t.RobertaForMaskedLM, t.RobertaConfig) if arch == "roberta"
+                                 else (t.BertForMaskedLM, t.BertConfig))
+        config = config_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                            max_position_embeddings=32, pad_token_id=0, is_decoder=arch == "bert-decoder",
+                            attn_implementation=attn_implementation)
+        return model_cls(config), {"input_ids": ids, "attention_mask": mask}
     if arch == "vit":
         return t.ViTModel(t.ViTConfig(**vision)), {"pixel_values": pixels}
     if arch == "clip_vision":
@@ -342,7 +362,7 @@ def _encoder_model(arch: str, attn_implementation: str = "eager"):
     raise ValueError(arch)
 
 
-ENCODERS = ["bart", "whisper", "vit", "clip_vision", "siglip_vision", "clip_text"]
+ENCODERS = ["bart", "whisper", "vit", "clip_vision", "siglip_vision", "clip_text", "bert", "roberta", "bert-decoder"]
 
 
 @pytest.mark.parametrize("arch", ENCODERS)
@@ -384,5 +404,6 @@ def test_encoder_and_cross_attention_logits_are_the_attention_hf_computes(arch):
         kinds.add(("cross" if q.shape[2] != k.shape[2] else "causal" if not allowed[0, 0, 0, 1] else "all")
                   + ("+pad" if not torch.equal(allowed[0], allowed[1]) else ""))  # the padded sequence differs
     expected = {"bart": {"all+pad", "causal", "cross+pad"}, "whisper": {"all", "causal", "cross"},
-                "clip_text": {"causal+pad"}}.get(arch, {"all"})
+                "clip_text": {"causal+pad"}, "bert": {"all+pad"}, "roberta": {"all+pad"},
+                "bert-decoder": {"causal+pad"}}.get(arch, {"all"})
     assert kinds == expected

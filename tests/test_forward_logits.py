@@ -58,6 +58,10 @@ def _hf(arch: str):
     if arch == "falcon":
         return t.FalconForCausalLM(t.FalconConfig(**common, alibi=False, new_decoder_architecture=True,
                                                   num_kv_heads=2, attn_implementation="sdpa"))
+    if arch == "dbrx":  # its own forward, blocks at transformer.blocks
+        from test_diagnostics_hf import _hf_model
+
+        return _hf_model("dbrx", "sdpa")[0]
     if arch == "deepseek_v3":
         mla = {"kv_lora_rank": 8, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
                "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
@@ -80,7 +84,7 @@ def _attention_functions(model) -> tuple:
 
 
 @pytest.mark.parametrize("arch", ["litgpt", "gpt2", "llama", "gpt_neox", "gemma2", "deepseek_v3", "opt", "phi",
-                                  "qwen2_moe", "falcon"])
+                                  "qwen2_moe", "falcon", "dbrx"])
 def test_the_check_reads_the_training_forward_and_changes_nothing(arch):
     torch.manual_seed(0)
     model = _litgpt() if arch == "litgpt" else _hf(arch)
@@ -149,7 +153,7 @@ def test_a_step_whose_forward_was_not_seen_falls_back_or_fails_clearly():
         MSign(model, period=None, max_attn_logit=1.0, logits_from="forward")
 
 
-@pytest.mark.parametrize("arch", ["bart", "whisper", "vit"])
+@pytest.mark.parametrize("arch", ["bart", "whisper", "vit", "bert"])
 def test_encoders_and_encoder_decoders_are_read_in_their_training_forward(arch):
     """A model with two stacks (BART, Whisper: the decoder blocks' cross-attention counts) or one that takes no token
     ids (ViT pixels, Whisper audio features): each block's logits, read in the training forward, equal those of a
@@ -195,7 +199,7 @@ def test_encoders_and_encoder_decoders_are_read_in_their_training_forward(arch):
         assert guard._forward_logits.read(step) == pytest.approx(per_block, rel=1e-5)
     for (name, a), b in zip(model.named_parameters(), plain.parameters()):
         assert torch.equal(a, b), name
-    if arch != "bart":  # no token ids: the second forward is refused with the reason
+    if arch in ("whisper", "vit"):  # no token ids: the second forward is refused with the reason
         with pytest.raises(ValueError, match="takes no token ids.*logits_from='training_forward'"), \
                 pytest.warns(UserWarning, match="saw no training forward"):
             guard.step(3, input_ids=torch.zeros(2, 4, dtype=torch.long))

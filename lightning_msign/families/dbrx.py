@@ -7,15 +7,67 @@
   so each is cut into ``E`` row blocks ``e0``, ``e1``, ... (role ``"mlp"``): one matrix per expert.
 - ``DbrxRouter``: its ``layer`` is the router (signing it would change the routing).
 - ``lm_head`` of ``DbrxForCausalLM``.
+
+Attention logits (``DbrxAttention``, ``DbrxSdpaAttention``: their own forward in transformers 4.57;
+:class:`DbrxProbe`): the ``Wqkv`` output clamped to ``clip_qkv`` and split as the forward does, rotated by the
+``(cos, sin)`` its ``rotary_emb`` returns with the model's ``apply_rotary_pos_emb``; scale ``1 / sqrt(head_dim)``;
+the pairs of the 4-D mask the block passes, else causal. Blocks: ``DbrxModel.blocks``; a block's attention
+``norm_attn_norm.attn``.
+
+No import of ``transformers`` here: a model's own module is read from ``sys.modules``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import sys
+from typing import Any, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
-from lightning_msign.families.base import Family, Found, int_attr, is_transformers, linears, rows, weight_of
+from lightning_msign.families.base import (
+    Family,
+    Found,
+    int_attr,
+    is_transformers,
+    linears,
+    qualified_name,
+    rows,
+    weight_of,
+)
+from lightning_msign.families.hf_attention import interface_probe, uses_attention_interface
+from lightning_msign.models.base import AttentionProbe, MaskedAttentionProbe, argument, to_compute
+
+_PROBED = tuple(f"transformers.models.dbrx.modeling_dbrx.{c}" for c in ("DbrxAttention", "DbrxSdpaAttention"))
+
+
+class DbrxProbe(MaskedAttentionProbe):
+    """Hooks on an HF ``DbrxAttention``: the fused projection's output, its rotary embedding's ``(cos, sin)``, the
+    mask (see the module docstring)."""
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.attn.head_dim)
+
+    def sources(self) -> dict[str, nn.Module]:
+        return {"qkv": self.attn.Wqkv, "rotary": self.attn.rotary_emb}
+
+    def read_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return {"mask": argument(args, kwargs, 2, "attention_mask")}
+
+    def query_key(self, seen: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        attn = self.attn
+        qkv = seen["qkv"]
+        if attn.clip_qkv is not None:
+            qkv = qkv.clamp(min=-attn.clip_qkv, max=attn.clip_qkv)
+        kv = attn.num_key_value_heads * attn.head_dim
+        q, k, _ = qkv.split([attn.hidden_size, kv, kv], dim=2)
+        B, T = q.shape[:2]
+        q = q.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = k.view(B, T, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+        cos, sin = seen["rotary"]
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+        return to_compute(q), to_compute(k)
 
 
 class DBRX(Family):
@@ -26,6 +78,24 @@ class DBRX(Family):
         "`e0`, `e1`, ... one per expert (the forward's `view(E, I, H)[e]`); router `layer` (not `mlp`)"
     )
     read_from = '`num_heads`, `num_key_value_heads`, `head_dim`; `moe_num_experts`, `ffn_hidden_size`'
+    attention_classes = ("HF DbrxAttention (eager, SDPA)",)
+
+    def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[AttentionProbe]:
+        if qualified_name(attn) not in _PROBED:
+            return None
+        if uses_attention_interface(attn):  # transformers 5
+            return interface_probe(attn, _PROBED, keep=keep)
+        return DbrxProbe(attn, keep=keep)
+
+    def stack(self, module: nn.Module) -> Optional[nn.ModuleList]:
+        if is_transformers(module, "DbrxModel") and isinstance(getattr(module, "blocks", None), nn.ModuleList):
+            return module.blocks
+        return None
+
+    def block_attentions(self, block: nn.Module) -> Optional[tuple[nn.Module, ...]]:
+        if is_transformers(block, "DbrxBlock"):
+            return (block.norm_attn_norm.attn,)
+        return None
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "DbrxAttention"):

@@ -371,14 +371,21 @@ def allowed_from_mask(mask: Any, n_keys: int) -> Optional[Tensor]:
 
 class MaskedAttentionProbe(AttentionProbe):
     """An :class:`AttentionProbe` whose pairs are those of the 4-D ``attention_mask`` the attention is passed (what
-    :meth:`read_inputs` puts under ``"mask"``), or the causal pairs when it is passed none: for attentions that
-    receive the model's mask, which then holds any sliding window and padding."""
+    :meth:`read_inputs` puts under ``"mask"``), or, when it is passed none, the causal pairs (:meth:`causal`) or all
+    pairs: for attentions that receive the model's mask, which then holds any sliding window and padding."""
+
+    def causal(self, seen: dict[str, Any]) -> bool:
+        """Whether the attention is causal when it is passed no mask (what its kernel then does)."""
+        return True
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         seen, self._seen = self._seen, {}
         with torch.no_grad(), torch.autocast(self._device_type(), enabled=False):
             q, k = self.query_key(seen)
-            self.record(q, k, self.scale, allowed=allowed_from_mask(seen.get("mask"), k.shape[2]))
+            allowed = allowed_from_mask(seen.get("mask"), k.shape[2])
+            if allowed is None and not self.causal(seen):
+                allowed = torch.ones(1, 1, q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+            self.record(q, k, self.scale, allowed=allowed)
 
 
 def attention_probe(attn: Optional[nn.Module], keep: bool = False) -> Optional[AttentionProbe]:
