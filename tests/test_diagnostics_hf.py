@@ -351,6 +351,19 @@ def _encoder_model(arch: str, attn_implementation: str = "eager"):
                             max_position_embeddings=32, pad_token_id=0, is_decoder=arch == "bert-decoder",
                             attn_implementation=attn_implementation)
         return model_cls(config), {"input_ids": ids, "attention_mask": mask}
+    if arch == "t5":
+        config = t.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                            num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)
+        return t.T5ForConditionalGeneration(config), {"input_ids": ids, "attention_mask": mask,
+                                                      "decoder_input_ids": ids[:, :8]}
+    if arch == "bloom":
+        config = t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
+                               attention_dropout=0.0)
+        return t.BloomForCausalLM(config), {"input_ids": ids, "attention_mask": mask}
+    if arch == "mpt":  # clip_qkv 2: the clamp is part of the queries and keys (and binds once scaled up)
+        config = t.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=MAX_LENGTH,
+                             attn_config={"clip_qkv": 2.0, "alibi": True})
+        return t.MptForCausalLM(config), {"input_ids": ids, "attention_mask": mask}
     if arch == "vit":
         return t.ViTModel(t.ViTConfig(**vision)), {"pixel_values": pixels}
     if arch == "clip_vision":
@@ -362,7 +375,8 @@ def _encoder_model(arch: str, attn_implementation: str = "eager"):
     raise ValueError(arch)
 
 
-ENCODERS = ["bart", "whisper", "vit", "clip_vision", "siglip_vision", "clip_text", "bert", "roberta", "bert-decoder"]
+ENCODERS = ["bart", "whisper", "vit", "clip_vision", "siglip_vision", "clip_text", "bert", "roberta", "bert-decoder",
+            "t5", "bloom", "mpt"]
 
 
 @pytest.mark.parametrize("arch", ENCODERS)
@@ -376,34 +390,36 @@ def test_encoder_and_cross_attention_logits_are_the_attention_hf_computes(arch):
     model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "query", "key")):
+            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "query", "key", ".q.", ".k.", "Wqkv")):
                 p.mul_(10.0)
     decoder = find_decoder(model)
-    assert decoder.n_stacks == (2 if arch in ("bart", "whisper") else 1)
+    assert decoder.n_stacks == (2 if arch in ("bart", "whisper", "t5") else 1)
     probes = [attention_probe(a, keep=True) for i in range(len(decoder.blocks)) for a in decoder.attentions(i)]
     handles = [h for p in probes for h in p.attach()]
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
     for h in handles:
         h.remove()
-    if arch in ("bart", "whisper"):  # encoder self, then each decoder block's self and cross
+    if arch in ("bart", "whisper", "t5"):  # encoder self, then each decoder block's self and cross
         refs = list(out.encoder_attentions) + [r for pair in zip(out.decoder_attentions, out.cross_attentions)
                                                 for r in pair]
     else:
         refs = list(out.attentions)
-    assert len(probes) == len(refs) == (6 if arch in ("bart", "whisper") else 2)
+    assert len(probes) == len(refs) == (6 if arch in ("bart", "whisper", "t5") else 2)
     kinds = set()
     for i, (probe, ref) in enumerate(zip(probes, refs)):
         q, k, allowed = probe.query, probe.key, probe.allowed
         logits = q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).mT * probe.scale
         allowed = allowed.expand(logits.shape[0], 1, *logits.shape[2:])
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        bias = getattr(probe, "bias", None)  # T5's relative position bias: an offset outside the logits read
+        probs = (logits if bias is None else logits + bias).masked_fill(~allowed, float("-inf")).softmax(-1)
         assert (probs - ref).abs().max().item() < 1e-5, i
         assert probe.value.item() == pytest.approx(logits.abs().masked_fill(~allowed, 0).amax().item(), rel=1e-6)
         assert probe.value.item() > 1.0
         kinds.add(("cross" if q.shape[2] != k.shape[2] else "causal" if not allowed[0, 0, 0, 1] else "all")
                   + ("+pad" if not torch.equal(allowed[0], allowed[1]) else ""))  # the padded sequence differs
-    expected = {"bart": {"all+pad", "causal", "cross+pad"}, "whisper": {"all", "causal", "cross"},
-                "clip_text": {"causal+pad"}, "bert": {"all+pad"}, "roberta": {"all+pad"},
-                "bert-decoder": {"causal+pad"}}.get(arch, {"all"})
+    seq2seq = {"all+pad", "causal", "cross+pad"}
+    expected = {"bart": seq2seq, "t5": seq2seq, "whisper": {"all", "causal", "cross"}, "clip_text": {"causal+pad"},
+                "bert": {"all+pad"}, "roberta": {"all+pad"}, "bert-decoder": {"causal+pad"}, "bloom": {"causal+pad"},
+                "mpt": {"causal+pad"}}.get(arch, {"all"})
     assert kinds == expected

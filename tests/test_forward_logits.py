@@ -153,7 +153,7 @@ def test_a_step_whose_forward_was_not_seen_falls_back_or_fails_clearly():
         MSign(model, period=None, max_attn_logit=1.0, logits_from="forward")
 
 
-@pytest.mark.parametrize("arch", ["bart", "whisper", "vit", "bert"])
+@pytest.mark.parametrize("arch", ["bart", "whisper", "vit", "bert", "t5", "bloom", "mpt"])
 def test_encoders_and_encoder_decoders_are_read_in_their_training_forward(arch):
     """A model with two stacks (BART, Whisper: the decoder blocks' cross-attention counts) or one that takes no token
     ids (ViT pixels, Whisper audio features): each block's logits, read in the training forward, equal those of a
@@ -166,7 +166,7 @@ def test_encoders_and_encoder_decoders_are_read_in_their_training_forward(arch):
     model, inputs = _encoder_model(arch, attn_implementation="sdpa")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "query", "key")):
+            if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "query", "key", ".q.", ".k.", "Wqkv")):
                 p.mul_(10.0)
     plain = copy.deepcopy(model)
     guard = MSign(model, period=None, targets="qk", max_attn_logit=1e9, probe_batch_size=2, probe_seq_len=None)

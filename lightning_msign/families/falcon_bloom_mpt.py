@@ -13,10 +13,16 @@ attention's own split does.
 Attention logits of Falcon with rotary positions (``alibi=False``, Falcon-7B/40B/180B; :class:`FalconProbe`): the
 ``query_key_value`` output cut by the attention's own ``_split_heads`` and reshaped as its forward does, rotated by
 the ``position_embeddings`` the layer passes with the model's ``apply_rotary_pos_emb``; scale ``inv_norm_factor``
-(``1 / sqrt(head_dim)``, SDPA's default too); the pairs of the 4-D mask the layer passes, else causal. ALiBi
-Falcon, BLOOM and MPT add a per-head position bias to the logits: not read (refused at setup). In transformers 5
-Falcon's forward inlines the split and calls the attention function, where it is read instead
-(:mod:`lightning_msign.families.hf_attention`).
+(``1 / sqrt(head_dim)``, SDPA's default too); the pairs of the 4-D mask the layer passes, else causal. In
+transformers 5 Falcon's forward inlines the split and calls the attention function, where it is read instead
+(:mod:`lightning_msign.families.hf_attention`). ALiBi Falcon (``alibi=True``) is not read.
+
+BLOOM (:class:`BloomProbe`): the ``query_key_value`` output cut by the attention's own ``_reshape``, scale
+``inv_norm_factor``, the pairs of the additive mask it is passed. MPT (:class:`MptProbe`): the ``Wqkv`` output
+clamped to ``clip_qkv`` and ``chunk(3)``-ed, scale ``softmax_scale``; its boolean mask marks the pairs *masked*
+(``masked_fill``), so the pairs read are its complement (all pairs when it is passed none, as its forward). Both add
+ALiBi, a fixed per-head linear position bias, to ``scale * q k^T``: the logits read are without it (as T5's relative
+bias; with ``keep`` the probes keep it in ``bias`` for comparing with the model).
 
 No import of ``transformers`` here: a model's own module is read from ``sys.modules``.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 from lightning_msign.families.base import (
@@ -43,6 +50,8 @@ from lightning_msign.layouts import Layout
 from lightning_msign.models.base import AttentionProbe, MaskedAttentionProbe, argument, to_compute
 
 _FALCON = "transformers.models.falcon.modeling_falcon.FalconAttention"
+_BLOOM = "transformers.models.bloom.modeling_bloom.BloomAttention"
+_MPT = "transformers.models.mpt.modeling_mpt.MptAttention"
 
 
 def _heads(n: int, source: str, **sizes: int) -> Layout:
@@ -76,6 +85,74 @@ class FalconProbe(MaskedAttentionProbe):
         return to_compute(q), to_compute(k)
 
 
+class BloomProbe(MaskedAttentionProbe):
+    """Hooks on an HF ``BloomAttention`` (see the module docstring)."""
+
+    bias: Optional[Tensor] = None
+
+    @property
+    def scale(self) -> float:
+        return float(self.attn.inv_norm_factor)
+
+    def sources(self) -> dict[str, nn.Module]:
+        return {"qkv": self.attn.query_key_value}
+
+    def read_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        seen = {"mask": argument(args, kwargs, 3, "attention_mask")}
+        if self.keep:
+            seen["alibi"] = argument(args, kwargs, 2, "alibi")
+        return seen
+
+    def query_key(self, seen: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        q, k, _ = self.attn._reshape(seen["qkv"])  # (B, heads, T, head_dim), as the forward cuts it
+        if self.keep:  # (B heads, 1, S) -> (B, heads, 1, S), times the forward's beta
+            alibi = seen["alibi"].detach()
+            bias = alibi.view(q.shape[0], q.shape[1], 1, -1) * self.attn.beta
+            self.bias = bias[: self.batch_size, :, :, : self.seq_len]
+        return to_compute(q), to_compute(k)
+
+
+class MptProbe(AttentionProbe):
+    """Hooks on an HF ``MptAttention`` (see the module docstring)."""
+
+    bias: Optional[Tensor] = None
+
+    @property
+    def scale(self) -> float:
+        return float(self.attn.softmax_scale)
+
+    def sources(self) -> dict[str, nn.Module]:
+        return {"qkv": self.attn.Wqkv}
+
+    def read_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return {"mask": argument(args, kwargs, 3, "attention_mask"), "bias": argument(args, kwargs, 1, "position_bias")}
+
+    def query_key(self, seen: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        attn, qkv = self.attn, seen["qkv"]
+        if attn.clip_qkv:
+            qkv = qkv.clamp(min=-attn.clip_qkv, max=attn.clip_qkv)
+        q, k, _ = qkv.chunk(3, dim=2)
+        B, T = q.shape[:2]
+        q = q.reshape(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        return to_compute(q), to_compute(k)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        seen, self._seen = self._seen, {}
+        with torch.no_grad(), torch.autocast(self._device_type(), enabled=False):
+            q, k = self.query_key(seen)
+            mask = seen.get("mask")
+            if isinstance(mask, Tensor) and mask.ndim == 4:
+                allowed = ~mask[:, :, :, : k.shape[2]].detach().bool()  # True marks a masked pair
+            else:  # the forward masks nothing
+                allowed = torch.ones(1, 1, q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+            self.record(q, k, self.scale, allowed=allowed)
+            bias = seen.get("bias")
+            if self.keep and isinstance(bias, Tensor):  # (heads, 1, S), sliced to the keys as the forward does
+                T, S = q.shape[2], k.shape[2]
+                self.bias = bias.detach()[:, max(0, bias.shape[1] - T):, max(0, bias.shape[2] - S):].unsqueeze(0)
+
+
 class FalconBloomMPT(Family):
     name = "HF Falcon, BLOOM, MPT"
     model = 'HF Falcon (3 layouts), BLOOM, MPT'
@@ -85,14 +162,23 @@ class FalconBloomMPT(Family):
         'rows `[Q \\| K \\| V]`'
     )
     read_from = "`num_heads`, `num_kv_heads`, `head_dim`, Falcon's two flags; MPT `hidden_size`"
-    attention_classes = ("HF FalconAttention (rotary)",)
+    attention_classes = ("HF FalconAttention (rotary)", "HF BloomAttention", "HF MptAttention")
 
     def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[AttentionProbe]:
+        if qualified_name(attn) == _BLOOM and not uses_attention_interface(attn):
+            return BloomProbe(attn, keep=keep)
+        if qualified_name(attn) == _MPT and not uses_attention_interface(attn):
+            return MptProbe(attn, keep=keep)
         if qualified_name(attn) != _FALCON or getattr(attn.config, "alibi", True):
             return None
         if uses_attention_interface(attn):  # transformers 5: the split is inlined, the attention function called
             return interface_probe(attn, (_FALCON,), keep=keep)
         return FalconProbe(attn, keep=keep)
+
+    def stack(self, module: nn.Module) -> Optional[nn.ModuleList]:
+        if is_transformers(module, "MptModel") and isinstance(getattr(module, "blocks", None), nn.ModuleList):
+            return module.blocks
+        return None
 
     def block_attentions(self, block: nn.Module) -> Optional[tuple[nn.Module, ...]]:
         if is_transformers(block, "FalconDecoderLayer", "BloomBlock"):
