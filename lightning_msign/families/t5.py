@@ -8,7 +8,8 @@ cross-attention's keys from the encoder states), unscaled (T5 folds the scale in
 those the ``position_bias`` the attention returns lets through (it holds the mask: padding, and causality in the
 decoder). The logits are ``q k^T`` without that relative position bias, which is a learned per-head offset (as
 ALiBi's). Blocks: the encoder's and the decoder's ``T5Stack.block``; a decoder block's cross-attention counts with
-its self-attention.
+its self-attention. transformers 5's T5 calls the attention function with the mask inside its bias argument: not read
+there (refused).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_msign.families.base import Family, Found, is_transformers, linears
 from lightning_msign.families.gpt2 import heads
+from lightning_msign.families.hf_attention import uses_attention_interface
 from lightning_msign.models.base import AttentionProbe, allowed_from_mask, to_compute
 
 _PREFIXES = ("T5", "MT5")
@@ -72,9 +74,11 @@ class T5(Family):
     attention_classes = ("HF T5Attention",)
 
     def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[AttentionProbe]:
-        if is_transformers(attn, *_names("Attention")) and not getattr(attn, "pruned_heads", None):
-            return T5Probe(attn, keep=keep)
-        return None
+        if not is_transformers(attn, *_names("Attention")) or getattr(attn, "pruned_heads", None):
+            return None
+        if uses_attention_interface(attn):  # transformers 5: the mask travels in the bias argument (not read yet)
+            return None
+        return T5Probe(attn, keep=keep)
 
     def stack(self, module: nn.Module) -> Optional[nn.ModuleList]:
         if is_transformers(module, *_names("Stack")) and isinstance(getattr(module, "block", None), nn.ModuleList):
