@@ -394,6 +394,9 @@ def test_encoder_and_cross_attention_logits_are_the_attention_hf_computes(arch):
                 p.mul_(10.0)
     decoder = find_decoder(model)
     assert decoder.n_stacks == (2 if arch in ("bart", "whisper", "t5") else 1)
+    if decoder.n_stacks == 2:  # a chain of blocks is what the Jacobians measure
+        with pytest.raises(ValueError, match="jacobian=True.*2 stacks.*pass jacobian=False"):
+            Diagnostics(model, jacobian=True, output_logits=False)
     probes = [attention_probe(a, keep=True) for i in range(len(decoder.blocks)) for a in decoder.attentions(i)]
     handles = [h for p in probes for h in p.attach()]
     with torch.no_grad():

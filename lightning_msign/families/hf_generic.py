@@ -1,6 +1,6 @@
 """Hugging Face attention and MLP classes of any family with separate projections, recognised by their structure.
 
-Most transformers families (Gemma, OLMo 2, Qwen2-MoE, Qwen3-MoE, Granite, ...) write their attention as ``q_proj``,
+Most transformers families (Gemma, OLMo 2, Qwen3-MoE, Granite, ...) write their attention as ``q_proj``,
 ``k_proj``, ``v_proj``, ``o_proj`` and their gated MLP as ``gate_proj``, ``up_proj``, ``down_proj``. A module of
 ``transformers.models`` is read here only when its class says so (a class name ending in ``Attention`` or ``MLP``)
 *and* its sizes agree with its config: ``q_proj`` has ``num_attention_heads * head_dim`` outputs, ``k_proj`` and
@@ -63,7 +63,7 @@ class HFSeparateProjections(Family):
     name = "HF attention / MLP with separate projections (any family, checked against its config)"
     model = (
         'other HF families with `q_proj`/`k_proj`/`v_proj`/`o_proj` and `gate_proj`/`up_proj`/`down_proj` '
-        '(Gemma, OLMo 2, Qwen2-MoE, ...); attention logits of Gemma 2 / 3, OLMo, Cohere, Granite, Starcoder2, '
+        '(Gemma, OLMo 2, Granite, ...); attention logits of Gemma 2 / 3, OLMo, Cohere, Granite, Starcoder2, '
         'SmolLM3, GLM-4'
     )
     splits = 'separate projections, read only where their sizes agree with the config'

@@ -39,7 +39,8 @@ MAX_LENGTH_ATTRIBUTES: tuple[str, ...] = ("n_positions", "max_position_embedding
 
 @dataclass
 class Decoder:
-    """A decoder-only transformer found in a module.
+    """A transformer found in a module: the module to call and its blocks (a decoder's, or an encoder's and a
+    decoder's).
 
     Attributes:
         model: the module called with token ids ``(B, T)`` (and whose forward brackets a training forward).
@@ -134,16 +135,17 @@ def find_decoder(module: nn.Module, model_attr: Optional[str] = None) -> Decoder
         found = _blocks_at(model) if isinstance(model, nn.Module) else None
         if found is None:
             raise ValueError(
-                f"`model_attr` must name a decoder-only transformer (a module with a non-empty ModuleList of blocks"
-                f" at {paths}), got {model_attr!r}, a {type(model).__name__}"
+                f"`model_attr` must name a transformer (holding a stack of blocks a model family names, or a non-empty"
+                f" ModuleList of blocks at {paths}), got {model_attr!r}, a {type(model).__name__}"
             )
     else:
         model, found = next(((m, f) for m in module.modules() if (f := _blocks_at(m)) is not None), (None, None))
         if model is None or found is None:
             raise ValueError(
-                f"Diagnostics needs a decoder-only transformer (a module with a non-empty ModuleList of blocks at"
-                f" {paths}: LitGPT, HF GPT-2, HF Llama family) in {type(module).__name__}, found none:"
-                " pass `model_attr`"
+                f"Diagnostics needs a transformer (a stack of blocks a model family names, see"
+                f" lightning_msign.families, or a non-empty ModuleList of blocks at {paths}) in"
+                f" {type(module).__name__}, found none: pass `model_attr`, or register the family"
+                " (Family.stack, Family.block_attentions)"
             )
     path, blocks = found
     return _decoder(model, blocks, path, 1)
