@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export WANDB_MODE ?= offline
 
-.PHONY: setup train train-healthy test test-fast bench clean
+TF5 ?= .transformers5
+TF5_STAMP := $(TF5)/.installed-stamp
+TF5_TESTS := tests/test_families.py tests/test_layouts_models.py tests/test_diagnostics_hf.py tests/test_forward_logits.py
+
+.PHONY: setup train train-healthy test test-fast test-transformers5 bench clean
 
 # peft (for the adapter tests) goes in without its requirements: they are all installed by the line before, and
 # resolving them again could move litgpt's pins.
@@ -34,11 +38,24 @@ train: $(STAMP)
 train-healthy: $(STAMP)
 	$(VENV)/bin/lightning-msign fit --config recipes/shakespeare/baseline.yaml
 
+# transformers 5 apart from the venv (its huggingface_hub >= 1.31 cannot sit beside litgpt's pins): in $(TF5), put
+# first on PYTHONPATH for the model-family tests only (pins: constraints-transformers5.txt).
+$(TF5_STAMP): constraints-transformers5.txt $(STAMP)
+	rm -rf $(TF5)
+	$(PY) -m pip install --quiet --disable-pip-version-check --target $(TF5) -c constraints-transformers5.txt \
+		"transformers==5.*" huggingface_hub regex tokenizers safetensors
+	touch $(TF5_STAMP)
+
 # Everything (what CI runs): lint, then every test, the multi-process ones included (one 2-process launch per
-# strategy, tests/jobs.py).
-test: $(STAMP)
+# strategy, tests/jobs.py), then the model-family tests again under transformers 5.
+test: $(STAMP) $(TF5_STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+	PYTHONPATH=$(TF5) LIGHTNING_MSIGN_TRANSFORMERS_MAJOR=5 $(PY) -m pytest -q -p no:cacheprovider $(TF5_TESTS)
+
+# The model-family tests under transformers 5 (the header line names the transformers imported).
+test-transformers5: $(STAMP) $(TF5_STAMP)
+	PYTHONPATH=$(TF5) LIGHTNING_MSIGN_TRANSFORMERS_MAJOR=5 $(PY) -m pytest -q -p no:cacheprovider $(TF5_TESTS)
 
 # The edit loop: every test that starts no process (`-m "not slow"`; tests/conftest.py fails a test whose mark is
 # wrong either way).
@@ -50,4 +67,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TF5) *.egg-info .pytest_cache

@@ -25,6 +25,36 @@ TINY_CONFIG: dict[str, Any] = {"n_layer": 2, "n_head": 4, "n_query_groups": 2, "
 TINY_VOCAB = 256  # byte-level tokens of the shipped corpus
 TINY_SEQ = 32
 
+DBRX_ATTENTION: dict[str, Any] = {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}
+"""DBRX's attention config in the tests: transformers 5.25 reads ``rope_theta`` there and clamps with both bounds."""
+
+
+def transformers_major() -> int:
+    """The major version of the transformers the tests import (4 in the venv; 5 with ``make test-transformers5``)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _check_transformers_major() -> None:
+    """``LIGHTNING_MSIGN_TRANSFORMERS_MAJOR=5`` (``make test-transformers5``): the run must import that major, not
+    fall back to the venv's without a word."""
+    wanted = os.environ.get("LIGHTNING_MSIGN_TRANSFORMERS_MAJOR")
+    if wanted is not None and transformers_major() != int(wanted):
+        import transformers
+
+        raise pytest.UsageError(f"LIGHTNING_MSIGN_TRANSFORMERS_MAJOR={wanted}, but the tests import transformers"
+                                f" {transformers.__version__} from {transformers.__file__}: put its directory on"
+                                " PYTHONPATH")
+
+
+def pytest_report_header() -> str:
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - a test extra
+        return "transformers: not installed"
+    return f"transformers {transformers.__version__} ({transformers.__file__})"
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -76,6 +106,7 @@ class _Launches:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _check_transformers_major()
     _Launches.install()
 
 

@@ -25,6 +25,8 @@ from lightning_msign.families import (
 )
 from lightning_msign.optim import muon_param_groups
 
+from conftest import DBRX_ATTENTION, transformers_major
+
 E, INNER, H = 3, 8, 16  # DBRX experts, their width, the model width
 
 
@@ -33,7 +35,7 @@ def _dbrx():
 
     torch.manual_seed(0)
     config = DbrxConfig(d_model=H, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=64,
-                        attn_config={"kv_n_heads": 2}, ffn_config={"ffn_hidden_size": INNER, "moe_num_experts": E})
+                        attn_config=DBRX_ATTENTION, ffn_config={"ffn_hidden_size": INNER, "moe_num_experts": E})
     model = DbrxForCausalLM(config).eval()
     with torch.no_grad():  # the experts are initialised empty in transformers 4.57
         for block in model.transformer.blocks:
@@ -331,13 +333,14 @@ def _fairseq_like(name: str):
         "clip_vision": (t.CLIPVisionModel, t.CLIPVisionConfig, vision, "CLIPAttention", "CLIPMLP"),
         "siglip_vision": (t.SiglipVisionModel, t.SiglipVisionConfig, vision, "SiglipAttention", "SiglipMLP"),
         "phi": (t.PhiForCausalLM, t.PhiConfig, dict(tower, vocab_size=64), "PhiAttention", "PhiMLP"),
-        "vit": (t.ViTModel, t.ViTConfig, vision, "ViTSelfAttention", "ViT{}"),
+        "vit": (t.ViTModel, t.ViTConfig, vision, *(("ViTSelfAttention", "ViT{}") if transformers_major() < 5
+                                                   else ("ViTAttention", "ViTMLP"))),
     }
     model_cls, config_cls, kwargs, attention_cls, mlp_cls = builders[name]
     torch.manual_seed(0)
     model = model_cls(config_cls(**kwargs))
     projections = {"q": ("q_proj", "query"), "k": ("k_proj", "key"), "v": ("v_proj", "value"),
-                   "attn_out": ("out_proj", "dense")}
+                   "attn_out": ("out_proj", "dense", "o_proj")}
     mlp_classes = {mlp_cls.format(kind) for kind in ("Encoder", "Decoder", "Intermediate", "Output")}
     roles: dict[str, str] = {}
     for module_name, module in model.named_modules():
@@ -406,7 +409,11 @@ def test_qwen2_moe_routers_experts_and_shared_expert():
         assert roles[block + "mlp.gate.weight"] == roles[block + "mlp.shared_expert_gate.weight"] == "router"
         for p, r in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "attn_out")):
             assert roles[f"{block}self_attn.{p}_proj.weight"] == r
-        mlp = [f"{block}mlp.experts.{e}.{m}_proj.weight" for e in range(3) for m in ("gate", "up", "down")]
+        if transformers_major() < 5:
+            mlp = [f"{block}mlp.experts.{e}.{m}_proj.weight" for e in range(3) for m in ("gate", "up", "down")]
+        else:  # 3-D expert tensors, one matrix per expert (and [gate | up] cut)
+            mlp = [f"{block}mlp.experts.{n}" for e in range(3) for n in (f"gate_up_proj.e{e}.gate",
+                                                                          f"gate_up_proj.e{e}.up", f"down_proj.e{e}")]
         mlp += [f"{block}mlp.shared_expert.{m}_proj.weight" for m in ("gate", "up", "down")]
         assert all(roles[n] == "mlp" for n in mlp)
     assert len(resolve_targets(net, "mlp")) == 2 * 12  # the routers are not selected by "mlp"

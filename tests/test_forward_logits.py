@@ -18,7 +18,7 @@ import torch
 
 from lightning_msign import Diagnostics, MSign
 
-from conftest import tiny_module
+from conftest import tiny_module, transformers_major
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,7 +43,7 @@ def _hf(arch: str):
         return t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**common, rotary_pct=0.5, attn_implementation="eager"))
     if arch == "gemma2":
         return t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=8, sliding_window=4, query_pre_attn_scalar=4,
-                                                  attn_implementation="sdpa"))
+                                                  attn_implementation="sdpa" if transformers_major() < 5 else "eager"))
     if arch == "opt":
         return t.OPTForCausalLM(t.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                             num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
@@ -164,6 +164,10 @@ def test_encoders_and_encoder_decoders_are_read_in_their_training_forward(arch):
     from lightning_msign.models import attention_probe, find_decoder
 
     model, inputs = _encoder_model(arch, attn_implementation="sdpa")
+    if arch == "t5" and transformers_major() >= 5:  # refused at setup (docs/diagnostics.md)
+        with pytest.raises(ValueError, match="attention logits cannot be rebuilt|T5Attention"):
+            MSign(model, period=None, targets="qk", max_attn_logit=1e9)
+        return
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2 and any(s in name for s in ("q_proj", "k_proj", "query", "key", ".q.", ".k.", "Wqkv")):

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from lightning_msign import PSS, MSign, MSignCallback, PSSCallback, StableRank, StableRankMonitor, resolve_targets
 
+from conftest import DBRX_ATTENTION
+
 C, LAYERS, VOCAB = 32, 2, 64
 
 
@@ -147,7 +149,7 @@ ARCHS = [
     Arch("mixtral", _hf("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2, **_GQA),
          _run_hf, _projections(**_SEPARATE), _outs("model.layers.{i}.self_attn.o_proj.weight")),
     Arch("dbrx", _hf("DbrxConfig", "DbrxForCausalLM", d_model=C, n_heads=4, n_layers=LAYERS, max_seq_len=64,
-                     attn_config={"kv_n_heads": 2}, ffn_config={"ffn_hidden_size": 8, "moe_num_experts": 3}),
+                     attn_config=DBRX_ATTENTION, ffn_config={"ffn_hidden_size": 8, "moe_num_experts": 3}),
          _run_hf,
          _projections("transformer.blocks.{i}.norm_attn_norm.attn.Wqkv",
                       "transformer.blocks.{i}.norm_attn_norm.attn.Wqkv.weight.{t}", heads=(4, 2, 2)),
@@ -336,6 +338,14 @@ def _v5_true(model: nn.Module) -> dict[str, Tensor]:
 def _mixtral_true(model: nn.Module) -> dict[str, Tensor]:
     out = {}
     for i, layer in enumerate(model.model.layers):
+        if not hasattr(layer, "block_sparse_moe"):  # transformers 5: 3-D expert tensors (E, 2I, H), (E, H, I)
+            experts = layer.mlp.experts
+            for e in range(experts.gate_up_proj.shape[0]):
+                gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+                prefix = f"model.layers.{i}.mlp.experts"
+                out.update({f"{prefix}.gate_up_proj.e{e}.gate": gate, f"{prefix}.gate_up_proj.e{e}.up": up,
+                            f"{prefix}.down_proj.e{e}": experts.down_proj[e]})
+            continue
         for e, expert in enumerate(layer.block_sparse_moe.experts):
             for w in ("w1", "w2", "w3"):  # gate, down, up: act(w1 x) * (w3 x) -> w2
                 out[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"] = getattr(expert, w).weight
@@ -355,7 +365,7 @@ def _phi3_true(model: nn.Module) -> dict[str, Tensor]:
 MLP_ARCHS = {
     "experts-v5": (_v5_moe, _v5_true, "layers.{i}.mlp.gate.weight"),
     "mixtral": (_hf("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2, **_GQA),
-                _mixtral_true, "model.layers.{i}.block_sparse_moe.gate.weight"),
+                _mixtral_true, "model.layers.{i}.block_sparse_moe.gate.weight"),  # transformers 5: mlp.gate
     "phi3": (_hf("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, **_GQA), _phi3_true, None),
 }
 
@@ -405,7 +415,8 @@ def test_msign_mlp_flattens_every_expert_matrix_and_leaves_the_router(arch):
             assert torch.equal(p, params[name]), f"{name} changed"
     if router is not None:
         for i in range(LAYERS):
-            assert not any(router.format(i=i) in n for n in names)
+            routers = (router.format(i=i), router.format(i=i).replace(".block_sparse_moe.", ".mlp."))
+            assert not any(r in n for r in routers for n in names)
 
 
 def test_a_sparse_moe_block_alone_is_found():
