@@ -428,3 +428,42 @@ def test_qwen3_moe_router_is_a_router():
     roles = {t.name: t.role for t in resolve_targets(net, "all_2d")}
     assert [roles[f"model.layers.{i}.mlp.gate.weight"] for i in range(2)] == ["router", "router"]
     assert not any(t.name.endswith("mlp.gate.weight") for t in resolve_targets(net, "mlp"))
+
+
+def test_litgpt_latent_attention_blocks_are_what_its_forward_splits():
+    """LitGPT's MultiheadLatentAttention: ``kv_a_proj_with_mqa`` -> ``[latent | k_rope]``, ``kv_b_proj`` -> per key
+    group ``[k_nope | v]``: each block times the layer's input is the piece its forward splits off."""
+    from litgpt import GPT, Config
+
+    torch.manual_seed(0)
+    config = Config(n_layer=2, n_embd=32, n_head=4, n_query_groups=4, vocab_size=64, padded_vocab_size=64, bias=False,
+                    block_size=16, latent_attention={"q_lora_rank": 16, "kv_lora_rank": 8, "qk_rope_head_dim": 4,
+                                                     "qk_nope_head_dim": 6, "v_head_dim": 10})
+    model = GPT(config)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    attn = model.transformer.h[0].attn
+    handles = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, (a[0], out)))
+               for n, m in (("kv_a", attn.kv_a_proj_with_mqa), ("kv_b", attn.kv_b_proj))]
+    model(torch.randint(0, 64, (2, 8)))
+    for h in handles:
+        h.remove()
+    blocks = {t.name: t for t in resolve_targets(model, "attention")}
+    prefix = "transformer.h.0.attn."
+    x_a, out_a = seen["kv_a"]
+    latent, k_rope = out_a.split([8, 4], dim=-1)  # as the forward splits it
+    x_b, out_b = seen["kv_b"]
+    k_nope, v = out_b.view(2, 8, 4, -1).split([6, 10], dim=-1)
+    pieces = {"kv_a_proj_with_mqa.weight.latent": (x_a, latent), "kv_a_proj_with_mqa.weight.k": (x_a, k_rope),
+              "kv_b_proj.weight.k": (x_b, k_nope.flatten(2)), "kv_b_proj.weight.v": (x_b, v.flatten(2))}
+    for name, (x, piece) in pieces.items():
+        torch.testing.assert_close(x @ blocks[prefix + name].matrix().T, piece, rtol=1e-5, atol=1e-6, msg=name)
+    assert {n[len(prefix):] for n, t in blocks.items() if n.startswith(prefix) and t.role in ("q", "k")} == {
+        "q_a_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight.k", "kv_b_proj.weight.k"}
+    before = {n: t.matrix().detach().clone() for n, t in blocks.items()}
+    MSign(model, period=1, targets="qk").apply()
+    for n, t in blocks.items():
+        if t.role in ("q", "k"):
+            s = torch.linalg.svdvals(t.matrix().detach().double())
+            assert float((s.max() - s.min()) / s.max()) < 1e-4, n
+        else:
+            assert torch.equal(t.matrix(), before[n]), n  # the latent, the values and the output

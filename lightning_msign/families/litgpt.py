@@ -9,7 +9,10 @@ attention forms queries and keys, and its blocks' output projections.
 - ``GPT``: ``lm_head`` the LM head (``transformer.wte`` is an embedding).
 - ``Block``: output projections ``attn.proj`` and ``mlp.proj`` (every expert's ``proj`` under ``LLaMAMoE``).
 
-``MultiheadLatentAttention`` (DeepSeek-style) is not read: its weights get no role from this family.
+- ``MultiheadLatentAttention`` (DeepSeek-style), as its forward splits: ``kv_a_proj_with_mqa`` rows
+  ``[latent (kv_lora_rank) | k (qk_rope_head_dim)]``, ``kv_b_proj`` rows per key group ``[k (qk_nope_head_dim) | v
+  (v_head_dim)]`` (``view(B, T, n_query_groups, -1)``, then split), ``q_a_proj`` / ``q_b_proj`` queries (``"qk"`` =
+  those and the two ``k`` blocks), ``proj`` the output. Its attention logits are not read.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from litgpt.model import (
     GptNeoxMLP,
     LLaMAMLP,
     LLaMAMoE,
+    MultiheadLatentAttention,
     apply_rope,
     apply_rope_interleave,
 )
 from torch import Tensor, nn
 
 from lightning_msign.families.base import BlockInfo, Family, Found, int_attr, linears, rows, weight_of
+from lightning_msign.layouts import Layout
 from lightning_msign.models.base import AttentionProbe, argument, to_compute
 
 __all__ = ["LitGPT", "LitGPTAttentionProbe", "is_litgpt_attention", "litgpt_attention_scale", "litgpt_query_key"]
@@ -148,8 +153,10 @@ def _projections(block: Block) -> Optional[tuple[str, ...]]:
 class LitGPT(Family):
     name = "LitGPT"
     model = 'LitGPT `GPT` (any config)'
-    splits = '`attn.qkv`: rows `[Q \\| K \\| V]`, grouped-query sizes; MLPs, MoE router `gate`, `lm_head`'
-    read_from = '`config.n_head`, `n_query_groups`, `head_size`'
+    splits = ('`attn.qkv`: rows `[Q \\| K \\| V]`, grouped-query sizes; latent attention `kv_a_proj_with_mqa` '
+              '`[latent \\| k]`, `kv_b_proj` `[k v]` per group; MLPs, MoE router `gate`, `lm_head`')
+    read_from = ('`config.n_head`, `n_query_groups`, `head_size` (latent attention: `kv_lora_rank`, '
+                 '`qk_rope_head_dim`, `qk_nope_head_dim`, `v_head_dim`)')
     attention_classes = ("litgpt CausalSelfAttention",)
 
     def read(self, module: nn.Module) -> Optional[Found]:
@@ -161,6 +168,17 @@ class LitGPT(Family):
             found: Found = {id(qkv): ("qkv", rows("LitGPT config", q=n_head * hs, k=n_groups * hs,
                                                    v=n_groups * hs))}
             return {**found, **linears(module, "attn_out", "proj")}
+        if isinstance(module, MultiheadLatentAttention):
+            config = module.config
+            lora, rope, nope, v, groups = (int_attr(config, a) for a in (
+                "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "n_query_groups"))
+            kv_a, kv_b = weight_of(module.kv_a_proj_with_mqa), weight_of(module.kv_b_proj)
+            if None in (lora, rope, nope, v, groups) or kv_a is None or kv_b is None:
+                return None
+            source = "LitGPT MultiheadLatentAttention (kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim)"
+            found = {id(kv_a): ("qkv", rows(source, latent=lora, k=rope)),
+                     id(kv_b): ("qkv", Layout("heads", (("k", nope), ("v", v)), heads=groups, source=source))}
+            return {**found, **linears(module, "q", "q_a_proj", "q_b_proj"), **linears(module, "attn_out", "proj")}
         if isinstance(module, (GptNeoxMLP, LLaMAMLP, GemmaMLP)):
             return linears(module, "mlp", "fc", "fc_1", "fc_2", "proj")
         if isinstance(module, LLaMAMoE):
