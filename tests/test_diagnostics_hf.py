@@ -100,6 +100,10 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
                 for p in (block.ffn.experts.mlp.w1, block.ffn.experts.mlp.v1, block.ffn.experts.mlp.w2):
                     p.normal_(std=0.2)
         return model, [None, None]
+    if arch == "gptj":  # partial, every-two rotary on 4 of the 8 dimensions of each head
+        config = t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=MAX_LENGTH,
+                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attn_implementation)
+        return t.GPTJForCausalLM(config), [None, None]
     if arch.startswith("gpt_bigcode"):
         config = {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": MAX_LENGTH,
                   "multi_query": arch == "gpt_bigcode"}
@@ -112,7 +116,7 @@ def _hf_model(arch: str, attn_implementation: str = "eager", **overrides):
 
 HOOKED = ["gpt2", "gpt2-inverse-layer-scale", "llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "olmo2",
           "qwen3_moe", "phi3", "qwen2_moe", "falcon-grouped", "falcon-multi-query", "falcon-multi-head",
-          "dbrx"]
+          "dbrx", "gptj"]
 """Rebuilt from the outputs of their projections (hook probes)."""
 INTERFACE = ["gpt_neox", "gemma2", "gemma2-no-softcap", "gemma3", "phi", "olmo", "cohere", "granite", "starcoder2",
              "gpt_bigcode", "gpt_bigcode-multi-head", "opt", "smollm3", "glm4", "deepseek_v3", "deepseek_v2"]
@@ -121,7 +125,7 @@ SUPPORTED = HOOKED + INTERFACE
 # 4.57's Falcon broadcasts the key groups to the heads before its kernel, 5.x does not
 _GROUPS = {"falcon-grouped": 4 if transformers_major() < 5 else 2, "falcon-multi-query": 1, "falcon-multi-head": 4,
            "gpt2": 4, "gpt2-inverse-layer-scale": 4, "gpt_neox": 4, "opt": 4, "gpt_bigcode": 1,
-           "gpt_bigcode-multi-head": 4, "deepseek_v3": 4, "deepseek_v2": 4}
+           "gpt_bigcode-multi-head": 4, "deepseek_v3": 4, "deepseek_v2": 4, "gptj": 4}
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
@@ -276,11 +280,12 @@ def test_hf_block_jacobians_against_dense(arch):
 
 def test_unsupported_attention_fails_at_setup_and_the_rest_works(tmp_path):
     seed_everything(0)
-    t = transformers  # GPT-J: neither a hook probe nor transformers' attention interface in 4.57
-    config = t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=MAX_LENGTH)
-    module = _HFCausalLM(t.GPTJForCausalLM(config))
+    t = transformers  # ALiBi Falcon: its position bias is inside its own forward (not read)
+    config = t.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                            new_decoder_architecture=False, multi_query=True, max_position_embeddings=MAX_LENGTH)
+    module = _HFCausalLM(t.FalconForCausalLM(config))
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2), callbacks=[DiagnosticsMonitor(every_n_steps=1)])
-    with pytest.raises(ValueError, match="got GPTJAttention in block 0 of `transformer.h`.*attention_logits=False"):
+    with pytest.raises(ValueError, match="got FalconAttention in block 0 of `transformer.h`.*attention_logits=False"):
         trainer.fit(module, _loader())
     assert module.steps_run == 0  # raised at setup, before any step
 

@@ -333,6 +333,8 @@ def _fairseq_like(name: str):
         "clip_vision": (t.CLIPVisionModel, t.CLIPVisionConfig, vision, "CLIPAttention", "CLIPMLP"),
         "siglip_vision": (t.SiglipVisionModel, t.SiglipVisionConfig, vision, "SiglipAttention", "SiglipMLP"),
         "phi": (t.PhiForCausalLM, t.PhiConfig, dict(tower, vocab_size=64), "PhiAttention", "PhiMLP"),
+        "gptj": (t.GPTJForCausalLM, t.GPTJConfig, dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
+                 "GPTJAttention", "GPTJMLP"),
         "vit": (t.ViTModel, t.ViTConfig, vision, *(("ViTSelfAttention", "ViT{}") if transformers_major() < 5
                                                    else ("ViTAttention", "ViTMLP"))),
     }
@@ -356,14 +358,14 @@ def _fairseq_like(name: str):
         elif kind == "ViTSelfOutput":
             roles[f"{module_name}.dense.weight"] = "attn_out"
         elif kind in mlp_classes:
-            for child in ("fc1", "fc2", "dense"):
+            for child in ("fc1", "fc2", "dense", "fc_in", "fc_out"):
                 if isinstance(getattr(module, child, None), nn.Linear):
                     roles[f"{module_name}.{child}.weight"] = "mlp"
     return model, roles
 
 
 FAIRSEQ_LIKE = ["bart", "mbart", "marian", "whisper", "opt", "clip_text", "clip_vision", "siglip_vision", "phi",
-                "vit"]
+                "vit", "gptj"]
 
 
 @pytest.mark.parametrize("name", FAIRSEQ_LIKE)

@@ -58,6 +58,10 @@ def _hf(arch: str):
     if arch == "falcon":
         return t.FalconForCausalLM(t.FalconConfig(**common, alibi=False, new_decoder_architecture=True,
                                                   num_kv_heads=2, attn_implementation="sdpa"))
+    if arch == "gptj":
+        from test_diagnostics_hf import _hf_model
+
+        return _hf_model("gptj", "eager")[0]
     if arch == "dbrx":  # its own forward, blocks at transformer.blocks
         from test_diagnostics_hf import _hf_model
 
@@ -84,7 +88,7 @@ def _attention_functions(model) -> tuple:
 
 
 @pytest.mark.parametrize("arch", ["litgpt", "gpt2", "llama", "gpt_neox", "gemma2", "deepseek_v3", "opt", "phi",
-                                  "qwen2_moe", "falcon", "dbrx"])
+                                  "qwen2_moe", "falcon", "dbrx", "gptj"])
 def test_the_check_reads_the_training_forward_and_changes_nothing(arch):
     torch.manual_seed(0)
     model = _litgpt() if arch == "litgpt" else _hf(arch)

@@ -2,9 +2,9 @@
 
 Built in, asked in this order (a family registered with :func:`register_family` comes first): LitGPT,
 ``torch.nn.MultiheadAttention``, HF GPT-2, HF GPTBigCode, HF GPT-NeoX, HF Phi-3, HF Llama / Mistral / Qwen2 / Qwen3 /
-Mixtral, HF Qwen2-MoE, HF T5 / mT5, HF DBRX, HF DeepSeek-V2 / V3 (MLA), HF Falcon / BLOOM / MPT, HF BERT / RoBERTa /
-ViT, HF BART / mBART / Marian / Whisper / OPT, HF CLIP / SigLIP / Phi, transformers-5 expert tensors, the attention
-and MLP classes of any other HF family with separate projections (checked against its config), nanoGPT.
+Mixtral, HF Qwen2-MoE, HF T5 / mT5, HF DBRX, HF DeepSeek-V2 / V3 (MLA), HF Falcon / BLOOM / MPT, HF GPT-J, HF BERT /
+RoBERTa / ViT, HF BART / mBART / Marian / Whisper / OPT, HF CLIP / SigLIP / Phi, transformers-5 expert tensors, the
+attention and MLP classes of any other HF family with separate projections (checked against its config), nanoGPT.
 
 A user's family, in a few lines::
 
@@ -54,6 +54,7 @@ from lightning_msign.families.dbrx import DBRX
 from lightning_msign.families.deepseek import DeepSeekMLA
 from lightning_msign.families.falcon_bloom_mpt import FalconBloomMPT
 from lightning_msign.families.gpt2 import GPT2
+from lightning_msign.families.gptj import GPTJ
 from lightning_msign.families.hf_experts import ExpertTensors
 from lightning_msign.families.hf_generic import HFSeparateProjections
 from lightning_msign.families.litgpt import LitGPT
@@ -67,7 +68,8 @@ from lightning_msign.families.torch_mha import TorchMultiheadAttention
 
 BUILT_IN: tuple[Family, ...] = (
     LitGPT(), TorchMultiheadAttention(), GPT2(), GPTBigCode(), GPTNeoX(), Phi3(), LlamaLike(), Qwen2MoE(), T5(), DBRX(),
-    DeepSeekMLA(), FalconBloomMPT(), BERT(), BART(), CLIP(), ExpertTensors(), HFSeparateProjections(), NanoGPT(),
+    DeepSeekMLA(), FalconBloomMPT(), GPTJ(), BERT(), BART(), CLIP(), ExpertTensors(), HFSeparateProjections(),
+    NanoGPT(),
 )
 """The built-in families, in the order they are asked."""
 
