@@ -42,6 +42,8 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``msign_qk_logit30``    the same with the threshold at 30
 ``msign_qk_logit_then_p1`` ``msign_qk_logit`` with ``period_after_trigger=1``: from the first trigger on, MSign on
                         every Q and K after every step
+``msign_qk_logit_then_p1_forward`` the same reading the logits in each step's training forward
+                        (``logits_from="training_forward"``, the default: the recommended guard as shipped)
 ``qk_clip``             QK-Clip (Kimi K2, arXiv 2507.20534; benchmark-side control, below): after every step, each
                         head whose largest logit s_h (first 4 sequences of the batch) exceeds tau = 100 has its Q and K
                         rows scaled by sqrt(tau / s_h)
@@ -138,6 +140,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "msign_qk_logit50": _logit_msign(50.0),
     "msign_qk_logit30": _logit_msign(30.0),
     "msign_qk_logit_then_p1": _logit_msign(100.0, period_after_trigger=1),
+    # the recommended guard as shipped: the logits of each step's own training forward (the weights before the step)
+    "msign_qk_logit_then_p1_forward": _logit_msign(100.0, period_after_trigger=1, logits_from="training_forward"),
     "qk_clip": {"qk_clip": {"tau": 100.0}},
     "qk_clip_30": {"qk_clip": {"tau": 30.0}},
     # RollbackGuard: snapshots every 10 steps, OLMo-core's 6 sigma over 128 steps armed after 32 values.
