@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_msign.families.base import qualified_name
-from lightning_msign.models.base import AttentionProbe
+from lightning_msign.models.base import AttentionProbe, allowed_from_mask
 
 __all__ = ["InterfaceProbe", "hf_classes", "interface_probe", "uses_attention_interface"]
 
@@ -131,10 +131,8 @@ class InterfaceProbe(AttentionProbe):
         window = named.get("sliding_window")
         window = int(window) if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
         with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
-            allowed: Optional[Tensor] = None
-            if isinstance(mask, Tensor) and mask.ndim == 4:
-                mask = mask[:, :, :, : key.shape[2]].detach()
-                allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            allowed = allowed_from_mask(mask, key.shape[2])
+            if allowed is not None:
                 window = None  # the mask holds it
             else:
                 causal = named.get("is_causal")
