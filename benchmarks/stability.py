@@ -44,6 +44,8 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
                         every Q and K after every step
 ``msign_qk_logit_then_p1_forward`` the same reading the logits in each step's training forward
                         (``logits_from="training_forward"``, the default: the recommended guard as shipped)
+``msign_qk_logit_then_p1_forward_every2`` / ``..._every3`` the same checking after every 2nd / 3rd optimizer step
+                        (``check_every=2`` / ``3``): what the check costs a healthy run is divided by 2 / 3
 ``qk_clip``             QK-Clip (Kimi K2, arXiv 2507.20534; benchmark-side control, below): after every step, each
                         head whose largest logit s_h (first 4 sequences of the batch) exceeds tau = 100 has its Q and K
                         rows scaled by sqrt(tau / s_h)
@@ -142,6 +144,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "msign_qk_logit_then_p1": _logit_msign(100.0, period_after_trigger=1),
     # the recommended guard as shipped: the logits of each step's own training forward (the weights before the step)
     "msign_qk_logit_then_p1_forward": _logit_msign(100.0, period_after_trigger=1, logits_from="training_forward"),
+    # the same guard checking after every 2nd / 3rd step only (a healthy run pays a half / a third of the check)
+    "msign_qk_logit_then_p1_forward_every2": _logit_msign(100.0, period_after_trigger=1, logits_from="training_forward",
+                                                          check_every=2),
+    "msign_qk_logit_then_p1_forward_every3": _logit_msign(100.0, period_after_trigger=1, logits_from="training_forward",
+                                                          check_every=3),
     "qk_clip": {"qk_clip": {"tau": 100.0}},
     "qk_clip_30": {"qk_clip": {"tau": 30.0}},
     # RollbackGuard: snapshots every 10 steps, OLMo-core's 6 sigma over 128 steps armed after 32 values.

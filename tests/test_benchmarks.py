@@ -291,16 +291,24 @@ def test_qk_clip_control_brings_a_hot_head_to_tau_and_leaves_the_others():
 
 
 def test_trigger_cost_quick_runs_and_writes_results(tmp_path):
+    """The benchmark measures the guard the recipe recommends, as the recipe configures it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import trigger_cost
+
     assert run_benchmark("trigger_cost", "--quick", "--out", str(tmp_path / "tc")) == 0
     result = json.loads((tmp_path / "tc.json").read_text())
-    assert set(result["stats"]) == {"train step", "train step, check from its forward", "check by a second forward",
+    assert result["recommended_guard"] == trigger_cost.recommended_msign()
+    assert result["check_every"] == result["recommended_guard"].get("check_every", 1)
+    assert set(result["stats"]) == {"train step", "train steps", "train steps, recommended guard",
+                                    "train step, check from its forward", "check by a second forward",
                                     "check + sign", "check + sign + sranks"}
     assert all(len(s["times_ms"]) == 3 for s in result["stats"].values())
     ratios = result["ratios_to_train_step"]
-    assert all(r["median"] > 0 for name, r in ratios.items() if name != "check from the training forward")
-    assert len(ratios["check from the training forward"]["ratios"]) == 3  # a difference of two arms: any sign
+    differences = ("check from the training forward", "recommended guard")  # differences of two arms: any sign
+    assert all(r["median"] > 0 for name, r in ratios.items() if name not in differences)
+    assert all(len(ratios[name]["ratios"]) == 3 for name in differences)
     text = (tmp_path / "tc.md").read_text()
-    assert "| check + sign of every Q/K block" in text and "adds to a step" in text
+    assert "| check + sign of every Q/K block" in text and "adds to a healthy run's step" in text
 
 
 def test_lr_jump_is_reapplied_after_a_rollback_to_a_snapshot_from_before_it(tmp_path):
