@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import typing
+from typing import Any, Callable, ClassVar, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -70,19 +72,41 @@ class GuardCallback(Callback):
     before any step) when the module already has parameters, and again at ``on_fit_start``, after the
     strategy may have replaced them or ``configure_model`` built them. The callback's checkpoint state is
     the guard's state.
+
+    A subclass names its guard class in :attr:`guard_class` and the guard arguments the adapter supplies itself
+    (the module, optimizers, ...) in :attr:`guard_runtime`; it never restates the guard's signature. Its constructor
+    is then built from that one signature: ``Callback(**guard_options, **adapter_options)`` builds the guard by
+    keyword and hands it to the subclass's own ``__init__(self, guard, *, adapter_options)`` (written only when the
+    adapter has options of its own), which :meth:`from_guard` calls too. :func:`inspect.signature` (and so
+    LightningCLI) sees every guard argument with its type and default, in the guard's order, then the adapter's.
     """
 
+    guard_class: ClassVar[Optional[type[Guard]]] = None
+    guard_runtime: ClassVar[tuple[str, ...]] = ("module",)
     _warn_without_logger = False  # monitors, whose only output is what they log, set this
 
     def __init__(self, guard: Guard) -> None:
         super().__init__()
         self.guard = guard
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("guard_class") is None:
+            return
+        own = cls.__dict__.get("__init__")
+        cls._adapter_init = staticmethod(own if own is not None else GuardCallback.__init__)  # type: ignore[assignment]
+        cls.__init__ = _constructor(cls, cls._adapter_init)  # type: ignore[method-assign]
+
     @classmethod
-    def from_guard(cls, guard: Guard) -> "GuardCallback":
-        """The callback over an existing guard (a subclass, or one configured in code), instead of building one."""
+    def from_guard(cls, guard: Guard, **adapter_options: Any) -> "GuardCallback":
+        """The callback over an existing guard (one configured in code, or a subclass of :attr:`guard_class`),
+        with the adapter's own options (those :func:`inspect.signature` of the class lists after the guard's)."""
+        expected = cls.guard_class
+        if expected is None or not isinstance(guard, expected):
+            raise TypeError(f"{cls.__name__}.from_guard needs a {getattr(expected, '__name__', 'guard')}, got"
+                            f" {type(guard).__name__}")
         callback = cls.__new__(cls)
-        GuardCallback.__init__(callback, guard)
+        cls._adapter_init(callback, guard, **adapter_options)
         return callback
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -107,3 +131,51 @@ class GuardCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.guard.load_state_dict(state_dict)
+
+
+def guard_options(guard_class: type[Guard], runtime: tuple[str, ...]) -> list[inspect.Parameter]:
+    """The configuration parameters of ``guard_class``'s constructor (all but ``runtime``), annotations evaluated."""
+    signature = inspect.signature(guard_class.__init__)
+    hints = typing.get_type_hints(guard_class.__init__)
+    params = list(signature.parameters.values())[1:]
+    missing = set(runtime) - {p.name for p in params}
+    if missing:
+        raise TypeError(f"{guard_class.__name__} has no constructor arguments {sorted(missing)}")
+    return [p.replace(annotation=hints.get(p.name, p.annotation)) for p in params if p.name not in runtime]
+
+
+def _constructor(cls: type[GuardCallback], adapter_init: Callable[..., None]) -> Callable[..., None]:
+    """``cls.__init__`` from the guard's signature and the adapter's own keyword-only options."""
+    assert cls.guard_class is not None
+    guard_class, runtime = cls.guard_class, cls.guard_runtime
+    options = guard_options(guard_class, runtime)
+    own = list(inspect.signature(adapter_init).parameters.values())[2:]  # after (self, guard)
+    loose = [p.name for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    if loose:
+        raise TypeError(f"{cls.__name__}.__init__(self, guard, ...): the adapter's own options must be keyword-only,"
+                        f" got {loose}")
+    clash = {p.name for p in own} & {p.name for p in options}
+    if clash:
+        raise TypeError(f"{cls.__name__}'s own options {sorted(clash)} are also {guard_class.__name__} arguments")
+    hints = typing.get_type_hints(adapter_init)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
+    names = [p.name for p in options]
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    signature = inspect.Signature([self_param, *options, *own], return_annotation=None)
+
+    def __init__(self: GuardCallback, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(self, *args, **kwargs)  # by name, through the guard's own signature
+        except TypeError as err:
+            raise TypeError(f"{type(self).__name__}: {err}") from None
+        values = dict(bound.arguments)
+        del values["self"]
+        guard = guard_class(**{k: values.pop(k) for k in names if k in values})
+        adapter_init(self, guard, **values)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__annotations__ = {p.name: p.annotation for p in (*options, *own)} | {"return": None}
+    __init__.__doc__ = guard_class.__doc__
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
+    return __init__

@@ -13,8 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
-from lightning_msign.guards.curvature import Curvature, CurvatureMethod
-from lightning_msign.targets import TargetsArg
+from lightning_msign.guards.curvature import Curvature
 
 
 class CurvatureMonitor(GuardCallback):
@@ -73,24 +72,13 @@ class CurvatureMonitor(GuardCallback):
             iteration: the eigenvalue of largest magnitude).
     """
 
+    guard_class = Curvature
+    guard_runtime = ("module", "optimizer")
     guard: Curvature
     _warn_without_logger = True
 
-    def __init__(
-        self,
-        every_n_steps: int = 100,
-        iterations: int = 5,
-        cold_iterations: int = 20,
-        targets: Optional[TargetsArg] = None,
-        max_gap: int = 1000,
-        loss_fn: Optional[str] = None,
-        seed: int = 0,
-        method: CurvatureMethod = "lanczos",
-    ) -> None:
-        super().__init__(Curvature(
-            None, None, every_n_steps=every_n_steps, iterations=iterations, cold_iterations=cold_iterations,
-            targets=targets, max_gap=max_gap, seed=seed, method=method,
-        ))
+    def __init__(self, guard: Curvature, *, loss_fn: Optional[str] = None) -> None:
+        super().__init__(guard)
         self.loss_fn = loss_fn
         self._loss_fn = None if loss_fn is None else import_function(loss_fn, "loss_fn")
 

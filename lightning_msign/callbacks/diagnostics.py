@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from typing_extensions import override
@@ -49,25 +49,9 @@ class DiagnosticsMonitor(GuardCallback):
         trainer = Trainer(callbacks=[StableRankMonitor(every_n_steps=10), DiagnosticsMonitor(every_n_steps=50)])
     """
 
+    guard_class = Diagnostics
     guard: Diagnostics
     _warn_without_logger = True  # a monitor that only logs
-
-    def __init__(
-        self,
-        every_n_steps: int = 50,
-        jacobian: bool = False,
-        jacobian_iters: int = 20,
-        attention_logits: bool = True,
-        output_logits: bool = True,
-        max_batch_size: Optional[int] = 4,
-        max_seq_len: Optional[int] = 128,
-        model_attr: Optional[str] = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(Diagnostics(
-            None, every_n_steps, jacobian, jacobian_iters, attention_logits, output_logits, max_batch_size,
-            max_seq_len, model_attr, seed,
-        ))
 
     @property
     @override

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -11,7 +11,7 @@ from typing_extensions import override
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
 from lightning_msign.callbacks.warmup import require_stability_ratio_source
 from lightning_msign.guards.diagnostics import batch_input_ids
-from lightning_msign.guards.msign import LogitSource, MSign, MSignBackend
+from lightning_msign.guards.msign import MSign
 
 
 class MSignCallback(GuardCallback):
@@ -49,37 +49,12 @@ class MSignCallback(GuardCallback):
         trainer.fit(model, ShakespeareDataModule())
     """
 
+    guard_class = MSign
     guard: MSign
 
-    def __init__(
-        self,
-        period: Optional[int] = 100,
-        targets: Union[str, list[str]] = "attention",
-        backend: MSignBackend = "svd",
-        steps: Optional[int] = None,
-        split_qkv: bool = True,
-        log_stable_rank: bool = True,
-        layouts: Optional[dict[str, str]] = None,
-        max_attn_logit: Optional[float] = None,
-        min_srank_fraction: Optional[float] = None,
-        max_grad_ratio: Optional[float] = None,
-        max_curvature_ratio: Optional[float] = None,
-        check_every: int = 1,
-        min_spacing: int = 10,
-        warmup_steps: int = 100,
-        grad_alpha: float = 0.1,
-        probe_batch_size: Optional[int] = 4,
-        probe_seq_len: Optional[int] = 128,
-        model_attr: Optional[str] = None,
-        period_after_trigger: Optional[int] = None,
-        logits_from: LogitSource = "training_forward",
-    ) -> None:
-        super().__init__(MSign(
-            None, period, targets, backend, steps, split_qkv, log_stable_rank, layouts, max_attn_logit,
-            min_srank_fraction, max_grad_ratio, max_curvature_ratio, check_every, min_spacing, warmup_steps,
-            grad_alpha, probe_batch_size, probe_seq_len, model_attr, period_after_trigger, logits_from=logits_from,
-        ))
-        self._curvature: Any = None
+    def __init__(self, guard: MSign) -> None:
+        super().__init__(guard)
+        self._curvature: Any = None  # the curvature monitor read by `max_curvature_ratio`, found at fit start
 
     @property
     @override

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
-
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
-from lightning_msign.functional.smoothing import Smoothing
-from lightning_msign.guards.pss import PSS, PSSAction
+from lightning_msign.guards.pss import PSS
 
 
 class PSSCallback(GuardCallback):
@@ -35,31 +32,9 @@ class PSSCallback(GuardCallback):
         trainer = Trainer(gradient_clip_val=1.0, callbacks=[PSSCallback(tau=2.5, smoothing="softmax")])
     """
 
+    guard_class = PSS
     guard: PSS
 
-    def __init__(
-        self,
-        tau: float = 2.5,
-        alpha: float = 0.1,
-        warmup_steps: int = 100,
-        targets: Union[str, list[str]] = "qk",
-        smoothing: Smoothing = "softplus",
-        smoothing_kwargs: Optional[dict[str, float]] = None,
-        rank: Union[Literal["stable"], int] = "stable",
-        max_rank: Optional[int] = None,
-        cooldown_steps: int = 10,
-        action: PSSAction = "smooth",
-        skip_nonfinite: bool = True,
-        split_qkv: bool = True,
-        power_iters: int = 4,
-        log_every_n_steps: int = 1,
-        layouts: Optional[dict[str, str]] = None,
-        adapt_after: Optional[int] = 3,
-    ) -> None:
-        super().__init__(PSS(
-            None, tau, alpha, warmup_steps, targets, smoothing, smoothing_kwargs, rank, max_rank, cooldown_steps,
-            action, skip_nonfinite, split_qkv, power_iters, log_every_n_steps, layouts, adapt_after,
-        ))
 
     @property
     @override

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_msign import metric_keys as keys
+from lightning_msign._validation import check_bool, check_range
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
 from lightning_msign.callbacks.warmup import require_stability_ratio_source
 from lightning_msign.guards.rollback import Rollback
@@ -52,43 +53,25 @@ class RollbackGuard(GuardCallback):
         trainer = Trainer(callbacks=[RollbackGuard(snapshot_every=50, lr_factor=0.5, lr_steps=50, lr_ramp_steps=50)])
     """
 
+    guard_class = Rollback
+    guard_runtime = ("module", "optimizers", "schedulers")
     guard: Rollback
 
     def __init__(
         self,
-        snapshot_every: int = 100,
-        keep: int = 2,
-        snapshot_device: str = "cpu",
-        window: int = 128,
-        z_threshold: Optional[float] = 6.0,
-        min_history: int = 64,
-        watch: Union[str, tuple[str, ...]] = ("loss", "grad_norm"),
-        max_retries: int = 3,
-        lr_factor: float = 1.0,
-        lr_steps: int = 0,
-        lr_ramp_steps: int = 0,
-        repair_msign: Optional[Union[str, list[str]]] = None,
-        restart_moments: Optional[Union[str, list[str]]] = None,
-        msign_backend: str = "polar_express",
+        guard: Rollback,
+        *,
         on_pss_trigger: bool = False,
         max_curvature_ratio: Optional[float] = None,
         skipped_path: Optional[str] = None,
     ) -> None:
-        super().__init__(Rollback(
-            None, None, None, snapshot_every, keep, snapshot_device, window, z_threshold, min_history, watch,
-            max_retries, lr_factor, lr_steps, lr_ramp_steps, repair_msign, restart_moments, msign_backend,
-        ))
-        if not isinstance(on_pss_trigger, bool):
-            raise ValueError(f"`on_pss_trigger` must be a bool, got {on_pss_trigger!r}")
-        if max_curvature_ratio is not None and (
-            not isinstance(max_curvature_ratio, (int, float)) or isinstance(max_curvature_ratio, bool)
-            or not max_curvature_ratio > 0
-        ):
-            raise ValueError(f"`max_curvature_ratio` must be None or a positive number, got {max_curvature_ratio!r}")
+        super().__init__(guard)
+        self.on_pss_trigger = check_bool(on_pss_trigger, "on_pss_trigger")
+        if max_curvature_ratio is not None:
+            check_range(max_curvature_ratio, "max_curvature_ratio", low=0.0, low_open=True)
+        self.max_curvature_ratio = None if max_curvature_ratio is None else float(max_curvature_ratio)
         if skipped_path is not None and not isinstance(skipped_path, str):
             raise ValueError(f"`skipped_path` must be None or a path string, got {skipped_path!r}")
-        self.on_pss_trigger = on_pss_trigger
-        self.max_curvature_ratio = None if max_curvature_ratio is None else float(max_curvature_ratio)
         self.skipped_path = skipped_path
         self._pss: list[Any] = []
         self._curvature: Any = None

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import lightning.pytorch as pl
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
-from lightning_msign.guards.stable_rank import StableRank, StableRankMode
+from lightning_msign.guards.stable_rank import StableRank
 
 
 class StableRankMonitor(GuardCallback):
@@ -36,26 +36,10 @@ class StableRankMonitor(GuardCallback):
         trainer = Trainer(callbacks=[StableRankMonitor(targets="attention", every_n_steps=10)])
     """
 
+    guard_class = StableRank
     guard: StableRank
     _warn_without_logger = True  # a monitor that only logs
 
-    def __init__(
-        self,
-        targets: Union[str, list[str]] = "all_2d",
-        every_n_steps: int = 1,
-        mode: StableRankMode = "power",
-        power_iters: int = 1,
-        warmup_iters: int = 20,
-        split_qkv: bool = True,
-        log_per_matrix: bool = True,
-        log_grad_norm: bool = True,
-        log_norms: bool = False,
-        layouts: Optional[dict[str, str]] = None,
-    ) -> None:
-        super().__init__(StableRank(
-            None, targets, every_n_steps, mode, power_iters, warmup_iters, split_qkv, log_per_matrix, log_grad_norm,
-            log_norms, layouts,
-        ))
 
     @property
     @override

@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
-from lightning_msign.guards.warmup import DepthWarmup, WarmupOrder
+from lightning_msign.guards.warmup import DepthWarmup
 
 
 def stability_ratio_source(trainer: pl.Trainer) -> Optional[Callback]:
@@ -69,26 +69,18 @@ class ArchitectureWarmup(GuardCallback):
         trainer = Trainer(callbacks=[ArchitectureWarmup(start_fraction=0.5, groups=4, interval=500)])
     """
 
+    guard_class = DepthWarmup
     guard: DepthWarmup
 
-    def __init__(
-        self,
-        start_fraction: float = 0.5,
-        groups: int = 4,
-        interval: int = 500,
-        start_step: Optional[int] = None,
-        order: WarmupOrder = "stack",
-        blocks_attr: Optional[str] = None,
-        output_projections: Optional[list[str]] = None,
-        curvature_margin: Optional[float] = None,
-        max_defer_steps: Optional[int] = None,
-    ) -> None:
-        super().__init__(DepthWarmup(
-            None, start_fraction, groups, interval, start_step, order, blocks_attr, output_projections,
-            curvature_margin, max_defer_steps,
-        ))
-        self.start_step = start_step
+    def __init__(self, guard: DepthWarmup) -> None:
+        super().__init__(guard)
+        self._start_from_module = guard.start_step is None  # read from the module's `warmup_steps` at setup
         self._source: Optional[Callback] = None
+
+    @property
+    def active_blocks(self) -> tuple[int, ...]:
+        """Indices of the blocks that run in the forward now (the guard's :attr:`DepthWarmup.active_blocks`)."""
+        return self.guard.active_blocks
 
     @property
     @override
@@ -103,7 +95,7 @@ class ArchitectureWarmup(GuardCallback):
         if stage != "fit":
             return
         self._check_strategy(trainer)
-        if self.start_step is None:
+        if self._start_from_module:
             warmup_steps = getattr(pl_module, "warmup_steps", None)
             if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
                 raise ValueError(

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from lightning_msign._validation import check_bool
-from lightning_msign.distributed import WholeMatrixPlan, global_grad_norm, is_distributed
+from lightning_msign.distributed import WholeMatrixPlan, is_distributed
 from lightning_msign.fsdp1 import FSDP1Units, fsdp1_units
+from lightning_msign.guards.signals import step_signals
 from lightning_msign.layouts import validate_layouts
 from lightning_msign.targets import (
     LayoutsArg,
@@ -79,6 +80,7 @@ class Guard:
         self._fsdp1 = fsdp1
         self._module = module
         self._distributed = is_distributed() if distributed is None else bool(distributed)
+        step_signals(module).reset()
         self._on_attach(self._module)
         return self
 
@@ -90,9 +92,11 @@ class Guard:
         """The FSDP1 units of the attached model (``None`` when it has none)."""
         return self._fsdp1
 
-    def _grad_norm(self, module: nn.Module) -> Optional[torch.Tensor]:
-        """The global gradient norm of ``module`` (every process must call it: a collective when distributed)."""
-        return global_grad_norm(module.parameters(), units=self._fsdp1)
+    def _grad_norm(self, module: nn.Module, step: int) -> Optional[torch.Tensor]:
+        """The global gradient norm of ``module`` before optimizer step ``step``, computed once for every guard
+        attached to it (:mod:`lightning_msign.guards.signals`; every process must call it: a collective when
+        distributed)."""
+        return step_signals(module).grad_norm(module, step, units=self._fsdp1)
 
     @property
     def module(self) -> Optional[nn.Module]:
@@ -129,6 +133,8 @@ class Guard:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; missing keys keep their defaults (older checkpoints load)."""
         self._last_step = int(state_dict.get("last_step", 0))
+        if self._module is not None:
+            step_signals(self._module).reset()
 
     # ---------------------------------------------------------------------------------------- timing
     @contextmanager

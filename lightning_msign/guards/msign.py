@@ -309,7 +309,7 @@ class MSign(TargetedGuard):
         current = self._last_step + 1 if step is None else int(step)
         if current <= self._last_step or (self._grad_reading is not None and self._grad_reading[0] == current):
             return {}
-        total = self._grad_norm(module)
+        total = self._grad_norm(module, current)
         if total is None:
             return {}
         norm = float(total)

@@ -185,7 +185,7 @@ class PSS(TargetedGuard):
         if current is None:
             return {}
         params = [p for p in module.parameters() if p.grad is not None]
-        total = self._grad_norm(module)
+        total = self._grad_norm(module, current)
         if total is None:
             return {}
         norm = float(total)

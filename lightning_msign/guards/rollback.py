@@ -52,7 +52,7 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -196,7 +196,7 @@ class Rollback(Guard):
         window: int = 128,
         z_threshold: Optional[float] = 6.0,
         min_history: int = 64,
-        watch: Sequence[str] = WATCH,
+        watch: Union[str, Sequence[str]] = WATCH,
         max_retries: int = 3,
         lr_factor: float = 1.0,
         lr_steps: int = 0,
@@ -403,7 +403,7 @@ class Rollback(Guard):
         current = self._last_step + 1 if step is None else int(step)
         if current <= self._last_step:
             return {}
-        total = self._grad_norm(module)
+        total = self._grad_norm(module, current)
         self._grad_reading = (current, math.nan if total is None else float(total))
         return {}
 

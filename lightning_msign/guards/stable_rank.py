@@ -118,7 +118,7 @@ class StableRank(TargetedGuard):
         step = self._last_step + 1 if step is None else int(step)
         if not self.log_grad_norm or step % self.every_n_steps != 0:
             return {}
-        norm = self._grad_norm(module)
+        norm = self._grad_norm(module, step)
         return {} if norm is None else {keys.GRAD_NORM_TOTAL: float(norm)}
 
     def step(self, step: Optional[int] = None) -> dict[str, float]:
