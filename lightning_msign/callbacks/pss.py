@@ -35,7 +35,6 @@ class PSSCallback(GuardCallback):
     guard_class = PSS
     guard: PSS
 
-
     @property
     @override
     def state_key(self) -> str:

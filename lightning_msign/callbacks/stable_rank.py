@@ -40,7 +40,6 @@ class StableRankMonitor(GuardCallback):
     guard: StableRank
     _warn_without_logger = True  # a monitor that only logs
 
-
     @property
     @override
     def state_key(self) -> str:
