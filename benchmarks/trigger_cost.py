@@ -83,6 +83,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--check-every", type=int, default=None,
                         help="measure the recommended guard with this check_every instead of the recipe's")
+    parser.add_argument("--probe-batch-size", type=int, default=None,
+                        help="measure the recommended guard reading this many sequences instead of the recipe's")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup = 3, 1
@@ -115,6 +117,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     recommended = recommended_msign()
     if args.check_every is not None:
         recommended["check_every"] = args.check_every
+    if args.probe_batch_size is not None:
+        recommended["probe_batch_size"] = args.probe_batch_size
     n_steps = int(recommended.get("check_every", 1))
     healthy = {**recommended, "max_attn_logit": 1e30}  # as the recipe, with a threshold no logit reaches
     in_forward = MSign(twin, **healthy)
@@ -192,7 +196,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"Machine: {machine_line(machine)}; {args.threads} torch thread(s). Command: `{res['command']}`.",
         f"Model: {json.dumps(config)}, batch 16 x 128, AdamW, 32-true; {args.rounds} interleaved rounds.",
         f"The recommended guard as {RECIPE.relative_to(ROOT)} configures it (threshold raised out of reach"
-        f"{'' if args.check_every is None else ', check_every from the command line'}):"
+        f"{'' if args.check_every is None else ', check_every from the command line'}"
+        f"{'' if args.probe_batch_size is None else ', probe_batch_size from the command line'}):"
         f" `{json.dumps(recommended)}`.",
         "",
         f"**What the recommended guard adds to a healthy run's step** (per-round difference of {n_steps} guarded"

@@ -16,17 +16,19 @@ import sys
 import pytest
 import torch
 
-from lightning_msign import Diagnostics, MSign
+from lightning_msign import Diagnostics, LitGPTModule, MSign
 
-from conftest import tiny_module, transformers_major
+from conftest import TINY_CONFIG, TINY_SEQ, tiny_module, transformers_major
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, T = 64, 12
 
 
-def _litgpt():
-    return tiny_module().model
+def _litgpt(**config):
+    if not config:
+        return tiny_module().model
+    return LitGPTModule({**TINY_CONFIG, **config}, vocab_size=256, block_size=TINY_SEQ).model
 
 
 def _hf(arch: str):
@@ -87,12 +89,15 @@ def _attention_functions(model) -> tuple:
     return getattr(modeling, "eager_attention_forward", None), dict(getattr(interface, "_local_mapping", {}))
 
 
-@pytest.mark.parametrize("arch", ["litgpt", "gpt2", "llama", "gpt_neox", "gemma2", "deepseek_v3", "opt", "phi",
+@pytest.mark.parametrize("arch", ["litgpt", "litgpt_qk_norm", "litgpt_olmo2", "gpt2",
+                                  "llama", "gpt_neox", "gemma2", "deepseek_v3", "opt", "phi",
                                   "qwen2_moe", "falcon", "dbrx", "gptj"])
 def test_the_check_reads_the_training_forward_and_changes_nothing(arch):
     torch.manual_seed(0)
-    model = _litgpt() if arch == "litgpt" else _hf(arch)
-    vocab = 256 if arch == "litgpt" else VOCAB
+    litgpt = {"litgpt": {}, "litgpt_qk_norm": {"norm_qk": True, "rotary_percentage": 0.5},
+              "litgpt_olmo2": {"norm_qk": True, "norm_qk_type": "olmo2"}}
+    model = _litgpt(**litgpt[arch]) if arch in litgpt else _hf(arch)
+    vocab = 256 if arch in litgpt else VOCAB
     plain = copy.deepcopy(model)
     with torch.no_grad():  # logits well above 1, so a wrong scale or pair set would show
         for name, p in model.named_parameters():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_msign.functional import attention_logit_max
+from lightning_msign.functional import LogitScratch, attention_logit_max, attention_logit_max_per_head
 from lightning_msign.functional.attention import causal_allowed, output_logit_stats
 
 
@@ -88,3 +88,18 @@ def test_output_logit_stats():
 def test_attention_logit_max_argument_checks(q_shape, k_shape, window, match):
     with pytest.raises(ValueError, match=match):
         attention_logit_max(torch.ones(q_shape), torch.ones(k_shape), 1.0, window=window)
+
+
+def test_a_scratch_gives_the_same_values_and_is_reused():
+    scratch, g = LogitScratch(), torch.Generator().manual_seed(0)
+    cases = [((2, 4, 9, 8), (2, 4, 9, 8), {}), ((3, 6, 7, 4), (3, 2, 7, 4), {"window": 3}),
+             ((1, 4, 5, 4), (1, 1, 6, 4), {"allowed": torch.rand(1, 1, 5, 6, generator=g) > 0.3}),
+             ((2, 2, 3, 4), (2, 2, 3, 4), {})]  # fmt: skip
+    for q_shape, k_shape, kw in cases:
+        q, k = torch.randn(q_shape, generator=g), torch.randn(k_shape, generator=g)
+        expected = attention_logit_max_per_head(q, k, 0.3, **kw)
+        assert torch.equal(attention_logit_max_per_head(q, k, 0.3, scratch=scratch, **kw), expected)
+    largest = max(q[0] * q[1] * q[2] * k[2] for q, k, _ in cases)
+    assert scratch._buffer is not None and scratch._buffer.numel() == largest  # kept, grown to the largest once
+    q64 = torch.randn(2, 4, 9, 8, dtype=torch.float64, generator=g)
+    assert attention_logit_max_per_head(q64, q64, 0.3, scratch=scratch).dtype == torch.float64

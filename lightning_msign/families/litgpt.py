@@ -126,7 +126,15 @@ class LitGPTAttentionProbe(AttentionProbe):
         return {"cos": argument(args, kwargs, 1, "cos"), "sin": argument(args, kwargs, 2, "sin")}
 
     def query_key(self, seen: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        return litgpt_query_key(self.attn, seen["qkv"], seen["cos"], seen["sin"], seen.get("q"), seen.get("k"))
+        # Cut to the probe's sequences and tokens first: RoPE and the norms are then applied to those only.
+        b, n = self.batch_size, self.seq_len
+        q_normed, k_normed = seen.get("q"), seen.get("k")
+        if q_normed is not None and self.attn.config.norm_qk_type != "olmo2":  # (B, heads, T, hs)
+            q_normed, k_normed = q_normed[:b, :, :n], k_normed[:b, :, :n]
+        elif q_normed is not None:  # (B, T, heads * hs)
+            q_normed, k_normed = q_normed[:b, :n], k_normed[:b, :n]
+        cos, sin = seen["cos"], seen["sin"]  # (1 or B, T, rope_n_elem)
+        return litgpt_query_key(self.attn, seen["qkv"][:b, :n], cos[:b, :n], sin[:b, :n], q_normed, k_normed)
 
 
 def _projections(block: Block) -> Optional[tuple[str, ...]]:

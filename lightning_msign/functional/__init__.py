@@ -1,6 +1,7 @@
 """Pure tensor math of lightning_msign: no Lightning import, usable in any training loop."""
 
 from lightning_msign.functional.attention import (
+    LogitScratch,
     attention_logit_max,
     attention_logit_max_per_head,
     causal_allowed,
@@ -49,6 +50,7 @@ __all__ = [
     "power_iteration",
     "sdpa_math_kernel",
     "finite_matrices",
+    "LogitScratch",
     "attention_logit_max",
     "attention_logit_max_per_head",
     "causal_allowed",

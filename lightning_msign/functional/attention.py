@@ -27,7 +27,36 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["attention_logit_max", "attention_logit_max_per_head", "causal_allowed", "output_logit_stats"]
+__all__ = [
+    "LogitScratch",
+    "attention_logit_max",
+    "attention_logit_max_per_head",
+    "causal_allowed",
+    "output_logit_stats",
+]
+
+
+class LogitScratch:
+    """Memory the logits are formed in, kept from one call to the next.
+
+    A probe reading every layer of a forward forms a ``(B, n_head, T, S)`` score tensor per layer; allocated afresh,
+    each is new memory the allocator has to map (page faults on every call for a few MiB). One scratch shared by
+    the layers holds the largest such tensor once and is overwritten by each call. Not thread-safe: one per reader.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Optional[Tensor] = None
+
+    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device, in the kept memory (grown when
+        too small, replaced when the dtype or device differs)."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
 
 
 def causal_allowed(T: int, window: Optional[int] = None, device: Optional[torch.device] = None) -> Tensor:
@@ -42,7 +71,12 @@ def causal_allowed(T: int, window: Optional[int] = None, device: Optional[torch.
 
 
 def attention_logit_max(
-    q: Tensor, k: Tensor, scale: float, window: Optional[int] = None, allowed: Optional[Tensor] = None
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    window: Optional[int] = None,
+    allowed: Optional[Tensor] = None,
+    scratch: Optional[LogitScratch] = None,
 ) -> Tensor:
     r"""Largest attention logit in absolute value, :math:`\max_{b,h,t,\,j \in A(t)} |s_{b,h,t,j}|`.
 
@@ -56,6 +90,8 @@ def attention_logit_max(
         allowed: the pairs that count, a boolean tensor broadcastable to ``(B, 1, T, S)`` (for instance the mask a
             model hands its attention kernel, padding included, or all pairs of a bidirectional or cross-attention),
             in place of the causal pairs and ``window``.
+        scratch: memory to form the logits in (:class:`LogitScratch`), for callers that reduce many layers in a
+            row; ``None``: new memory each call.
 
     Returns:
         A 0-dim tensor of ``q``'s dtype (compute in float32 by passing float32 ``q``, ``k``). All heads at once
@@ -73,11 +109,16 @@ def attention_logit_max(
         >>> attention_logit_max(q, q, scale=0.5).item()  # pair (1, 1): 9 * 0.5; pair (0, 1) is not causal
         4.5
     """
-    return attention_logit_max_per_head(q, k, scale, window, allowed).amax()
+    return attention_logit_max_per_head(q, k, scale, window, allowed, scratch).amax()
 
 
 def attention_logit_max_per_head(
-    q: Tensor, k: Tensor, scale: float, window: Optional[int] = None, allowed: Optional[Tensor] = None
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    window: Optional[int] = None,
+    allowed: Optional[Tensor] = None,
+    scratch: Optional[LogitScratch] = None,
 ) -> Tensor:
     r"""Largest attention logit in absolute value of each query head, :math:`\max_{b,t,\,j \in A(t)} |s_{b,h,t,j}|`.
 
@@ -88,8 +129,9 @@ def attention_logit_max_per_head(
         A tensor ``(n_head,)`` of ``q``'s dtype.
     """
     if q.ndim != 4 or k.ndim != 4:
-        raise ValueError(f"`q` and `k` must be 4-dimensional (B, heads, T, hs), got shapes {tuple(q.shape)}"
-                         f" and {tuple(k.shape)}")
+        raise ValueError(
+            f"`q` and `k` must be 4-dimensional (B, heads, T, hs), got shapes {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     B, n_head, T, hs = q.shape
     n_groups, S = k.shape[1], k.shape[2]
     causal = allowed is None
@@ -102,8 +144,11 @@ def attention_logit_max_per_head(
         raise ValueError(f"`window` must be None or a positive int, got {window!r}")
     if not causal:
         shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else None
-        fits = shape is not None and len(shape) <= 4 and all(
-            a in (1, b) for a, b in zip(reversed(shape), reversed((B, 1, T, S))))
+        fits = (
+            shape is not None
+            and len(shape) <= 4
+            and all(a in (1, b) for a, b in zip(reversed(shape), reversed((B, 1, T, S))))
+        )
         if not fits or allowed.dtype != torch.bool or window is not None:
             got = f"{allowed.dtype} of shape {shape}" if shape is not None else type(allowed).__name__
             raise ValueError(
@@ -111,12 +156,24 @@ def attention_logit_max_per_head(
                 f" got {got} and window={window!r}"
             )
     per_group = n_head // n_groups
-    if B * n_head * T * S <= _AT_ONCE:  # every head in one batched product
-        scores = (q.reshape(B, n_groups, per_group, T, hs) @ k.unsqueeze(2).mT).reshape(B, n_head, T, S)
-        return _largest(scores, allowed, causal, window) * scale
     q = q.reshape(B, n_groups, per_group, T, hs)
-    out = [_largest(q[:, g] @ k[:, g, None].mT, allowed, causal, window) for g in range(n_groups)]
+    if B * n_head * T * S <= _AT_ONCE:  # every head in one batched product
+        scores = _scores(q, k.unsqueeze(2), scratch).reshape(B, n_head, T, S)
+        return _largest(scores, allowed, causal, window) * scale
+    out = [_largest(_scores(q[:, g], k[:, g, None], scratch), allowed, causal, window) for g in range(n_groups)]
     return torch.cat(out) * scale
+
+
+def _scores(q: Tensor, k: Tensor, scratch: Optional[LogitScratch]) -> Tensor:
+    """``q @ k.mT`` (``k`` broadcast over ``q``'s heads of a group), in ``scratch`` when given."""
+    if scratch is None:
+        return q @ k.mT
+    out = scratch.take((*q.shape[:-1], k.shape[-2]), q)
+    if q.shape[-3] == 1:  # one query head per key group: a plain batched product, no broadcast
+        T, hs, S = q.shape[-2], q.shape[-1], k.shape[-2]
+        torch.bmm(q.reshape(-1, T, hs), k.reshape(-1, S, hs).mT, out=out.view(-1, T, S))
+        return out
+    return torch.matmul(q, k.mT, out=out)
 
 
 _AT_ONCE = 1 << 24

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_msign.functional.attention import attention_logit_max, causal_allowed
+from lightning_msign.functional.attention import LogitScratch, attention_logit_max, causal_allowed
 from lightning_msign.targets import unwrap_module
 
 BLOCK_PATHS: tuple[str, ...] = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
@@ -288,14 +288,17 @@ class AttentionProbe:
         self.allowed: Optional[Tensor] = None
         self.batch_size: Optional[int] = None
         self.seq_len: Optional[int] = None
+        self.scratch: Optional[LogitScratch] = None
         self._seen: dict[str, Any] = {}
 
-    def limit(self, batch_size: Optional[int], seq_len: Optional[int]) -> AttentionProbe:
+    def limit(
+        self, batch_size: Optional[int], seq_len: Optional[int], scratch: Optional[LogitScratch] = None
+    ) -> AttentionProbe:
         """Reduce over the first ``batch_size`` sequences and their first ``seq_len`` tokens only (``None``: all),
         as when reading the training forward, whose batch is not cut: the maximum is then over the (query, key) pairs
         among those tokens (under causal attention exactly the logits a forward of the cut sequences would form).
-        Returns the probe."""
-        self.batch_size, self.seq_len = batch_size, seq_len
+        ``scratch``: the memory to form the logits in, shared by the probes of one reader. Returns the probe."""
+        self.batch_size, self.seq_len, self.scratch = batch_size, seq_len, scratch
         return self
 
     # ------------------------------------------------------------------------------- subclass API
@@ -356,7 +359,7 @@ class AttentionProbe:
         if allowed is not None:
             allowed = allowed[:b] if allowed.ndim == 4 else allowed
             allowed = allowed[..., :n, :n]
-        self.value = attention_logit_max(q, k, scale, window=window, allowed=allowed)
+        self.value = attention_logit_max(q, k, scale, window=window, allowed=allowed, scratch=self.scratch)
         if self.keep:
             self.query, self.key = q, k
             self.allowed = causal_allowed(q.shape[2], window, q.device) if allowed is None else allowed

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_msign.functional.attention import LogitScratch
 from lightning_msign.models.base import AttentionProbe, Decoder, attention_probe
 
 __all__ = ["ForwardLogits"]
@@ -50,6 +51,7 @@ class ForwardLogits:
     ) -> None:
         self.decoder = decoder
         self.wanted = wanted
+        scratch = LogitScratch()  # one layer's logits at a time, in the same memory for every layer
         probes: list[tuple[int, AttentionProbe]] = []  # (block index, probe): a decoder block's cross-attention too
         for i in range(len(decoder.blocks)):
             attns = decoder.attentions(i)
@@ -60,7 +62,7 @@ class ForwardLogits:
                 if probe is None:
                     raise ValueError(f"The attention {type(attn).__name__} of block {i} of `{decoder.blocks_path}` has"
                                      " no logit probe")
-                probes.append((i, probe.limit(batch_size, seq_len)))
+                probes.append((i, probe.limit(batch_size, seq_len, scratch)))
         self.probes = probes
         self._step: Optional[int] = None
         self._values: list[Optional[Tensor]] = [None] * len(decoder.blocks)
