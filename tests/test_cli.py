@@ -314,3 +314,79 @@ def test_main_job_runs_both_recipes_and_reports_them(tmp_path, monkeypatch, cach
     logits = {int(r["step"]): float(r["msign/attn_logit_max"]) for r in rows if r.get("msign/attn_logit_max")}
     first_applied = min(int(r["step"]) for r in rows if r.get("msign/applications"))
     assert first_applied == min(s for s, v in logits.items() if v > guard["max_attn_logit"])
+
+
+def test_config_names_a_shipped_recipe_and_a_bad_name_lists_them(tmp_path, monkeypatch):
+    from lightning_msign.cli import ConfigError, resolve_configs
+
+    monkeypatch.chdir(tmp_path)  # outside the checkout: "recipes/..." is no file here
+    from lightning_msign.recipes import RECIPES_DIR, recipe_names
+
+    assert (ROOT / "recipes").resolve() == RECIPES_DIR  # the checkout's recipes/ is the packaged folder
+    assert recipe_names() == sorted(p.relative_to(ROOT / "recipes").with_suffix("").as_posix() for p in RECIPES)
+    expected = str(RECIPES_DIR / "shakespeare" / "high_lr.yaml")
+    for name in ("shakespeare/high_lr", "shakespeare/high_lr.yaml", "recipes/shakespeare/high_lr.yaml"):
+        assert resolve_configs(["fit", "--config", name]) == ["fit", "--config", expected]
+    assert resolve_configs(["fit", "-c", "debug"]) == ["fit", "-c", str(RECIPES_DIR / "debug.yaml")]
+    assert resolve_configs(["fit", "--config=debug"]) == ["fit", f"--config={RECIPES_DIR / 'debug.yaml'}"]
+    kept = ["fit", "--config", str(DEBUG), "--config", "{trainer: {max_steps: 3}}", "--model.lr", "debug"]
+    assert resolve_configs(kept) == kept  # an existing file, inline YAML and other options are left alone
+    with pytest.raises(ConfigError, match=r"'shakespeare/hi_lr'.*shakespeare/high_lr_guarded"):
+        resolve_configs(["fit", "--config", "shakespeare/hi_lr"])
+
+
+def test_a_refused_value_or_recipe_name_is_one_line_on_stderr(tmp_path, cache_dir, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  lr: -1\n")
+    for config, message in ((str(bad), "lightning-msign: error: LitGPTModule: `lr` must be a finite float in"
+                                       " (0, inf), got -1.0"),
+                            ("nope", "lightning-msign: error: --config 'nope': No such file and no shipped recipe")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([*debug_args(tmp_path, cache_dir), "--config", config])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(message), err
+        assert not any("Traceback" in line for line in err)
+    from lightning_msign.cli import ConfigError
+
+    with pytest.raises(ConfigError) as raised:  # callers of MSignCLI keep the original exception
+        build_cli(["--config", str(DEBUG), "--config", str(bad)], cache_dir)
+    assert isinstance(raised.value.__cause__, ValueError)
+
+
+@pytest.mark.slow
+def test_the_built_wheel_runs_a_packaged_recipe_without_the_repository(tmp_path, cache_dir):
+    """Build the wheel from the package's files alone, install it into a fresh venv that sees the pinned stack
+    (the test venv's site-packages, behind the wheel's), and fit 2 steps of `--config debug` outside any checkout."""
+    import shutil
+    import sysconfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "lightning_msign", src / "lightning_msign", ignore=shutil.ignore_patterns("__pycache__"))
+    run = dict(capture_output=True, text=True, timeout=300)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(src)], **run)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("lightning_msign-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, **run)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, **run).stdout.strip()
+    Path(site, "pinned_stack.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                                "--no-index", str(wheel)], **run)
+    assert installed.returncode == 0, installed.stderr
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = subprocess.run([str(python), "-c", "import lightning_msign; print(lightning_msign.__file__)"],
+                           cwd=work, check=True, **run).stdout.strip()
+    assert Path(where).is_relative_to(venv), where  # the wheel's copy, not the checkout
+    fit = subprocess.run([str(venv / "bin" / "lightning-msign"), "fit", "--config", "debug",
+                          "--trainer.max_steps", "2", "--data.cache_dir", cache_dir], cwd=work, **run)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "`max_steps=2` reached" in fit.stdout + fit.stderr
+    assert list(work.rglob("metrics.csv")), "the packaged recipe's CSV logger wrote in the working directory"
