@@ -43,7 +43,7 @@ def is_fsdp1_managed(param: Tensor) -> bool:
     return bool(getattr(param, _FLATTENED, False))
 
 
-def _fsdp_class() -> Optional[type]:
+def fsdp_class() -> Optional[type]:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch without distributed
@@ -69,7 +69,7 @@ class FSDP1Units:
     """
 
     def __init__(self, module: nn.Module) -> None:
-        fsdp = _fsdp_class()
+        fsdp = fsdp_class()
         order = {id(m): i for i, m in enumerate(module.modules())}
         units = [m for m in module.modules() if fsdp is not None and isinstance(m, fsdp)]
         if not units:
@@ -130,7 +130,7 @@ class FSDP1Units:
         ``writeback=True``: on exit each process keeps its slice of what it holds, so every process must hold
         the same whole values. Must not be entered inside forward or backward.
         """
-        fsdp = _fsdp_class()
+        fsdp = fsdp_class()
         assert fsdp is not None
         if not self._initialized and index != 0:
             # FSDP1 takes the first unit it initialises lazily for the root: let the root be that one.
@@ -164,7 +164,7 @@ def fsdp1_units(module: nn.Module) -> Optional[FSDP1Units]:
         ValueError: ``module`` holds parameters that FSDP1 has flattened but no unit (a module taken from
             inside an FSDP root): a guard must be given the root, whose gathers reach those parameters.
     """
-    fsdp = _fsdp_class()
+    fsdp = fsdp_class()
     if fsdp is not None and any(isinstance(m, fsdp) for m in module.modules()):
         return FSDP1Units(module)
     managed = [n for n, p in module.named_parameters() if is_fsdp1_managed(p)]

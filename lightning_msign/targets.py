@@ -161,9 +161,9 @@ def unwrap_module(module: nn.Module) -> nn.Module:
     """
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    from lightning_msign.fsdp1 import _fsdp_class
+    from lightning_msign.fsdp1 import fsdp_class
 
-    fsdp = _fsdp_class()
+    fsdp = fsdp_class()
 
     while True:
         original = getattr(module, "_original_module", None)
@@ -239,7 +239,7 @@ class _Undetermined:
     shape: tuple[int, ...] = ()
 
 
-def _catalog(
+def target_catalog(
     module: nn.Module, split_qkv: bool, layouts: dict[str, Layout]
 ) -> tuple[list[TargetMatrix], list[_Undetermined]]:
     module = unwrap_module(module)
@@ -287,28 +287,28 @@ def _catalog(
             continue
         if layout is not None and role == "qkv" and not split_qkv and layout.blocks and not layout.experts:
             layout = Layout("matrix", source="split_qkv=False")
-        out.extend(_expand(name, p, role, layout, adapted.get(id(p))))
+        out.extend(expand_targets(name, p, role, layout, adapted.get(id(p))))
     return out, undetermined
 
 
 def _gathered_catalog(
     module: nn.Module, split_qkv: bool, layouts: dict[str, Layout], units: Optional[FSDP1Units]
 ) -> tuple[list[TargetMatrix], list[_Undetermined], dict[str, tuple[nn.Module, set[int]]]]:
-    """:func:`_catalog` of a model whose parameters may be FSDP1 slices: one pass per gathered unit.
+    """:func:`target_catalog` of a model whose parameters may be FSDP1 slices: one pass per gathered unit.
 
     Outside a gather an FSDP1-managed parameter is a 1-D slice, which the catalog skips; so each unit is
     gathered alone (read-only) and the pass keeps what it newly finds, with shapes read while gathered. Also
     returns the attention layers seen whole: ``{name: (module, ids of its matrix parameters)}``.
     """
     if units is None:
-        entries, undetermined = _catalog(module, split_qkv, layouts)
+        entries, undetermined = target_catalog(module, split_qkv, layouts)
         return entries, undetermined, {n: (m, ids) for n, m, ids in _attention_modules(unwrap_module(module))}
     found: dict[str, TargetMatrix] = {}
     blocked: dict[str, _Undetermined] = {}
     attention: dict[str, tuple[nn.Module, set[int]]] = {}
     for index in range(len(units.units)):
         with units.summon(index, writeback=False):
-            entries, undetermined = _catalog(module, split_qkv, layouts)
+            entries, undetermined = target_catalog(module, split_qkv, layouts)
             for t in entries:
                 if t.name not in found:
                     t.param_shape, t.shape  # noqa: B018 - read (and cache) the whole shapes while gathered
@@ -322,7 +322,7 @@ def _gathered_catalog(
     return ordered, list(blocked.values()), attention
 
 
-def _expand(name: str, p: nn.Parameter, role: str, layout: Optional[Layout],
+def expand_targets(name: str, p: nn.Parameter, role: str, layout: Optional[Layout],
             adapted: Optional[str] = None) -> list[TargetMatrix]:
     if layout is None or (layout.kind == "matrix" and not layout.experts):
         return [TargetMatrix(name, name, p, role, layout, adapted=adapted)]
@@ -354,7 +354,7 @@ def catalog(module: nn.Module, split_qkv: bool = True, layouts: LayoutsArg = Non
         Targets in ``named_parameters()`` order. Parameters that look fused but have no known layout
         are left out (:func:`resolve_targets` raises when a selection includes one).
     """
-    return _catalog(module, split_qkv, validate_layouts(layouts))[0]
+    return target_catalog(module, split_qkv, validate_layouts(layouts))[0]
 
 
 def _normalize_targets(targets: TargetsArg, argument: str = "targets") -> list[str]:

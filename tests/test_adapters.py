@@ -10,6 +10,7 @@ import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
 
+import lightning_msign
 from lightning_msign import (
     PSS,
     ArchitectureWarmup,
@@ -202,3 +203,16 @@ def test_four_guards_reading_the_gradient_norm_compute_it_once_per_step(tmp_path
     pss = [float(r["pss/grad_norm"]) for r in rows if r.get("pss/grad_norm")]
     total = [float(r["grad_norm/total"]) for r in rows if r.get("grad_norm/total")]
     assert len(pss) == len(total) == 6 and pss == total  # the same reading
+
+
+def test_no_module_of_the_package_imports_another_modules_private_names():
+    import ast
+
+    package = Path(lightning_msign.__file__).resolve().parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_msign"):
+                found += [f"{path.relative_to(package)}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_msign.data import ShakespeareDataModule, strip_markdown_text
-from lightning_msign.data.text import _split_point
+from lightning_msign.data.text import split_point
 
 from data_corpora import small_md_corpus
 
@@ -29,7 +29,7 @@ def test_bpe_trains_caches_and_roundtrips(tmp_path, monkeypatch):
     text = "Now, fair Hippolyta, our nuptial hour\nDraws on apace; ünïcode — ok"
     assert dm.decode(dm.encode(text)) == text
     docs = [strip_markdown_text(p.read_text(encoding="utf-8")) for p in dm.files]
-    expected_train = "\n\n".join(d[: _split_point(d, 0.05)] for d in docs)
+    expected_train = "\n\n".join(d[: split_point(d, 0.05)] for d in docs)
     assert dm.decode(train) == expected_train
     assert train.numel() < 0.6 * len(expected_train)  # BPE actually compresses
 

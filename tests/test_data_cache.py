@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_msign.data import ShakespeareDataModule, default_cache_dir
-from lightning_msign.data.cache import _atomic_save_npy, _atomic_write_bytes, _cache_key, _corpus_hash
+from lightning_msign.data.cache import atomic_save_npy, atomic_write_bytes, cache_key, hash_corpus
 
 from data_corpora import numbered_corpus, small_md_corpus
 
@@ -75,9 +75,9 @@ def test_cache_keys_are_pinned(tmp_path, kwargs, name):
     (corpus / "b.md").write_text("# Title\n\n**HAMLET** speaks.\n")
     dm = ShakespeareDataModule(path=str(corpus), cache_dir=str(tmp_path / "cache"), **kwargs)
     raws = [f.read_bytes() for f in dm.files]
-    corpus_hash = _corpus_hash(dm.files, raws)
+    corpus_hash = hash_corpus(dm.files, raws)
     assert corpus_hash == "7d9397b5bef1a41b635e6b2de3730004b8a64fbc65d29fb7cbca54cce7ac7833"
-    assert _cache_key(corpus_hash, dm.tokenizer, dm.bpe_vocab_size, dm.strip_markdown, dm.val_fraction) == key
+    assert cache_key(corpus_hash, dm.tokenizer, dm.bpe_vocab_size, dm.strip_markdown, dm.val_fraction) == key
     if dm.tokenizer == "byte":  # the entry's folder name (BPE training would need a larger corpus)
         dm.prepare_data()
         assert dm.cache_path == tmp_path / "cache" / f"byte-{key[:16]}"
@@ -85,13 +85,13 @@ def test_cache_keys_are_pinned(tmp_path, kwargs, name):
 
 def test_atomic_write_replaces_whole_files(tmp_path):
     target = tmp_path / "entry" / "meta.json"
-    _atomic_write_bytes(target, b"first")
-    _atomic_write_bytes(target, b"second")
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
     assert target.read_bytes() == b"second" and stat.S_IMODE(target.stat().st_mode) == 0o644
-    _atomic_save_npy(tmp_path / "entry" / "train.npy", np.arange(5, dtype=np.uint16))
+    atomic_save_npy(tmp_path / "entry" / "train.npy", np.arange(5, dtype=np.uint16))
     loaded = np.load(tmp_path / "entry" / "train.npy", allow_pickle=False)
     assert loaded.dtype == np.uint16 and loaded.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(TypeError):
-        _atomic_write_bytes(target, "not bytes")  # a failed write leaves the old file and no temporary one
+        atomic_write_bytes(target, "not bytes")  # a failed write leaves the old file and no temporary one
     assert target.read_bytes() == b"second"
     assert sorted(p.name for p in target.parent.iterdir()) == ["meta.json", "train.npy"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_msign.data import ShakespeareDataModule, strip_markdown_text
-from lightning_msign.data.text import _split_point
+from lightning_msign.data.text import split_point
 
 from conftest import tiny_module, trainer_kwargs
 from data_corpora import numbered_corpus, numbered_dm
@@ -30,7 +30,7 @@ def test_default_corpus_byte_roundtrip(tmp_path):
 
     # The token streams are exactly the UTF-8 bytes of the stripped documents.
     docs = [strip_markdown_text(p.read_text(encoding="utf-8")) for p in dm.files]
-    cuts = [_split_point(d, dm.val_fraction) for d in docs]
+    cuts = [split_point(d, dm.val_fraction) for d in docs]
     expected_train = "\n\n".join(d[:c] for d, c in zip(docs, cuts))
     expected_val = "\n\n".join(d[c:] for d, c in zip(docs, cuts))
     assert dm.decode(train) == expected_train
@@ -289,7 +289,7 @@ def test_package_reexports_and_class_paths_resolve(tmp_path):
     }
     assert sorted(data.__all__) == sorted(expected)
     assert all(getattr(data, name) is obj for name, obj in expected.items())
-    assert data._split_point is text._split_point and lightning_msign.ShakespeareDataModule is ShakespeareDataModule
+    assert lightning_msign.ShakespeareDataModule is ShakespeareDataModule
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data")

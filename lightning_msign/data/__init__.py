@@ -29,7 +29,7 @@ Modules:
 from lightning_msign.data.cache import default_cache_dir
 from lightning_msign.data.loader import ResumableDataLoader, ResumableShuffleSampler
 from lightning_msign.data.shakespeare import ShakespeareDataModule
-from lightning_msign.data.text import _split_point, strip_markdown_text  # noqa: F401  (`_split_point`: tests)
+from lightning_msign.data.text import strip_markdown_text
 from lightning_msign.data.windows import TokenWindowDataset
 
 __all__ = [

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, List, Sequence
 
 
-def _train_bpe(texts: Sequence[str], vocab_size: int) -> Any:
+def train_bpe(texts: Sequence[str], vocab_size: int) -> Any:
     """A ``tokenizers.ByteLevelBPETokenizer`` trained on ``texts``.
 
     Merges pairs seen at least twice, no special tokens. A corpus too small to learn ``vocab_size - 256``
@@ -19,14 +19,14 @@ def _train_bpe(texts: Sequence[str], vocab_size: int) -> Any:
     return bpe
 
 
-def _load_bpe(path: Path) -> Any:
+def load_bpe(path: Path) -> Any:
     """The ``tokenizers.Tokenizer`` serialized at ``path`` (a ``tokenizer.json``)."""
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(path))
 
 
-def _encode_batch(bpe: Any, texts: Sequence[str]) -> List[List[int]]:
+def encode_texts(bpe: Any, texts: Sequence[str]) -> List[List[int]]:
     """The token ids of each of ``texts``."""
     # ``encode_batch_fast`` (tokenizers >= 0.21) skips offset tracking, which we never use.
     encode_batch = getattr(bpe, "encode_batch_fast", None) or bpe.encode_batch

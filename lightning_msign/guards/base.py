@@ -71,12 +71,14 @@ class Guard:
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
-        return self._attach_unwrapped(unwrap_module(module), distributed, fsdp1_units(module))
+        return self.attach_unwrapped(unwrap_module(module), distributed, fsdp1_units(module))
 
-    def _attach_unwrapped(
+    def attach_unwrapped(
         self, module: nn.Module, distributed: Optional[bool], fsdp1: Optional[FSDP1Units]
     ) -> "Guard":
-        """Attach to an already unwrapped module whose FSDP1 units are known (a guard's inner helper guards)."""
+        """Attach to a module :func:`~lightning_msign.targets.unwrap_module` already unwrapped, whose FSDP1 units
+        (:func:`~lightning_msign.fsdp1.fsdp1_units`) are known: how a guard attaches the helpers it owns (MSign's
+        logit probe, Rollback's MSign) to the module it was attached to itself. Returns the guard."""
         self._fsdp1 = fsdp1
         self._module = module
         self._distributed = is_distributed() if distributed is None else bool(distributed)

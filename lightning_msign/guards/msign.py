@@ -245,7 +245,7 @@ class MSign(TargetedGuard):
             None, every_n_steps=1, attention_logits=True, output_logits=False,
             max_batch_size=self.probe_batch_size, max_seq_len=self.probe_seq_len, model_attr=self.model_attr,
         )
-        probe._attach_unwrapped(module, self._distributed, self._fsdp1)
+        probe.attach_unwrapped(module, self._distributed, self._fsdp1)
         blocks = probe.decoder.blocks  # type: ignore[union-attr]
         owner = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
         self._layer_of = [owner.get(id(t.param)) for t in self._matrices]

@@ -267,7 +267,7 @@ class Rollback(Guard):
         if self.repair_msign is not None:
             self._msign = MSign(period=1, targets=self.repair_msign, backend=self.msign_backend,
                                 log_stable_rank=False)
-            self._msign._attach_unwrapped(module, self._distributed, self._fsdp1)
+            self._msign.attach_unwrapped(module, self._distributed, self._fsdp1)
         if self.restart_moments is not None:
             matrices = resolve_targets(module, self.restart_moments, units=self._fsdp1)
             self._restart_params = list({id(t.param): t.param for t in matrices}.values())

@@ -46,9 +46,9 @@ from lightning_msign.layouts import LAYOUT_HELP, parse_layout, validate_layouts
 from lightning_msign.targets import (
     LayoutsArg,
     TargetMatrix,
-    _catalog,
-    _expand,
     declaration_hint,
+    expand_targets,
+    target_catalog,
     unwrap_module,
 )
 
@@ -163,7 +163,7 @@ def matrix_layouts(module: nn.Module, layouts: LayoutsArg = None) -> dict[int, t
         ValueError: a parameter that looks fused but whose layout cannot be read from the model (see
             :func:`muon_param_groups`).
     """
-    entries, undetermined = _catalog(module, split_qkv=True, layouts=validate_layouts(layouts))
+    entries, undetermined = target_catalog(module, split_qkv=True, layouts=validate_layouts(layouts))
     if undetermined:
         u = undetermined[0]
         raise ValueError(
@@ -445,7 +445,7 @@ class NuMuon(Optimizer):
             else:
                 layout = parse_layout(spec, f"{label}.layouts[{i}]")
                 layout.check(tuple(p.shape), where)
-            self._blocks[id(p)] = _expand(f"group{index}.param{i}", p, "other", layout)
+            self._blocks[id(p)] = expand_targets(f"group{index}.param{i}", p, "other", layout)
 
     # ------------------------------------------------------------------------------------------ info
     def rank_fraction(self, group_index: Optional[int] = None) -> float:

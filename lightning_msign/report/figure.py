@@ -19,7 +19,7 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)
 
 
-def _draw(runs, labels, colors, summaries, panels, panel_titles, title) -> bytes:
+def render_png(runs, labels, colors, summaries, panels, panel_titles, title) -> bytes:
     """The PNG of the figure: one axis per panel (titled ``panel_titles``), one color per run, the events of
     ``summaries`` (from :func:`~lightning_msign.report.summary.summarize`), a legend below."""
     import io

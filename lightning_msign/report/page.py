@@ -63,7 +63,7 @@ _SUMMARY_COLUMNS = (
 )
 
 
-def _html(runs, labels, colors, summaries, panels, panel_titles, title, png: bytes) -> str:
+def render_html(runs, labels, colors, summaries, panels, panel_titles, title, png: bytes) -> str:
     """The page: the figure ``png`` inline, the summary table of ``summaries``, the runs with their notes, and
     per-panel statistics of every key drawn."""
     e = html.escape

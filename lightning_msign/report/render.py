@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
-from lightning_msign.report.figure import _draw
-from lightning_msign.report.page import _html
+from lightning_msign.report.figure import render_png
+from lightning_msign.report.page import render_html
 from lightning_msign.report.panels import PANELS, Panel
 from lightning_msign.report.runs import Run
 from lightning_msign.report.summary import summarize
@@ -57,9 +57,10 @@ def render_report(
 
     out.mkdir(parents=True, exist_ok=True)
     png_path, html_path = out / "report.png", out / "report.html"
-    png = _draw(runs, labels, colors, summaries, panels, panel_titles, title)
+    png = render_png(runs, labels, colors, summaries, panels, panel_titles, title)
     png_path.write_bytes(png)
-    html_path.write_text(_html(runs, labels, colors, summaries, panels, panel_titles, title, png), encoding="utf-8")
+    html = render_html(runs, labels, colors, summaries, panels, panel_titles, title, png)
+    html_path.write_text(html, encoding="utf-8")
     return png_path, html_path
 
 
