@@ -8,8 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
-from lightning_msign.callbacks.warmup import require_stability_ratio_source
+from lightning_msign.callbacks.base import GuardCallback, log_to_loggers, require_stability_ratio_source
 from lightning_msign.guards.diagnostics import batch_input_ids
 from lightning_msign.guards.msign import MSign
 

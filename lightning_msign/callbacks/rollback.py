@@ -13,8 +13,7 @@ from typing_extensions import override
 
 from lightning_msign import metric_keys as keys
 from lightning_msign._validation import check_bool, check_range
-from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
-from lightning_msign.callbacks.warmup import require_stability_ratio_source
+from lightning_msign.callbacks.base import GuardCallback, log_to_loggers, require_stability_ratio_source
 from lightning_msign.guards.rollback import Rollback
 
 

@@ -10,24 +10,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
-from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
+from lightning_msign.callbacks.base import GuardCallback, log_to_loggers, require_stability_ratio_source
 from lightning_msign.guards.warmup import DepthWarmup
-
-
-def stability_ratio_source(trainer: pl.Trainer) -> Optional[Callback]:
-    """The first callback of the Trainer whose guard exposes ``latest_stability_ratio`` (a curvature monitor)."""
-    return next((cb for cb in trainer.callbacks if hasattr(getattr(cb, "guard", None), "latest_stability_ratio")), None)
-
-
-def require_stability_ratio_source(trainer: pl.Trainer, owner: str, argument: str, value: Any) -> Callback:
-    """:func:`stability_ratio_source`, or a ``ValueError`` naming ``owner``'s ``argument`` that needs it."""
-    source = stability_ratio_source(trainer)
-    if source is None:
-        raise ValueError(
-            f"{owner}({argument}={value!r}) needs a CurvatureMonitor among the Trainer's callbacks (a callback whose"
-            f" guard has `latest_stability_ratio`): add one, or set {argument}=None"
-        )
-    return source
 
 
 class ArchitectureWarmup(GuardCallback):
