@@ -163,8 +163,8 @@ def test_fabric_example_one_process_and_exact_resume(tmp_path, capsys):
     # Resumed from the step-3 checkpoint (model, optimizer, data position, guards): the same run.
     ckpt = torch.load(tmp_path / "whole" / "step-3.ckpt", weights_only=True)
     msign = ckpt["msign"]
-    assert {k: msign[k] for k in ("last_step", "applications", "skipped_nonfinite", "triggers")} == {
-        "last_step": 3, "applications": 1, "skipped_nonfinite": 0, "triggers": 0} and ckpt["step"] == 3
+    assert {k: msign[k] for k in ("last_step", "applications", "skipped_nonfinite", "trigger_steps")} == {
+        "last_step": 3, "applications": 1, "skipped_nonfinite": 0, "trigger_steps": []} and ckpt["step"] == 3
     assert set(msign["last_applied"].values()) == {3}
     resumed = example.main(["--steps", "6", "--resume", str(tmp_path / "whole" / "step-3.ckpt"),
                             "--out", str(tmp_path / "resumed"), *common])

@@ -304,16 +304,17 @@ def test_state_dict_holds_plain_values_and_missing_keys_keep_defaults():
     train(module, make_optimizer(module), (msign, pss, srank), make_batches(STEPS), range(1, STEPS + 1))
     names = msign.target_names
     assert msign.state_dict() == {
-        "last_step": 12, "applications": 4, "skipped_nonfinite": 0, "triggers": 0, "trigger_steps": [],
+        "last_step": 12, "applications": 4, "skipped_nonfinite": 0, "trigger_steps": [],
         "last_applied": {n: 12 for n in names}, "reference_srank": None, "grad_ewma": None,
     }
     state = pss.state_dict()
-    assert state["triggers"] == 1 and state["trigger_steps"] == [SPIKE] and isinstance(state["ewma"], float)
+    assert "triggers" not in state and state["trigger_steps"] == [SPIKE] and isinstance(state["ewma"], float)
+    assert pss.triggers == 1  # derived from the steps, not stored beside them
     assert all(isinstance(v, torch.Tensor) for v in srank.state_dict()["vectors"].values())
     fresh = MSign(TinyLM(), **MSIGN_KW)
     fresh.load_state_dict({})  # an older checkpoint without these keys
     assert fresh.state_dict() == {
-        "last_step": 0, "applications": 0, "skipped_nonfinite": 0, "triggers": 0, "trigger_steps": [],
+        "last_step": 0, "applications": 0, "skipped_nonfinite": 0, "trigger_steps": [],
         "last_applied": {}, "reference_srank": None, "grad_ewma": None,
     }
 

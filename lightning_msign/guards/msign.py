@@ -218,7 +218,6 @@ class MSign(TargetedGuard):
         self._layer_of: list[Optional[int]] = []  # block index of each target, None outside the blocks
         self._applications = 0
         self._skipped_nonfinite = 0
-        self._triggers = 0
         self._last_applied: dict[str, int] = {}
         self._reference_srank: Optional[dict[str, float]] = None
         self._grad_ewma: Optional[float] = None
@@ -273,7 +272,7 @@ class MSign(TargetedGuard):
     @property
     def triggers(self) -> int:
         """Applications caused by a trigger so far (restored on resume)."""
-        return self._triggers
+        return len(self.trigger_steps)
 
     @property
     def skipped_nonfinite(self) -> int:
@@ -362,7 +361,6 @@ class MSign(TargetedGuard):
             chosen = set(self.target_names)
         if chosen:
             if triggered:
-                self._triggers += 1
                 self.trigger_steps.append(current)
             metrics.update(self.apply(None if len(chosen) == len(self._matrices) else chosen, current))
         return metrics
@@ -479,7 +477,7 @@ class MSign(TargetedGuard):
             metrics[keys.MSIGN_SRANK_BEFORE_MIN] = min(r.srank_before for r in written.values())
             metrics[keys.MSIGN_SRANK_AFTER_MIN] = min(r.srank_after for r in written.values())
         metrics[keys.MSIGN_APPLICATIONS] = float(self._applications)
-        metrics[keys.MSIGN_TRIGGERS] = float(self._triggers)
+        metrics[keys.MSIGN_TRIGGERS] = float(self.triggers)
         metrics[keys.MSIGN_MATRICES] = float(len(chosen))
         metrics[keys.MSIGN_TIME_MS] = elapsed[0]
         metrics[keys.MSIGN_SKIPPED_NONFINITE] = float(self._skipped_nonfinite)
@@ -509,7 +507,6 @@ class MSign(TargetedGuard):
             **super().state_dict(),
             "applications": self._applications,
             "skipped_nonfinite": self._skipped_nonfinite,
-            "triggers": self._triggers,
             "trigger_steps": list(self.trigger_steps),
             "last_applied": dict(self._last_applied),
             "reference_srank": None if self._reference_srank is None else dict(self._reference_srank),
@@ -520,7 +517,6 @@ class MSign(TargetedGuard):
         super().load_state_dict(state_dict)
         self._applications = int(state_dict.get("applications", 0))
         self._skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
-        self._triggers = int(state_dict.get("triggers", 0))
         self.trigger_steps = [int(s) for s in state_dict.get("trigger_steps", [])]
         self._last_applied = {str(k): int(v) for k, v in state_dict.get("last_applied", {}).items()}
         reference = state_dict.get("reference_srank")

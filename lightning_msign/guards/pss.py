@@ -148,7 +148,6 @@ class PSS(TargetedGuard):
         self._streak = 0  # consecutive triggers (cooldown steps in between do not break it)
         self._adaptations = 0
         self._ewma: Optional[float] = None
-        self._triggers = 0
         self._nonfinite = 0
         self._cooldown_until = 0
         self.trigger_steps: list[int] = []  # optimizer steps (1-based) that triggered (restored on resume)
@@ -158,7 +157,7 @@ class PSS(TargetedGuard):
     @property
     def triggers(self) -> int:
         """Triggers so far (restored on resume)."""
-        return self._triggers
+        return len(self.trigger_steps)
 
     @property
     def adaptations(self) -> int:
@@ -199,7 +198,7 @@ class PSS(TargetedGuard):
             )
             if self.skip_nonfinite:
                 _drop_gradients(params)
-            metrics.update({keys.PSS_TRIGGERED: 0.0, keys.PSS_TRIGGERS: float(self._triggers),
+            metrics.update({keys.PSS_TRIGGERED: 0.0, keys.PSS_TRIGGERS: float(self.triggers),
                             keys.PSS_NONFINITE: float(self._nonfinite)})
             return metrics
 
@@ -209,7 +208,6 @@ class PSS(TargetedGuard):
         if self._distributed:  # the same decision on every process
             triggered = any_process(triggered, total.device)
         if triggered:
-            self._triggers += 1
             self._streak += 1
             self._cooldown_until = current + self.cooldown_steps
             self.trigger_steps.append(current)
@@ -236,7 +234,7 @@ class PSS(TargetedGuard):
             keys.PSS_RATIO: ratio,
             keys.PSS_EWMA: float(self._ewma) if self._ewma is not None else float("nan"),
             keys.PSS_TRIGGERED: float(triggered),
-            keys.PSS_TRIGGERS: float(self._triggers),
+            keys.PSS_TRIGGERS: float(self.triggers),
             keys.PSS_NONFINITE: float(self._nonfinite),
             keys.PSS_ADAPTATIONS: float(self._adaptations),
         })
@@ -271,7 +269,7 @@ class PSS(TargetedGuard):
                 k = min(self.rank, *X.shape)
             new, sigma, smoothed = pss_smooth(
                 X, k, self.smoothing, self.smoothing_kwargs, power_iters=self.power_iters,
-                seed=protection_seed(self._triggers, o.index),
+                seed=protection_seed(self.triggers, o.index),
             )
             if not bool(torch.isfinite(new).all()):
                 warnings.warn(f"PSS: smoothing {o.target.name} gave non-finite values; left as it is.", RuntimeWarning)
@@ -284,7 +282,6 @@ class PSS(TargetedGuard):
         return {
             **super().state_dict(),
             "ewma": self._ewma,
-            "triggers": self._triggers,
             "nonfinite": self._nonfinite,
             "cooldown_until": self._cooldown_until,
             "trigger_steps": list(self.trigger_steps),
@@ -296,7 +293,6 @@ class PSS(TargetedGuard):
         super().load_state_dict(state_dict)
         ewma = state_dict.get("ewma")
         self._ewma = None if ewma is None else float(ewma)
-        self._triggers = int(state_dict.get("triggers", 0))
         self._nonfinite = int(state_dict.get("nonfinite", 0))
         self._cooldown_until = int(state_dict.get("cooldown_until", 0))
         self.trigger_steps = [int(s) for s in state_dict.get("trigger_steps", [])]

@@ -540,8 +540,7 @@ class Rollback(Guard):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update({
-            "rollbacks": self.rollbacks, "retries": self.retries, "steps_lost": self.steps_lost,
-            "rollback_steps": list(self.rollback_steps), "skipped": copy.deepcopy(self.skipped),
+            "retries": self.retries, "skipped": copy.deepcopy(self.skipped),  # rollbacks, steps lost: from skipped
             "history": {k: list(v) for k, v in self._history.items()},
             "lr_window": None if self._lr_window is None else list(self._lr_window),
             "should_stop": self.should_stop, "stop_reason": self.stop_reason,
