@@ -24,7 +24,8 @@ from typing_extensions import override
 from lightning_msign._validation import check_choice, check_optional_positive_int, check_range
 from lightning_msign.distributed import is_sharded
 from lightning_msign.metric_keys import TEST_LOSS, TRAIN_LOSS, TRAIN_Z_LOSS, VAL_LOSS
-from lightning_msign.optim.numuon import Muon, NuMuon, matrix_layouts
+from lightning_msign.optim.groups import matrix_layouts
+from lightning_msign.optim.numuon import Muon, NuMuon
 
 __all__ = ["LitGPTModule", "build_config", "lr_schedule_factor"]
 

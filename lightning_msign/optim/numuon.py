@@ -22,215 +22,39 @@ sign of a shard.
 
 from __future__ import annotations
 
-import math
-import typing
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _adam_function
 
 from lightning_msign import metric_keys as keys
 from lightning_msign._validation import check_bool, check_choice, check_non_negative_int, check_range
 from lightning_msign.distributed import MatrixResult, OwnedMatrix, WholeMatrixPlan, is_distributed, local_tensor
-from lightning_msign.fsdp1 import is_fsdp1_managed
 from lightning_msign.functional.lowrank import rank_k_sign
 from lightning_msign.functional.msign import BACKENDS, msign
 from lightning_msign.functional.precision import as_compute
-from lightning_msign.layouts import LAYOUT_HELP, parse_layout, validate_layouts
+from lightning_msign.layouts import parse_layout
+from lightning_msign.optim.groups import refuse_fsdp1
+from lightning_msign.optim.schedule import (
+    AdjustLR,
+    RankFraction,
+    check_rank_fraction,
+    lr_scale,
+    rank_fraction_at,
+    rank_of,
+)
 from lightning_msign.targets import (
-    LayoutsArg,
     TargetMatrix,
-    declaration_hint,
     expand_targets,
-    target_catalog,
-    unwrap_module,
 )
 
-AdjustLR = Literal["match_rms_adamw", "original", "none"]
-RankSchedule = Literal["constant", "cosine", "piecewise"]
-RankFraction = Union[float, dict[str, Any]]
-
-__all__ = ["Muon", "NuMuon", "matrix_layouts", "muon_param_groups", "rank_fraction_at", "rank_of"]
-
-
-# ------------------------------------------------------------------------------------------ rank schedule
-def _check_fraction(value: Any, argument: str) -> float:
-    return check_range(value, argument, low=0.0, high=1.0, low_open=True)
-
-
-def check_rank_fraction(value: Any, argument: str = "rank_fraction") -> RankFraction:
-    """Validate a rank fraction or schedule (see :class:`NuMuon`); returns it normalised (plain types only)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _check_fraction(value, argument)
-    if not isinstance(value, dict):
-        raise ValueError(
-            f"`{argument}` must be a float in (0, 1] or a schedule dict ({{'schedule': 'cosine', 'start': 1.0,"
-            f" 'end': 0.25, 'steps': 1000}} or {{'schedule': 'piecewise', 'start': 1.0, 'milestones': [[500, 0.5]]}}),"
-            f" got {value!r}"
-        )
-    kind = value.get("schedule")
-    if kind not in typing.get_args(RankSchedule):
-        raise ValueError(f"`{argument}['schedule']` must be one of {typing.get_args(RankSchedule)}, got {kind!r}")
-    allowed = {"constant": {"value"}, "cosine": {"start", "end", "steps"}, "piecewise": {"start", "milestones"}}[kind]
-    unknown = sorted(set(value) - allowed - {"schedule"})
-    if unknown:
-        raise ValueError(f"`{argument}`: a {kind!r} schedule takes the keys {sorted(allowed)}, got also {unknown}")
-    missing = sorted(k for k in allowed if k not in value and not (kind == "piecewise" and k == "start"))
-    if missing:
-        raise ValueError(f"`{argument}`: a {kind!r} schedule needs the keys {missing}, got {value!r}")
-    if kind == "constant":
-        return {"schedule": kind, "value": _check_fraction(value["value"], f"{argument}['value']")}
-    if kind == "cosine":
-        steps = value["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`{argument}['steps']` must be a positive int, got {steps!r}")
-        return {
-            "schedule": kind,
-            "start": _check_fraction(value["start"], f"{argument}['start']"),
-            "end": _check_fraction(value["end"], f"{argument}['end']"),
-            "steps": steps,
-        }
-    milestones = value["milestones"]
-    if not isinstance(milestones, Sequence) or isinstance(milestones, str) or not milestones:
-        raise ValueError(f"`{argument}['milestones']` must be a non-empty list of [step, fraction], got {milestones!r}")
-    out, previous = [], 0
-    for item in milestones:
-        if not isinstance(item, Sequence) or isinstance(item, str) or len(item) != 2:
-            raise ValueError(f"`{argument}['milestones']` entries must be [step, fraction], got {item!r}")
-        step, fraction = item
-        if isinstance(step, bool) or not isinstance(step, int) or step <= previous:
-            raise ValueError(
-                f"`{argument}['milestones']` steps must be ints >= 1 in increasing order, got {step!r} after {previous}"
-            )
-        out.append([step, _check_fraction(fraction, f"{argument}['milestones']")])
-        previous = step
-    start = _check_fraction(value.get("start", 1.0), f"{argument}['start']")
-    return {"schedule": kind, "start": start, "milestones": out}
-
-
-def rank_fraction_at(schedule: RankFraction, step: int) -> float:
-    """The rank fraction of optimizer step ``step`` (0 for the first step) under ``schedule``.
-
-    A float is constant. ``cosine`` goes from ``start`` at step 0 to ``end`` at ``steps`` (and stays there):
-    ``end + (start - end) * (1 + cos(pi * min(step, steps) / steps)) / 2``. ``piecewise`` is ``start`` before
-    the first milestone and each milestone's fraction from its step on.
-    """
-    if not isinstance(schedule, dict):
-        return float(schedule)
-    kind = schedule["schedule"]
-    if kind == "constant":
-        return float(schedule["value"])
-    if kind == "cosine":
-        t = min(step, schedule["steps"]) / schedule["steps"]
-        return schedule["end"] + (schedule["start"] - schedule["end"]) * 0.5 * (1.0 + math.cos(math.pi * t))
-    fraction = schedule.get("start", 1.0)
-    for milestone, value in schedule["milestones"]:
-        if step >= milestone:
-            fraction = value
-    return float(fraction)
-
-
-def rank_of(fraction: float, shape: Sequence[int]) -> int:
-    """``k = ceil(fraction * min(m, n))``, at least 1 (a fraction within 1e-9 of a step rounds down to it)."""
-    short = min(int(shape[0]), int(shape[1]))
-    return max(1, min(short, math.ceil(fraction * short - 1e-9)))
-
-
-def lr_scale(adjust_lr_fn: str, shape: Sequence[int]) -> float:
-    """The factor on the learning rate of a matrix of ``shape`` (rows, columns); see :class:`NuMuon`."""
-    rows, cols = int(shape[0]), int(shape[1])
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
-    if adjust_lr_fn == "original":
-        return math.sqrt(max(1.0, rows / cols))
-    return 1.0
-
-
-# ------------------------------------------------------------------------------------------ param groups
-def matrix_layouts(module: nn.Module, layouts: LayoutsArg = None) -> dict[int, tuple[nn.Parameter, Optional[str]]]:
-    """``{id(param): (param, layout string or None)}`` of every hidden matrix of ``module`` (model order).
-
-    Hidden matrices are those of the suite's catalog (:func:`lightning_msign.targets.catalog`) except token
-    embeddings and the LM head; the layout string says how a fused weight splits (``None``: one matrix).
-
-    Raises:
-        ValueError: a parameter that looks fused but whose layout cannot be read from the model (see
-            :func:`muon_param_groups`).
-    """
-    entries, undetermined = target_catalog(module, split_qkv=True, layouts=validate_layouts(layouts))
-    if undetermined:
-        u = undetermined[0]
-        raise ValueError(
-            f"Parameter {u.name!r} of {u.owner} (shape {tuple(u.param.shape)}) looks like a fused weight whose layout"
-            f" cannot be read from the model; a Muon update of it as one matrix would mix its blocks:"
-            f" {declaration_hint(u.name, tuple(u.param.shape))}" + LAYOUT_HELP
-        )
-    out: dict[int, tuple[nn.Parameter, Optional[str]]] = {}
-    for t in entries:
-        if t.role not in ("embedding", "lm_head"):
-            out.setdefault(id(t.param), (t.param, t.layout.spec() if t.layout is not None else None))
-    return out
-
-
-def _refuse_fsdp1(params: Any, where: str) -> None:
-    if any(is_fsdp1_managed(p) for p in params):
-        raise NotImplementedError(
-            f"{where}: parameters flattened by FSDP1 (FullyShardedDataParallel / Lightning's FSDPStrategy) are 1-D"
-            " slices, not matrices: a Muon step on them would orthogonalise fragments, and grouping them would send"
-            " every matrix to AdamW. NuMuon and Muon work on whole matrices under DDP and FSDP2"
-            " (ModelParallelStrategy)."
-        )
-
-
-def muon_param_groups(
-    module: nn.Module, layouts: LayoutsArg = None, weight_decay: Optional[float] = None
-) -> list[dict[str, Any]]:
-    """Param groups for :class:`NuMuon` / :class:`Muon` from a model: hidden matrices to Muon, the rest to AdamW.
-
-    Groups (empty ones dropped; each dict may be edited before the optimizer is built, e.g. its ``lr``):
-
-    - ``"muon"`` (``use_muon=True``): every matrix the suite's catalog finds except token embeddings and the
-      LM head: attention and MLP weights, fused ones with their layouts (``layouts``: one entry per parameter,
-      the layout string or ``None``), expert tensors per expert.
-    - ``"adamw"`` (``use_muon=False``): token embeddings and the LM head (tied weights once).
-    - ``"adamw_no_decay"`` (``use_muon=False``, ``weight_decay=0``): parameters with fewer than 2 dimensions
-      (norm weights, biases) and biases of any shape.
-
-    Args:
-        module: the model (a LightningModule, a ``litgpt.GPT``, a Hugging Face model, ...).
-        layouts: declared layouts of fused weights the readers do not know, ``{glob: layout string}``.
-        weight_decay: set on the ``"muon"`` and ``"adamw"`` groups (default: the optimizer's).
-
-    Raises:
-        ValueError: a parameter that looks fused (or has more than 2 dimensions) but whose layout cannot be
-            read from the model: its Muon update as one matrix would mix its blocks. Declare its layout
-            (``"matrix"`` treats it as one matrix on purpose).
-    """
-    _refuse_fsdp1(list(unwrap_module(module).parameters()), "muon_param_groups(module)")
-    muon = {
-        id(p): (p, spec) for p, spec in matrix_layouts(module, layouts).values() if p.requires_grad
-    }
-    adamw, no_decay = [], []
-    seen = set(muon)
-    for name, p in unwrap_module(module).named_parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        (no_decay if p.ndim < 2 or name.endswith("bias") else adamw).append(p)
-    decay = {} if weight_decay is None else {"weight_decay": check_range(weight_decay, "weight_decay", low=0.0)}
-    groups = [
-        {"name": "muon", "params": [p for p, _ in muon.values()], "use_muon": True,
-         "layouts": [spec for _, spec in muon.values()], **decay},
-        {"name": "adamw", "params": adamw, "use_muon": False, **decay},
-        {"name": "adamw_no_decay", "params": no_decay, "use_muon": False, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+__all__ = ["Muon", "NuMuon"]
 
 
 # ------------------------------------------------------------------------------------------ the optimizer
@@ -418,7 +242,7 @@ class NuMuon(Optimizer):
         label = f"param_groups[{index}]" + (f" ({group['name']!r})" if "name" in group else "")
         self._check_options(group, f"{label}.")
         params = group["params"]
-        _refuse_fsdp1(params, label)
+        refuse_fsdp1(params, label)
         layouts = group["layouts"]
         if not group["use_muon"]:
             if layouts is not None:
