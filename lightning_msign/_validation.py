@@ -38,6 +38,15 @@ def check_non_negative_int(value: Any, argument: str) -> int:
     return value
 
 
+def check_betas(value: Any, argument: str = "betas") -> tuple[float, float]:
+    """Adam's ``(beta1, beta2)``: two real numbers in ``[0, 1)``; returned as a tuple of floats."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
+    if not ok:
+        raise ValueError(f"`{argument}` must be two floats in [0, 1), got {value!r}")
+    return float(value[0]), float(value[1])
+
+
 def check_bool(value: Any, argument: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"`{argument}` must be a bool, got {value!r}")

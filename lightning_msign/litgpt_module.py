@@ -21,7 +21,13 @@ from litgpt.model import GPT, CausalSelfAttention, GptNeoxMLP, LLaMAMLP
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_msign._validation import check_choice, check_optional_positive_int, check_range
+from lightning_msign._validation import (
+    check_betas,
+    check_choice,
+    check_non_negative_int,
+    check_optional_positive_int,
+    check_range,
+)
 from lightning_msign.distributed import is_sharded
 from lightning_msign.metric_keys import TEST_LOSS, TRAIN_LOSS, TRAIN_Z_LOSS, VAL_LOSS
 from lightning_msign.optim.groups import matrix_layouts
@@ -268,15 +274,9 @@ class LitGPTModule(L.LightningModule):
         check_optional_positive_int(block_size, "block_size")
         check_range(lr, "lr", low=0.0, low_open=True)
         check_range(weight_decay, "weight_decay", low=0.0)
-        if (
-            not isinstance(betas, Sequence)
-            or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
-        ):
-            raise ValueError(f"`betas` must be two floats in [0, 1), got {betas!r}")
+        check_betas(betas)
         check_range(eps, "eps", low=0.0, low_open=True)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be a non-negative int, got {warmup_steps!r}")
+        check_non_negative_int(warmup_steps, "warmup_steps")
         check_choice(lr_decay, "lr_decay", LRDecay)
         check_range(min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0)
         check_optional_positive_int(max_steps, "max_steps")
@@ -303,7 +303,7 @@ class LitGPTModule(L.LightningModule):
 
         self.lr = lr
         self.weight_decay = weight_decay
-        self.betas = (float(betas[0]), float(betas[1]))
+        self.betas = check_betas(betas)
         self.eps = eps
         self.warmup_steps = warmup_steps
         self.lr_decay = lr_decay

@@ -23,7 +23,7 @@ sign of a shard.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,7 +34,14 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as _adam_function
 
 from lightning_msign import metric_keys as keys
-from lightning_msign._validation import check_bool, check_choice, check_non_negative_int, check_range
+from lightning_msign._validation import (
+    check_betas,
+    check_bool,
+    check_choice,
+    check_non_negative_int,
+    check_optional_positive_int,
+    check_range,
+)
 from lightning_msign.distributed import MatrixResult, OwnedMatrix, WholeMatrixPlan, is_distributed, local_tensor
 from lightning_msign.functional.lowrank import rank_k_sign
 from lightning_msign.functional.msign import BACKENDS, msign
@@ -221,17 +228,9 @@ class NuMuon(Optimizer):
         steps = group["ns_steps"]
         if group["backend"] == "svd" and steps is not None:
             raise ValueError(f"`{name('ns_steps')}` must be None with backend 'svd' (it is exact), got {steps!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"`{name('ns_steps')}` must be None or a positive int, got {steps!r}")
+        check_optional_positive_int(steps, name("ns_steps"))
         check_choice(group["adjust_lr_fn"], name("adjust_lr_fn"), AdjustLR)
-        betas = group["betas"]
-        if (
-            not isinstance(betas, Sequence)
-            or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
-        ):
-            raise ValueError(f"`{name('betas')}` must be two floats in [0, 1), got {betas!r}")
-        group["betas"] = (float(betas[0]), float(betas[1]))
+        group["betas"] = check_betas(group["betas"], name("betas"))
         check_range(group["eps"], name("eps"), low=0.0, low_open=True)
         check_bool(group["use_muon"], name("use_muon"))
 
