@@ -216,3 +216,12 @@ def test_no_module_of_the_package_imports_another_modules_private_names():
                 found += [f"{path.relative_to(package)}:{node.lineno} {node.module}.{a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert not found, found
+
+
+def test_readme_table_of_pairs_is_the_generated_one():
+    from lightning_msign.callbacks import pairs_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = readme.split("<!-- pairs:start -->\n", 1)[1].split("<!-- pairs:end -->", 1)[0]
+    assert shown == pairs_table(), "README's table is stale: paste lightning_msign.callbacks.pairs_table()"
+    assert shown.count("\n") == 2 + len(PAIRS)  # every pair the adapter tests check has its row

@@ -1,5 +1,8 @@
 """Lightning callbacks: when and on which parameters the functional math runs."""
 
+import re
+
+from lightning_msign.callbacks.base import GuardCallback
 from lightning_msign.callbacks.curvature import CurvatureMonitor
 from lightning_msign.callbacks.diagnostics import DiagnosticsMonitor
 from lightning_msign.callbacks.msign import MSignCallback
@@ -13,4 +16,27 @@ __all__ = [
     "ArchitectureWarmup", "CurvatureMonitor", "DiagnosticsMonitor", "MSignCallback", "PSSCallback", "RollbackGuard",
     "StableRankMonitor",
     "StepProgressBar",
+    "pairs_table",
 ]
+
+_SUPPLIED = {"module": "the model", "optimizer": "its optimizer", "optimizers": "its optimizers",
+             "schedulers": "its LR schedulers"}
+
+
+def pairs_table() -> str:
+    """README's table of the guards and their Lightning callbacks (markdown, one row per pair, in the order of
+    ``lightning_msign.__all__``), generated from the callbacks' ``guard_class`` and ``guard_runtime``."""
+    import lightning_msign
+
+    pairs = [getattr(lightning_msign, n) for n in lightning_msign.__all__]
+    pairs = [c for c in pairs if isinstance(c, type) and issubclass(c, GuardCallback) and c is not GuardCallback]
+    rows = ["| guard (any loop) | Lightning callback | what it does | the callback passes the guard |",
+            "|---|---|---|---|"]
+    for cb in pairs:
+        guard = cb.guard_class
+        line = re.sub(r"``([^`]+)``", r"`\1`", (guard.__doc__ or "").strip().splitlines()[0])
+        line = re.sub(r":math:`([^`]+)`", r"`\1`", line)
+        line = re.sub(r"(?<!\\)\|", r"\\|", line)
+        supplied = ", ".join(_SUPPLIED.get(a, a) for a in cb.guard_runtime)
+        rows.append(f"| `{guard.__name__}` | `{cb.__name__}` | {line} | {supplied} |")
+    return "\n".join(rows) + "\n"
