@@ -1,4 +1,7 @@
-"""One validation layer: argument checks whose messages name the argument, the valid range and the value."""
+"""One validation layer: argument checks whose messages name the argument, the valid range and the value.
+
+Used by every layer (`functional/`, the guards, the optimizers, the module, the data); imports nothing but the
+standard library, so `functional/` stays free of Lightning."""
 
 from __future__ import annotations
 

@@ -225,3 +225,21 @@ def test_readme_table_of_pairs_is_the_generated_one():
     shown = readme.split("<!-- pairs:start -->\n", 1)[1].split("<!-- pairs:end -->", 1)[0]
     assert shown == pairs_table(), "README's table is stale: paste lightning_msign.callbacks.pairs_table()"
     assert shown.count("\n") == 2 + len(PAIRS)  # every pair the adapter tests check has its row
+
+
+def test_the_functional_layer_imports_only_torch_the_standard_library_and_itself():
+    import ast
+
+    package = Path(lightning_msign.__file__).resolve().parent
+    allowed = {"torch", "lightning_msign.functional", "lightning_msign._validation", "__future__"}
+    found = []
+    for path in sorted((package / "functional").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or any(name == a or name.startswith(a + ".") for a in allowed):
+                    continue
+                found.append(f"{path.name}:{node.lineno} {name}")
+    assert not found, found

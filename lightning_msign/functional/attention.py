@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_msign._validation import check_optional_positive_int
+
 __all__ = [
     "LogitScratch",
     "attention_logit_max",
@@ -140,8 +142,7 @@ def attention_logit_max_per_head(
             "`k` must be (B, n_groups, T, hs) with n_groups dividing n_head (S keys other than T only with `allowed`),"
             f" for `q` of shape {tuple(q.shape)}, got {tuple(k.shape)}"
         )
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"`window` must be None or a positive int, got {window!r}")
+    check_optional_positive_int(window, "window")
     if not causal:
         shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else None
         fits = (

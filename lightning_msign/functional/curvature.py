@@ -33,6 +33,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from lightning_msign._validation import check_positive_int
+
 __all__ = [
     "EigenEstimate",
     "adam_preconditioner",
@@ -174,8 +176,7 @@ def power_iteration(
     Returns:
         An :class:`EigenEstimate`. A non-finite product stops the iteration and returns ``value=nan``.
     """
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"`num_iters` must be a positive int, got {num_iters!r}")
+    check_positive_int(num_iters, "num_iters")
     norm = float(list_norm(start))
     if not math.isfinite(norm) or norm == 0.0:
         raise ValueError(f"`start` must be a finite nonzero vector, got norm {norm}")
@@ -223,8 +224,7 @@ def lanczos(operator: Callable[[Vector], Vector], start: Sequence[Tensor], num_i
         exact arithmetic; 0 when the Krylov space is invariant), ``products``. A non-finite product stops the
         iteration and returns ``value=nan``.
     """
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"`num_iters` must be a positive int, got {num_iters!r}")
+    check_positive_int(num_iters, "num_iters")
     norm = float(list_norm(start))
     if not math.isfinite(norm) or norm == 0.0:
         raise ValueError(f"`start` must be a finite nonzero vector, got norm {norm}")

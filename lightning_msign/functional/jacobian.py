@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_msign._validation import check_positive_int
+
 __all__ = ["jacobian_alignment", "jacobian_top_singular"]
 
 
@@ -110,8 +112,7 @@ def jacobian_top_singular(
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"`x` must be a floating-point torch.Tensor, got {type(x).__name__}"
                         + (f" of dtype {x.dtype}" if isinstance(x, Tensor) else ""))
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"`num_iters` must be a positive int, got {num_iters!r}")
+    check_positive_int(num_iters, "num_iters")
     x = x.detach()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_msign._validation import check_non_negative_int
 from lightning_msign.functional.precision import as_compute, check_matrix
 
 __all__ = ["LowRankSign", "block_krylov_topk", "rank_k_sign"]
@@ -57,10 +58,8 @@ def block_krylov_topk(
     m, n = M.shape
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
         raise ValueError(f"`k` must be an int in [1, {min(m, n)}] for a {m}x{n} matrix, got {k!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"`iterations` must be a non-negative int, got {iterations!r}")
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"`oversample` must be a non-negative int, got {oversample!r}")
+    check_non_negative_int(iterations, "iterations")
+    check_non_negative_int(oversample, "oversample")
     if start is not None and (start.ndim != 2 or start.shape[0] != n):
         raise ValueError(f"`start` must be an (n={n}, j) block, got shape {tuple(start.shape)}")
     X = as_compute(M)

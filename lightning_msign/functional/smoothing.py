@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_msign._validation import check_positive_int
 from lightning_msign.functional.precision import as_compute, check_matrix
 
 Smoothing = Literal["softplus", "softmax", "conv"]
@@ -53,8 +54,7 @@ def smooth_conv(sigma: Tensor, weight: float = 0.25, passes: int = 1) -> Tensor:
     """
     if not (0.0 < weight <= 0.5):
         raise ValueError(f"`weight` must be in (0, 0.5], got {weight!r}")
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"`passes` must be a positive int, got {passes!r}")
+    check_positive_int(passes, "passes")
     out = sigma
     for _ in range(passes):
         left = torch.cat([out[..., :1], out[..., :-1]], dim=-1)

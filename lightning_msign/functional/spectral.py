@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_msign._validation import check_positive_int
 from lightning_msign.functional.precision import as_compute, check_matrix, compute_dtype
 
 
@@ -78,8 +79,7 @@ def spectral_norm_estimate(W: Tensor, v: Tensor | None = None, num_iters: int = 
         ValueError: ``num_iters < 1`` or a ``v`` whose shape does not fit ``W``.
     """
     check_matrix(W)
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"`num_iters` must be a positive int, got {num_iters!r}")
+    check_positive_int(num_iters, "num_iters")
     X = as_compute(W)
     expected = (*X.shape[:-2], X.shape[-1])
     if v is None:
