@@ -10,7 +10,7 @@ import inspect
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -142,6 +142,26 @@ def lr_schedule_factor(
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
+class _HParam:
+    """A LightningModule attribute that is its hyperparameter ``self.hparams[key]`` (read and written there), so an
+    argument is kept once; ``convert`` normalises what is read (e.g. a YAML list of betas to a tuple of floats)."""
+
+    def __init__(self, key: Optional[str] = None, convert: Optional[Callable[[Any], Any]] = None) -> None:
+        self.key, self.convert = key, convert
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = self.key or name
+
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.hparams[self.key]
+        return value if self.convert is None else self.convert(value)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.hparams[self.key] = value
+
+
 class LitGPTModule(L.LightningModule):
     """Pretrain a ``litgpt.GPT`` with AdamW, per-group learning rates and warm-up + decay.
 
@@ -246,6 +266,23 @@ class LitGPTModule(L.LightningModule):
         trainer.fit(module, datamodule=ShakespeareDataModule(seq_len=256))
     """
 
+    lr = _HParam()
+    weight_decay = _HParam()
+    betas = _HParam(convert=check_betas)
+    eps = _HParam()
+    warmup_steps = _HParam()
+    lr_decay = _HParam()
+    min_lr_ratio = _HParam()
+    max_steps = _HParam()
+    init_std = _HParam()
+    zero_init_query = _HParam()
+    scale_residual_init = _HParam()
+    lr_mult_2d = _HParam()
+    lr_mult_embedding = _HParam()
+    z_loss = _HParam()
+    compile_model = _HParam("compile")  # not `compile`: that is `nn.Module.compile`
+    optimizer_name = _HParam("optimizer")
+
     def __init__(
         self,
         model_config: Union[str, dict[str, Any], Config],
@@ -301,23 +338,9 @@ class LitGPTModule(L.LightningModule):
             # A plain dict reloads with `weights_only=True` and writes cleanly to hparams.yaml.
             self.save_hyperparameters({"model_config": dataclasses.asdict(model_config)})
 
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.betas = check_betas(betas)
-        self.eps = eps
-        self.warmup_steps = warmup_steps
-        self.lr_decay = lr_decay
-        self.min_lr_ratio = min_lr_ratio
-        self.max_steps = max_steps
-        self.init_std = init_std
-        self.zero_init_query = zero_init_query
-        self.scale_residual_init = scale_residual_init
-        self.lr_mult_2d = lr_mult_2d
-        self.lr_mult_embedding = lr_mult_embedding
-        self.z_loss = z_loss
-        self.compile_model = compile  # not `self.compile`: that is `nn.Module.compile`
-        self.optimizer_name = optimizer
-        self.optimizer_options = options
+        # The arguments are read from (and, as `lr_find` does for `lr`, written to) `self.hparams` through the
+        # `_HParam` attributes below: one copy, the one the checkpoint and hparams.yaml hold.
+        self.optimizer_options = options  # validated and normalised (not the argument as given)
 
         self.model = GPT(config)
         self.reset_parameters()

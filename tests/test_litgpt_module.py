@@ -400,3 +400,11 @@ def test_bad_arguments_raise_value_error(kwargs, name):
 
 def test_is_a_lightning_module():
     assert issubclass(LitGPTModule, LightningModule)
+
+
+def test_arguments_are_kept_once_in_hparams():
+    module = tiny_module(lr=2e-3, betas=[0.8, 0.9], compile=False, optimizer="adamw")
+    assert (module.lr, module.betas, module.compile_model, module.optimizer_name) == (2e-3, (0.8, 0.9), False, "adamw")
+    module.lr = 5e-3  # what Lightning's lr_find does: the hyperparameter itself changes
+    assert module.hparams["lr"] == 5e-3 and module.lr == 5e-3
+    assert not {"lr", "betas", "warmup_steps", "max_steps"} & set(vars(module))  # no second copy on the instance
