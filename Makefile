@@ -11,13 +11,13 @@ TF5 ?= .transformers5
 TF5_STAMP := $(TF5)/.installed-stamp
 TF5_TESTS := tests/test_families.py tests/test_layouts_models.py tests/test_diagnostics_hf.py tests/test_forward_logits.py
 
-.PHONY: setup train train-healthy test test-fast test-transformers5 bench clean
+.PHONY: setup train train-healthy test test-fast test-transformers5 docs bench clean
 
 # peft (for the adapter tests) goes in without its requirements: they are all installed by the line before, and
 # resolving them again could move litgpt's pins.
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,docs]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "peft==0.21.*"
 	touch $(STAMP)
 
@@ -63,8 +63,14 @@ test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
+# The documentation site into site/ (mkdocs-material; API pages from the docstrings; measured tables read from
+# benchmarks/results/ at build time). --strict: a broken link, a missing result table or an unresolved API object
+# stops it. tests/test_docs.py runs the same build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) $(TF5) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TF5) *.egg-info .pytest_cache site

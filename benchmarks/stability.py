@@ -24,7 +24,7 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``qk_cap_p10``          control: the same norm cap every 10 steps *without* the sign (benchmark-only callback)
 ``qk_norm``             LitGPT ``norm_qk=True`` (the known fix)
 ``z_loss``              ``LitGPTModule(z_loss=1e-4)`` (the known output-logit fix)
-``arch_warmup``         ``ArchitectureWarmup(start_fraction=0.5, groups=4)``: half the blocks (the bottom ones) from
+``arch_warmup``         ``DepthWarmupCallback(start_fraction=0.5, groups=4)``: half the blocks (the bottom ones) from
                         the start, the rest unlocked in 4 groups from the end of the LR warm-up, one every
                         ``steps // 10`` steps (the paper's half depth and 4 groups, its 500-step interval scaled)
 ``zclip``              ZClip-style adaptive clipping *instead of* the fixed clip at 1.0 (benchmark-side control,
@@ -52,7 +52,7 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``qk_clip_30``          the same with tau = 30
 ``arch_warmup_curv``    the same, an unlock waiting while ``curvature/stability_ratio`` >= 1 (at most ``steps // 5``
                         steps past its due step); needs ``--curvature-every``
-``rollback``            ``RollbackGuard(snapshot_every=10, min_history=32)``: on a non-finite or 6-sigma loss or
+``rollback``            ``RollbackCallback(snapshot_every=10, min_history=32)``: on a non-finite or 6-sigma loss or
                         gradient norm, back to the last snapshot, the batches since skipped (first callback)
 ``rollback_lr``         the same, the learning rate x0.1 for 50 steps after a rollback, then ramped back over 100
 ``rollback_lr_msign``   ``rollback_lr`` plus MSign of Q and K after a rollback
@@ -151,7 +151,7 @@ METHODS: dict[str, dict[str, Any]] = {
                                                           check_every=3),
     "qk_clip": {"qk_clip": {"tau": 100.0}},
     "qk_clip_30": {"qk_clip": {"tau": 30.0}},
-    # RollbackGuard: snapshots every 10 steps, OLMo-core's 6 sigma over 128 steps armed after 32 values.
+    # RollbackCallback: snapshots every 10 steps, OLMo-core's 6 sigma over 128 steps armed after 32 values.
     "rollback": {"rollback": {"snapshot_every": 10, "min_history": 32}},
     "rollback_lr": {"rollback": {"snapshot_every": 10, "min_history": 32, "lr_factor": 0.1, "lr_steps": 50,
                                  "lr_ramp_steps": 100}},
@@ -417,23 +417,23 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks.append(controls.setdefault("skipped_steps", _skip_step_callback(**method["skip"])))
     rollback = None
     if "rollback" in method:
-        from lightning_msign import RollbackGuard
+        from lightning_msign import RollbackCallback
 
-        rollback = RollbackGuard(**method["rollback"])
+        rollback = RollbackCallback(**method["rollback"])
         callbacks.insert(0, rollback)  # first: a rollback happens before the other callbacks see the step
     if spec.get("curvature_every"):  # before the warm-up, which reads its latest ratio
         from lightning_msign import CurvatureMonitor
 
         callbacks.append(CurvatureMonitor(every_n_steps=spec["curvature_every"]))
     if "warmup" in method:
-        from lightning_msign import ArchitectureWarmup
+        from lightning_msign import DepthWarmupCallback
 
         options = dict(method["warmup"])
         if "curvature_margin" in options:
             if not spec.get("curvature_every"):
                 raise SystemExit(f"method {spec['method']} needs --curvature-every")
             options["max_defer_steps"] = max(1, spec["steps"] // 5)
-        callbacks.append(ArchitectureWarmup(interval=max(1, spec["steps"] // 10), **options))
+        callbacks.append(DepthWarmupCallback(interval=max(1, spec["steps"] // 10), **options))
     callbacks.append(StableRankMonitor(targets="attention", every_n_steps=spec["diag_every"], log_grad_norm=True,
                                        log_norms=spec.get("log_norms", False)))
     try:
@@ -636,7 +636,7 @@ def render(res: dict[str, Any]) -> str:
                     f"| {c['diverged_step'] if c['diverged_step'] is not None else '-'} "
                     f"| {', '.join(map(str, c.get('unlock_steps', []))) or '-'} |")
     if any("rollbacks" in c for c in res["cells"]):
-        lines += ["", "## RollbackGuard", "", "| method | lr | seed | rollbacks | steps lost | first rollbacks "
+        lines += ["", "## Rollback", "", "| method | lr | seed | rollbacks | steps lost | first rollbacks "
                   "| stopped by the budget | steps done | final val |", "|---|---:|---:|---:|---:|---|---|---:|---:|"]
         for c in res["cells"]:
             if "rollbacks" in c:

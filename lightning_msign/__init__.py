@@ -11,7 +11,7 @@ Public API:
   (snapshots in memory; on a divergence, back to the last good state, repaired).
 - Lightning callbacks over them: :class:`MSignCallback`, :class:`PSSCallback`, :class:`StableRankMonitor`,
   :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment),
-  :class:`CurvatureMonitor`, :class:`ArchitectureWarmup` and :class:`RollbackGuard`.
+  :class:`CurvatureMonitor`, :class:`DepthWarmupCallback` and :class:`RollbackCallback`.
 - :class:`LitGPTModule` and :class:`ShakespeareDataModule`: the embedded default model and corpus.
 - :mod:`lightning_msign.optim`: :class:`~lightning_msign.optim.Muon` and :class:`~lightning_msign.optim.NuMuon`
   (rank-k Muon, arXiv 2603.03597), each with AdamW for the non-matrix parameters, as one optimizer.
@@ -21,12 +21,12 @@ Public API:
 
 from lightning_msign import functional, optim
 from lightning_msign.callbacks import (
-    ArchitectureWarmup,
     CurvatureMonitor,
+    DepthWarmupCallback,
     DiagnosticsMonitor,
     MSignCallback,
     PSSCallback,
-    RollbackGuard,
+    RollbackCallback,
     StableRankMonitor,
     StepProgressBar,
 )
@@ -41,10 +41,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PSS",
-    "ArchitectureWarmup",
     "Curvature",
     "CurvatureMonitor",
     "DepthWarmup",
+    "DepthWarmupCallback",
     "Diagnostics",
     "DiagnosticsMonitor",
     "Layout",
@@ -55,7 +55,7 @@ __all__ = [
     "NuMuon",
     "PSSCallback",
     "Rollback",
-    "RollbackGuard",
+    "RollbackCallback",
     "ShakespeareDataModule",
     "StableRank",
     "StableRankMonitor",
@@ -66,3 +66,9 @@ __all__ = [
     "parse_layout",
     "resolve_targets",
 ]
+
+
+def __getattr__(name: str) -> type:  # earlier names of callbacks (lightning_msign.callbacks.RENAMED)
+    from lightning_msign.callbacks import renamed
+
+    return renamed(__name__, name)

@@ -77,7 +77,7 @@ DIAG_JACOBIAN_ALIGNMENT_PREFIX = "diag/jacobian_alignment/"  # |<u_1(J_l), v_1(J
 DIAG_JACOBIAN_ALIGNMENT_MAX = "diag/jacobian_alignment_max"  # largest alignment of adjacent blocks
 DIAG_TIME_MS = "diag/time_ms"  # wall time of the diagnostics, in milliseconds
 
-# --------------------------------------------------------------------------- RollbackGuard
+# --------------------------------------------------------------------------- RollbackCallback
 ROLLBACK_ROLLED_BACK = "rollback/rolled_back"  # 1.0 at a step that was flagged and rolled back, else 0.0
 ROLLBACK_ROLLBACKS = "rollback/rollbacks"  # rollbacks so far
 ROLLBACK_STEPS_LOST = "rollback/steps_lost"  # optimizer steps undone by rollbacks so far
@@ -94,7 +94,7 @@ CURV_RESIDUAL = "curvature/residual"  # ||A u - lambda u|| / |lambda| of the ret
 CURV_COLD_START = "curvature/cold_start"  # 1.0 when this measurement started from a random vector, else 0.0
 CURV_TIME_MS = "curvature/time_ms"  # wall time of the measurement, in milliseconds
 
-# --------------------------------------------------------------------------- ArchitectureWarmup
+# --------------------------------------------------------------------------- DepthWarmupCallback
 WARMUP_ACTIVE_BLOCKS = "warmup/active_blocks"  # number of active (computing, trainable) blocks
 WARMUP_UNLOCKED = "warmup/unlocked"  # blocks unlocked at this step (logged at unlock steps)
 WARMUP_DEFERRED = "warmup/deferred"  # 1.0 at a step where a due unlock waited for the curvature, else not logged

@@ -38,6 +38,7 @@ CASES: dict[str, dict[str, tuple[str, list[str]]]] = {
         "optim_numuon": ("optim_distributed_job", ["--strategy", "ddp", "--optimizer", "numuon", "--steps", "4"]),
         "optim_muon": ("optim_distributed_job", ["--strategy", "ddp", "--optimizer", "muon", "--steps", "4"]),
         "curvature": ("curvature_ddp_job", []),
+        "warmup": ("warmup_ddp_job", []),
     },
     "fsdp2": {
         "distributed": ("distributed_job", ["--strategy", "fsdp2", "--monitor-mode", "exact"]),

@@ -1,7 +1,7 @@
 """A 2-process run for tests/test_rollback.py (run as a script, not collected).
 
 ``python tests/rollback_job.py --strategy ddp|fsdp2|fsdp1 --out DIR [--nan-rank R]`` trains the tiny LitGPT of
-tests/test_rollback.py on 2 CPU processes with RollbackGuard, the loss NaN at optimizer step 7 on process ``R``
+tests/test_rollback.py on 2 CPU processes with RollbackCallback, the loss NaN at optimizer step 7 on process ``R``
 only (default: both), then, in the same processes, the reference run that skips the batches the rollback
 undoes. Every process writes ``DIR/rolled/rank<r>.pt`` and ``DIR/reference/rank<r>.pt``: the guard's state
 and the whole parameters at the end.
@@ -22,7 +22,7 @@ from _fsdp1 import job_strategy  # noqa: E402
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 from test_rollback import Injecting, SkippingData, data  # noqa: E402
 
-from lightning_msign import RollbackGuard  # noqa: E402
+from lightning_msign import RollbackCallback  # noqa: E402
 
 from conftest import trainer_kwargs  # noqa: E402
 from distributed_job import whole_params  # noqa: E402
@@ -31,7 +31,7 @@ BAD, EVERY, STEPS = 7, 4, 12
 
 
 class Save(Callback):
-    def __init__(self, out: str, guard: RollbackGuard | None) -> None:
+    def __init__(self, out: str, guard: RollbackCallback | None) -> None:
         self.out, self.guard = out, guard
 
     def on_fit_end(self, trainer, pl_module):
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             guard, callbacks, steps = None, [], STEPS
             module, datamodule = Injecting({}), SkippingData(set(range(EVERY, BAD)))
         else:
-            guard = RollbackGuard(snapshot_every=EVERY, z_threshold=None)
+            guard = RollbackCallback(snapshot_every=EVERY, z_threshold=None)
             callbacks, steps = [guard], STEPS + BAD - EVERY
             module, datamodule = Injecting({BAD: float("nan")}, rank=args.nan_rank), data()
         trainer = Trainer(**trainer_kwargs(out, devices=2, strategy=strategy, max_steps=steps), callbacks=callbacks)

@@ -1,6 +1,7 @@
 """The Lightning callbacks are adapters: one signature (the guard's), built from code or from YAML alike."""
 
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,17 +14,17 @@ from lightning.pytorch import Trainer, seed_everything
 import lightning_msign
 from lightning_msign import (
     PSS,
-    ArchitectureWarmup,
     Curvature,
     CurvatureMonitor,
     DepthWarmup,
+    DepthWarmupCallback,
     Diagnostics,
     DiagnosticsMonitor,
     MSign,
     MSignCallback,
     PSSCallback,
     Rollback,
-    RollbackGuard,
+    RollbackCallback,
     StableRank,
     StableRankMonitor,
 )
@@ -36,7 +37,7 @@ from conftest import tiny_data, tiny_module, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [(MSign, MSignCallback), (PSS, PSSCallback), (StableRank, StableRankMonitor), (Diagnostics, DiagnosticsMonitor),
-         (Curvature, CurvatureMonitor), (DepthWarmup, ArchitectureWarmup), (Rollback, RollbackGuard)]
+         (Curvature, CurvatureMonitor), (DepthWarmup, DepthWarmupCallback), (Rollback, RollbackCallback)]
 
 # Every key of every callback, each set to a value other than its default where one is valid on the debug model (a
 # 2-layer LitGPT of width 32): the fit below must see each of them arrive in its guard.
@@ -66,11 +67,11 @@ EVERY_KEY: dict[type[GuardCallback], dict[str, Any]] = {
         every_n_steps=2, iterations=2, cold_iterations=3, targets="attention", max_gap=10, seed=4, method="power",
         loss_fn="test_adapters:mean_loss",
     ),
-    ArchitectureWarmup: dict(
+    DepthWarmupCallback: dict(
         start_fraction=1.0, groups=1, interval=2, start_step=1, order="interleave", blocks_attr="model.transformer.h",
         output_projections=["attn.proj", "mlp.proj"], curvature_margin=None, max_defer_steps=None,
     ),
-    RollbackGuard: dict(
+    RollbackCallback: dict(
         snapshot_every=2, keep=3, snapshot_device="cpu", window=16, z_threshold=None, min_history=4,
         watch=["loss"], max_retries=2, lr_factor=0.5, lr_steps=2, lr_ramp_steps=1, repair_msign="qk",
         restart_moments="qk", msign_backend="svd", on_pss_trigger=True, max_curvature_ratio=1000.0,
@@ -112,14 +113,26 @@ def test_the_callback_signature_is_the_guards(guard_class, callback_class):
     assert runtime == set(callback_class.guard_runtime)  # what the adapter supplies: module, optimizers, ...
 
 
+
+@pytest.mark.parametrize(("guard_class", "callback_class"), PAIRS, ids=lambda c: c.__name__)
+def test_the_callback_documents_the_guards_arguments_but_not_the_supplied_ones(guard_class, callback_class):
+    """The constructor's docstring (LightningCLI's help, the API pages) is the guard's, less the entries of what the
+    adapter supplies (``module:``, ``optimizers:``, ...), continuation lines included."""
+    doc, guard_doc = callback_class.__init__.__doc__, guard_class.__doc__
+    entries = lambda text: {m for m in re.findall(r"^ {8}(\w+): ", text, re.MULTILINE)}  # noqa: E731
+    assert set(callback_class.guard_runtime) <= entries(guard_doc)
+    assert entries(doc) == entries(guard_doc) - set(callback_class.guard_runtime)
+    assert len(doc.splitlines()) < len(guard_doc.splitlines())
+    assert doc.split("Args:")[0] == guard_doc.split("Args:")[0]
+
 def test_options_are_taken_by_name_and_bad_ones_named():
     assert MSignCallback(7, "qk").guard.period == 7 and MSignCallback(7, "qk").guard.targets == ["qk"]
     with pytest.raises(TypeError, match="MSignCallback: got an unexpected keyword argument 'perod'"):
         MSignCallback(perod=3)
     with pytest.raises(ValueError, match="period"):
         MSignCallback(period=0)
-    with pytest.raises(TypeError, match="RollbackGuard.from_guard needs a Rollback, got MSign"):
-        RollbackGuard.from_guard(MSign(period=2))
+    with pytest.raises(TypeError, match="RollbackCallback.from_guard needs a Rollback, got MSign"):
+        RollbackCallback.from_guard(MSign(period=2))
 
 
 def guards_in_code() -> list[GuardCallback]:
@@ -130,8 +143,8 @@ def guards_in_code() -> list[GuardCallback]:
         StableRankMonitor.from_guard(StableRank(targets="attention", every_n_steps=2)),
         DiagnosticsMonitor.from_guard(Diagnostics(every_n_steps=2)),
         CurvatureMonitor.from_guard(Curvature(every_n_steps=2, iterations=2), loss_fn="test_adapters:mean_loss"),
-        ArchitectureWarmup.from_guard(DepthWarmup(start_fraction=0.5, groups=1, interval=2, start_step=2)),
-        RollbackGuard.from_guard(Rollback(snapshot_every=2, min_history=2), on_pss_trigger=True),
+        DepthWarmupCallback.from_guard(DepthWarmup(start_fraction=0.5, groups=1, interval=2, start_step=2)),
+        RollbackCallback.from_guard(Rollback(snapshot_every=2, min_history=2), on_pss_trigger=True),
     ]
 
 
@@ -189,7 +202,7 @@ def test_four_guards_reading_the_gradient_norm_compute_it_once_per_step(tmp_path
 
     seed_everything(0, verbose=False)
     callbacks = [PSSCallback(warmup_steps=2), MSignCallback(period=None, max_grad_ratio=1e9, warmup_steps=1),
-                 RollbackGuard(snapshot_every=2, min_history=2), StableRankMonitor(targets="attention")]
+                 RollbackCallback(snapshot_every=2, min_history=2), StableRankMonitor(targets="attention")]
     module = tiny_module()
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=6, callbacks=callbacks, log_every_n_steps=1,
                                        logger=CSVLogger(str(tmp_path), name="logs")))
@@ -243,3 +256,39 @@ def test_the_functional_layer_imports_only_torch_the_standard_library_and_itself
                     continue
                 found.append(f"{path.name}:{node.lineno} {name}")
     assert not found, found
+
+
+def test_renamed_callbacks_keep_their_old_names_and_checkpoint_keys(tmp_path, monkeypatch):
+    """``ArchitectureWarmup`` / ``RollbackGuard`` (the names before the pairs read as pairs) still import, with a
+    deprecation warning, as the renamed classes; a YAML naming them still builds them; and the state keys in a
+    checkpoint are those the old classes wrote, so a run checkpointed before the rename resumes its callbacks."""
+    from lightning.pytorch.utilities.rank_zero import LightningDeprecationWarning
+
+    from lightning_msign import DepthWarmupCallback, RollbackCallback
+    from lightning_msign.cli import MSignCLI
+
+    with pytest.warns(LightningDeprecationWarning, match="`lightning_msign.ArchitectureWarmup` is now `DepthWarmup"):
+        assert lightning_msign.ArchitectureWarmup is DepthWarmupCallback
+    with pytest.warns(LightningDeprecationWarning, match="`lightning_msign.callbacks.RollbackGuard` is now `Rollback"):
+        from lightning_msign.callbacks import RollbackGuard
+    assert RollbackGuard is RollbackCallback
+    with pytest.raises(AttributeError, match="has no attribute 'RollbackGuards'"):
+        lightning_msign.RollbackGuards  # noqa: B018
+    # Lightning's _generate_state_key of the old classes: f"{qualname}{kwargs!r}"
+    assert RollbackCallback(snapshot_every=5).state_key == "RollbackGuard{'snapshot_every': 5, 'z_threshold': 6.0}"
+    assert DepthWarmupCallback(groups=2).state_key == (
+        "ArchitectureWarmup{'start_fraction': 0.5, 'groups': 2, 'interval': 500, 'order': 'stack'}")
+
+    config = tmp_path / "old.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lightning_msign.ArchitectureWarmup", "init_args": {"groups": 2}},
+        {"class_path": "lightning_msign.RollbackGuard", "init_args": {"snapshot_every": 5}},
+    ]}}))
+    monkeypatch.setattr(sys, "argv", ["lightning-msign"])
+    args = ["--config", str(ROOT / "recipes" / "debug.yaml"), "--config", str(config), "--data.cache_dir",
+            str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.warns(LightningDeprecationWarning, match="is now `DepthWarmupCallback`"):
+        cli = MSignCLI(LitGPTModule, ShakespeareDataModule, auto_configure_optimizers=False, run=False, args=args)
+    built = [cb for cb in cli.trainer.callbacks if isinstance(cb, (DepthWarmupCallback, RollbackCallback))]
+    assert [type(cb) for cb in built] == [DepthWarmupCallback, RollbackCallback]
+    assert built[0].guard.groups == 2 and built[1].guard.snapshot_every == 5

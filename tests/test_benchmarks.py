@@ -318,7 +318,7 @@ def test_lr_jump_is_reapplied_after_a_rollback_to_a_snapshot_from_before_it(tmp_
     from lightning.pytorch import Trainer, seed_everything
     from test_rollback import Injecting, LRRecorder, data
 
-    from lightning_msign import RollbackGuard
+    from lightning_msign import RollbackCallback
 
     from conftest import trainer_kwargs
 
@@ -330,7 +330,7 @@ def test_lr_jump_is_reapplied_after_a_rollback_to_a_snapshot_from_before_it(tmp_
         return trainer, recorder
 
     # Snapshot after step 3, jump before step 4, NaN at step 5: the rollback restores the pre-jump schedule.
-    guard = RollbackGuard(snapshot_every=3, z_threshold=None)
+    guard = RollbackCallback(snapshot_every=3, z_threshold=None)
     trainer, rolled = run([guard, stability._lr_jump_callback(3, 10.0)], {5: float("nan")})
     assert guard.guard.rollback_steps == [5] and guard.guard.skipped[0]["restored_to"] == 3
     _, plain = run([], {})

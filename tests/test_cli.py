@@ -115,8 +115,8 @@ def test_every_recipe_key_is_commented():
         ("pss", {"lightning_msign.PSSCallback", "lightning_msign.StableRankMonitor"}),
         ("msign_pss",
          {"lightning_msign.MSignCallback", "lightning_msign.PSSCallback", "lightning_msign.StableRankMonitor"}),
-        ("arch_warmup", {"lightning_msign.CurvatureMonitor", "lightning_msign.ArchitectureWarmup"}),
-        ("rollback", {"lightning_msign.RollbackGuard"}),
+        ("arch_warmup", {"lightning_msign.CurvatureMonitor", "lightning_msign.DepthWarmupCallback"}),
+        ("rollback", {"lightning_msign.RollbackCallback"}),
     ],
 )
 def test_method_recipes_differ_from_baseline_only_by_callbacks(recipe, expected):

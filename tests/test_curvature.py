@@ -427,14 +427,14 @@ def test_resume_is_exact(tmp_path):
 
 @pytest.mark.parametrize("margin", [1e9, 1e-9])
 def test_curvature_gates_architecture_warmup(tmp_path, margin):
-    """A real CurvatureMonitor feeds ArchitectureWarmup: an unlock waits while the ratio is above the margin;
+    """A real CurvatureMonitor feeds DepthWarmupCallback: an unlock waits while the ratio is above the margin;
     inactive blocks are not measured, and an unlock changes the measured set (a cold start)."""
-    from lightning_msign import ArchitectureWarmup
+    from lightning_msign import DepthWarmupCallback
 
     seed_everything(0)
     logger = RecordingLogger()
     monitor = CurvatureMonitor(every_n_steps=1, iterations=2, cold_iterations=3)
-    warmup = ArchitectureWarmup(start_fraction=0.5, groups=1, interval=1, start_step=2, curvature_margin=margin,
+    warmup = DepthWarmupCallback(start_fraction=0.5, groups=1, interval=1, start_step=2, curvature_margin=margin,
                                 max_defer_steps=3)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=7, logger=logger, callbacks=[monitor, warmup]))
     module = tiny_module()

@@ -1,4 +1,4 @@
-"""RollbackGuard / Rollback on a real Trainer and a tiny LitGPT: snapshots, detection, rollback, repairs, budget."""
+"""RollbackCallback / Rollback on a real Trainer and a tiny LitGPT: snapshots, detection, rollback, repairs, budget."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from lightning_msign import LitGPTModule, Rollback, RollbackGuard, ShakespeareDataModule
+from lightning_msign import LitGPTModule, Rollback, RollbackCallback, ShakespeareDataModule
 from lightning_msign.functional import stable_rank
 
 from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, load_ranks, trainer_kwargs
@@ -71,7 +71,7 @@ def params(module) -> dict[str, torch.Tensor]:
 
 def test_nan_step_rolls_back_and_ends_as_a_run_that_skipped_those_batches(tmp_path):
     steps, every, bad = 14, 4, 7  # the NaN at optimizer step 7: back to the snapshot after step 4
-    guard = RollbackGuard(snapshot_every=every, z_threshold=None, skipped_path=str(tmp_path / "skipped.json"))
+    guard = RollbackCallback(snapshot_every=every, z_threshold=None, skipped_path=str(tmp_path / "skipped.json"))
     logger = RecordingLogger()
     seed_everything(3, verbose=False)
     rolled = Injecting({bad: float("nan")})
@@ -95,7 +95,7 @@ def test_nan_step_rolls_back_and_ends_as_a_run_that_skipped_those_batches(tmp_pa
 
 def test_spike_is_caught_by_the_z_score_and_nothing_else_is(tmp_path):
     spike = 26
-    guard = RollbackGuard(snapshot_every=5, window=16, min_history=10, z_threshold=6.0)
+    guard = RollbackCallback(snapshot_every=5, window=16, min_history=10, z_threshold=6.0)
     fit(tmp_path, Injecting({spike: 40.0}), data(), 34, [guard])
     g = guard.guard
     assert g.rollback_steps == [spike], g.skipped
@@ -104,7 +104,7 @@ def test_spike_is_caught_by_the_z_score_and_nothing_else_is(tmp_path):
 
 
 def test_calm_run_is_bit_identical_to_an_unguarded_one(tmp_path):
-    guard = RollbackGuard(snapshot_every=3, window=8, min_history=4)
+    guard = RollbackCallback(snapshot_every=3, window=8, min_history=4)
     guarded = Injecting({})
     fit(tmp_path / "a", guarded, data(), 12, [guard])
     assert guard.guard.rollbacks == 0 and len(guard.guard.snapshots) == 2
@@ -135,7 +135,7 @@ class LRRecorder(Callback):
 
 def test_lr_repair_lowers_then_ramps_back_and_the_schedule_resumes_from_the_snapshot(tmp_path):
     bad, every = 6, 4
-    guard = RollbackGuard(snapshot_every=every, z_threshold=None, lr_factor=0.25, lr_steps=2, lr_ramp_steps=3)
+    guard = RollbackCallback(snapshot_every=every, z_threshold=None, lr_factor=0.25, lr_steps=2, lr_ramp_steps=3)
     recorder = LRRecorder()  # registered after the guard's hooks: sees the scaled rate
     fit(tmp_path / "a", Injecting({bad: float("nan")}), data(), 16, [guard, recorder])
     plain = LRRecorder()
@@ -167,7 +167,7 @@ class Inspect(Callback):
 
 def test_repairs_sign_qk_and_restart_their_moments(tmp_path):
     bad = 6
-    guard = RollbackGuard(snapshot_every=4, z_threshold=None, repair_msign="qk", restart_moments="qk",
+    guard = RollbackCallback(snapshot_every=4, z_threshold=None, repair_msign="qk", restart_moments="qk",
                           msign_backend="svd")
     inspect = Inspect(bad)
     fit(tmp_path, Injecting({bad: float("nan")}), data(), 10, [guard, inspect])
@@ -180,7 +180,7 @@ def test_repairs_sign_qk_and_restart_their_moments(tmp_path):
 
 
 def test_retry_budget_stops_the_run_with_the_message(tmp_path):
-    guard = RollbackGuard(snapshot_every=4, z_threshold=None, max_retries=2, keep=2)
+    guard = RollbackCallback(snapshot_every=4, z_threshold=None, max_retries=2, keep=2)
     module = Injecting({s: float("nan") for s in range(10, 40)})
     with pytest.warns(UserWarning, match="did not hold"):
         trainer = fit(tmp_path, module, data(), 30, [guard])
@@ -192,11 +192,11 @@ def test_retry_budget_stops_the_run_with_the_message(tmp_path):
 
 
 def test_guard_state_resumes_exactly_and_snapshots_cost_three_weights(tmp_path):
-    guard = RollbackGuard(snapshot_every=3, window=8, min_history=4, z_threshold=None)
+    guard = RollbackCallback(snapshot_every=3, window=8, min_history=4, z_threshold=None)
     module = Injecting({5: float("nan")})
     fit(tmp_path, module, data(), 9, [guard])
     state = guard.state_dict()
-    fresh = RollbackGuard(snapshot_every=3, window=8, min_history=4, z_threshold=None)
+    fresh = RollbackCallback(snapshot_every=3, window=8, min_history=4, z_threshold=None)
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state and fresh.guard.rollbacks == 1 and "rollbacks" not in state  # from skipped
     assert len(state["history"]["loss"]) == 7  # steps 1-3, then 6-9: the snapshot after step 3 was restored
@@ -224,7 +224,7 @@ def test_guard_state_resumes_exactly_and_snapshots_cost_three_weights(tmp_path):
 )
 def test_bad_arguments_raise_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        RollbackGuard(**kwargs)
+        RollbackCallback(**kwargs)
 
 
 def test_plain_loop_rollback_equals_skipping(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for the architecture warm-up: :class:`DepthWarmup` (any loop) and :class:`ArchitectureWarmup` (Trainer).
+"""Tests for the architecture warm-up: :class:`DepthWarmup` (any loop) and :class:`DepthWarmupCallback` (Trainer).
 
 Real LitGPT models (and HF GPT-2 / Llama and nanoGPT built from small configs), a real Trainer, the shipped
 corpus. Identity is checked against a model built with only the active blocks (same weights).
@@ -18,11 +18,11 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_msign import ArchitectureWarmup, DepthWarmup, LitGPTModule
+from lightning_msign import DepthWarmup, DepthWarmupCallback, LitGPTModule
 from lightning_msign.guards.warmup import InactiveForward, unlock_plan
 from lightning_msign.metric_keys import WARMUP_ACTIVE_BLOCKS, WARMUP_DEFERRED, WARMUP_UNLOCKED
 
-from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, tiny_data, trainer_kwargs
+from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, RecordingLogger, load_ranks, tiny_data, trainer_kwargs
 
 
 def litgpt(n_layer: int = 4, **kwargs: Any) -> LitGPTModule:
@@ -301,7 +301,7 @@ def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DepthWarmup(**kwargs)
     with pytest.raises(ValueError, match=match):
-        ArchitectureWarmup(**kwargs)
+        DepthWarmupCallback(**kwargs)
 
 
 def test_models_without_a_block_list_and_start_step_none():
@@ -320,7 +320,7 @@ def test_models_without_a_block_list_and_start_step_none():
 
 
 # ----------------------------------------------------------------------------------------------- Trainer
-class _Checks(ArchitectureWarmup):
+class _Checks(DepthWarmupCallback):
     """Asserts at the hooks: inactive blocks have no gradient at the optimizer step."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -371,7 +371,7 @@ class _Curvature(Callback):
 def test_callback_curvature_driven(tmp_path):
     seed_everything(0, verbose=False)
     logger = RecordingLogger()
-    callback = ArchitectureWarmup(start_fraction=0.5, groups=2, interval=1, start_step=1, curvature_margin=1.0,
+    callback = DepthWarmupCallback(start_fraction=0.5, groups=2, interval=1, start_step=1, curvature_margin=1.0,
                                   max_defer_steps=2)
     curvature = _Curvature({1: 3.0, 2: 0.5, 3: 3.0})  # measured before the warm-up reads it (list order)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=logger, callbacks=[curvature, callback]))
@@ -380,7 +380,7 @@ def test_callback_curvature_driven(tmp_path):
     assert callback.guard.unlock_steps == (2, 5)
     assert logger.steps_with(WARMUP_DEFERRED) == [0, 2, 3]
 
-    bare = ArchitectureWarmup(start_step=1, curvature_margin=1.0)
+    bare = DepthWarmupCallback(start_step=1, curvature_margin=1.0)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=[bare]))
     with pytest.raises(ValueError, match="needs a CurvatureMonitor"):
         trainer.fit(litgpt(4), datamodule=tiny_data())
@@ -395,29 +395,38 @@ class _NoWarmupSteps(LightningModule):
 def test_callback_start_step_and_strategy_checks(tmp_path):
     trainer = Trainer(**trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match="`warmup_steps`.*_NoWarmupSteps has warmup_steps=None: pass `start_step`"):
-        ArchitectureWarmup().setup(trainer, _NoWarmupSteps(), "fit")
-    ArchitectureWarmup(start_step=3).setup(trainer, _NoWarmupSteps(), "fit")
-
-    ddp = Trainer(**trainer_kwargs(tmp_path, strategy="ddp", devices=2))
-    with pytest.raises(ValueError, match="find_unused_parameters=True.*ddp_find_unused_parameters_true"):
-        ArchitectureWarmup().setup(ddp, litgpt(4), "fit")
-    ok = Trainer(**trainer_kwargs(tmp_path, strategy="ddp_find_unused_parameters_true", devices=2))
-    callback = ArchitectureWarmup()
-    callback.setup(ok, litgpt(4), "fit")
-    assert callback.guard.inactive_blocks == (2, 3)
+        DepthWarmupCallback().setup(trainer, _NoWarmupSteps(), "fit")
+    DepthWarmupCallback(start_step=3).setup(trainer, _NoWarmupSteps(), "fit")
 
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     fsdp2 = Trainer(**trainer_kwargs(tmp_path, strategy=ModelParallelStrategy(), devices=2))
     with pytest.raises(NotImplementedError, match="ModelParallelStrategy"):
-        ArchitectureWarmup().setup(fsdp2, litgpt(4), "fit")
+        DepthWarmupCallback().setup(fsdp2, litgpt(4), "fit")
+
+
+@pytest.mark.slow
+def test_ddp_without_unused_parameter_detection_is_refused_and_with_it_trains(two_process_job):
+    """Under DDP the inactive blocks get no gradient: DDP without ``find_unused_parameters`` is refused at
+    ``on_fit_start`` (read off the wrapped module, on every process, before any step); with it, 3 steps train
+    blocks 0 and 1, unlock block 2 after step 1 (the module's ``warmup_steps``) and train it, leave block 3 as it
+    was, and keep the ranks bit-identical (tests/warmup_ddp_job.py)."""
+    r0, r1 = load_ranks(two_process_job("ddp", "warmup"))
+    for r in (r0, r1):
+        assert r["refused"] is not None and r["refused_steps"] == 0
+        assert "find_unused_parameters=True" in r["refused"] and "ddp_find_unused_parameters_true" in r["refused"]
+        assert r["steps"] == 3 and r["active_blocks"] == (0, 1, 2)
+        moved = {n.split(".h.")[1].split(".")[0] for n in r["before"]
+                 if ".h." in n and not torch.equal(r["before"][n], r["after"][n])}
+        assert moved == {"0", "1", "2"}
+    assert all(torch.equal(r0["after"][n], r1["after"][n]) for n in r0["after"])
 
 
 # ------------------------------------------------------------------------------------------------ resume
 def _fit(root: Path, max_steps: int, ckpt: Optional[Path] = None, save_every: Optional[int] = None):
     seed_everything(1234 if ckpt is None else 7, verbose=False)  # the resumed seed differs on purpose
     module = litgpt(4, warmup_steps=1, max_steps=7)
-    callback = ArchitectureWarmup(start_fraction=0.25, groups=3, interval=2, order="interleave")
+    callback = DepthWarmupCallback(start_fraction=0.25, groups=3, interval=2, order="interleave")
     callbacks: list[Callback] = [callback]
     if save_every is not None:
         callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=save_every, save_top_k=-1))

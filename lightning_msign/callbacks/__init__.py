@@ -8,16 +8,37 @@ from lightning_msign.callbacks.diagnostics import DiagnosticsMonitor
 from lightning_msign.callbacks.msign import MSignCallback
 from lightning_msign.callbacks.progress import StepProgressBar
 from lightning_msign.callbacks.pss import PSSCallback
-from lightning_msign.callbacks.rollback import RollbackGuard
+from lightning_msign.callbacks.rollback import RollbackCallback
 from lightning_msign.callbacks.stable_rank import StableRankMonitor
-from lightning_msign.callbacks.warmup import ArchitectureWarmup
+from lightning_msign.callbacks.warmup import DepthWarmupCallback
 
 __all__ = [
-    "ArchitectureWarmup", "CurvatureMonitor", "DiagnosticsMonitor", "MSignCallback", "PSSCallback", "RollbackGuard",
+    "CurvatureMonitor", "DepthWarmupCallback", "DiagnosticsMonitor", "MSignCallback", "PSSCallback", "RollbackCallback",
     "StableRankMonitor",
     "StepProgressBar",
     "pairs_table",
 ]
+
+#: earlier names of callbacks, kept importable (with a deprecation warning) so code and YAML recipes written
+#: with them (``class_path: lightning_msign.ArchitectureWarmup``) still run
+RENAMED = {"ArchitectureWarmup": "DepthWarmupCallback", "RollbackGuard": "RollbackCallback"}
+
+
+def renamed(module: str, name: str) -> type:
+    """The callback an earlier ``name`` now is, with a deprecation warning; ``AttributeError`` for anything else."""
+    if name not in RENAMED:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
+
+    rank_zero_deprecation(
+        f"`{module}.{name}` is now `{RENAMED[name]}` (the guard's name + Callback, as the other pairs): the old name"
+        " will be removed in a later release"
+    )
+    return globals()[RENAMED[name]]
+
+
+def __getattr__(name: str) -> type:
+    return renamed(__name__, name)
 
 _SUPPLIED = {"module": "the model", "optimizer": "its optimizer", "optimizers": "its optimizers",
              "schedulers": "its LR schedulers"}

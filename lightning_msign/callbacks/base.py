@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -84,6 +84,9 @@ class GuardCallback(Callback):
     guard_class: ClassVar[Optional[type[Guard]]] = None
     guard_runtime: ClassVar[tuple[str, ...]] = ("module",)
     _warn_without_logger = False  # monitors, whose only output is what they log, set this
+    #: the class name the checkpoint's state key starts with, where it differs from the class's own (a renamed
+    #: callback keeps its earlier name there, so checkpoints written before the rename resume)
+    _state_name: ClassVar[Optional[str]] = None
 
     def __init__(self, guard: Guard) -> None:
         super().__init__()
@@ -112,6 +115,10 @@ class GuardCallback(Callback):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_strategies(trainer, type(self).__name__)
         self.guard.attach(_model_for_guard(trainer, pl_module), distributed=trainer.world_size > 1)
+
+    @override
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        return f"{self._state_name or type(self).__qualname__}{kwargs!r}"
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -175,7 +182,7 @@ def _constructor(cls: type[GuardCallback], adapter_init: Callable[..., None]) ->
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__annotations__ = {p.name: p.annotation for p in (*options, *own)} | {"return": None}
-    __init__.__doc__ = guard_class.__doc__
+    __init__.__doc__ = _without_args(guard_class.__doc__, cls.guard_runtime)  # the guard's argument help
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     __init__.__module__ = cls.__module__
     return __init__
@@ -195,3 +202,26 @@ def require_stability_ratio_source(trainer: pl.Trainer, owner: str, argument: st
             f" guard has `latest_stability_ratio`): add one, or set {argument}=None"
         )
     return source
+
+
+def _without_args(doc: str | None, names: Sequence[str]) -> str | None:
+    """``doc`` with the entries of ``names`` (and their continuation lines) cut from its ``Args:`` section: the
+    arguments the adapter supplies are not the callback's."""
+    if not doc or not names:
+        return doc
+    kept: list[str] = []
+    dropping_at: int | None = None
+    for line in doc.split("\n"):
+        indent = len(line) - len(line.lstrip())
+        if dropping_at is not None and (not line.strip() or indent > dropping_at):
+            if line.strip():
+                continue
+            dropping_at = None
+        elif dropping_at is not None:
+            dropping_at = None
+        name = line.strip().split(":", 1)[0]
+        if line.strip().startswith(f"{name}:") and name in names:
+            dropping_at = indent
+            continue
+        kept.append(line)
+    return "\n".join(kept)

@@ -61,15 +61,7 @@ class CurvatureMonitor(GuardCallback):
         trainer = Trainer(callbacks=[CurvatureMonitor(every_n_steps=100, iterations=5)])
 
     Args:
-        every_n_steps: measure after every ``n``-th optimizer step.
-        iterations: Hessian-vector products per warm-started measurement.
-        cold_iterations: Hessian-vector products of a cold start.
-        targets: ``None`` (every trainable parameter) or a selection (preset or globs).
-        max_gap: a carried eigenvector older than this many steps is dropped.
         loss_fn: import path of ``fn(pl_module, batch) -> Tensor``, or ``None``.
-        seed: seed of the cold-start vectors.
-        method: ``"lanczos"`` (default: the largest algebraic eigenvalue) or ``"power"`` (the paper's power
-            iteration: the eigenvalue of largest magnitude).
     """
 
     guard_class = Curvature

@@ -31,7 +31,7 @@ class MSignCallback(GuardCallback):
 
     What it really does here: periodic MSign at a failing learning rate closed only part of the loss gap
     that qk-norm closes, and at healthy ones it costs loss; triggered by attention logits it leaves healthy
-    runs alone (README, "Measured stability").
+    runs alone (the documentation's "Measured stability", docs/results.md).
 
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, for targets that match no matrix

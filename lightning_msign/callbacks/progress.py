@@ -20,9 +20,7 @@ class StepProgressBar(TQDMProgressBar):
     correctly; a resumed run starts at its step). Runs limited by epochs look as with ``TQDMProgressBar``.
     ``lightning-msign fit`` uses it unless the recipe disables the progress bar or names another one.
 
-    Args:
-        refresh_rate: redraw every this many steps (``TQDMProgressBar``'s).
-        leave: keep the bar of a finished epoch on screen (``TQDMProgressBar``'s).
+    Its arguments are ``TQDMProgressBar``'s (``refresh_rate``, ``process_position``, ``leave``).
     """
 
     def _step_limited(self, trainer: pl.Trainer) -> bool:

@@ -1,4 +1,4 @@
-"""RollbackGuard: a Lightning callback that rolls a diverging run back in memory and repairs it."""
+"""RollbackCallback: a Lightning callback that rolls a diverging run back in memory and repairs it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from lightning_msign.callbacks.base import GuardCallback, log_to_loggers, requir
 from lightning_msign.guards.rollback import Rollback
 
 
-class RollbackGuard(GuardCallback):
+class RollbackCallback(GuardCallback):
     r"""Catch a divergence, roll the run back to a snapshot held in memory, repair, and train on.
 
     The math, the arguments and the repairs are those of :class:`~lightning_msign.guards.rollback.Rollback`
@@ -47,12 +47,13 @@ class RollbackGuard(GuardCallback):
     Example::
 
         from lightning.pytorch import Trainer
-        from lightning_msign import RollbackGuard
+        from lightning_msign import RollbackCallback
 
-        trainer = Trainer(callbacks=[RollbackGuard(snapshot_every=50, lr_factor=0.5, lr_steps=50, lr_ramp_steps=50)])
+        trainer = Trainer(callbacks=[RollbackCallback(snapshot_every=50, lr_factor=0.5, lr_steps=50, lr_ramp_steps=50)])
     """
 
     guard_class = Rollback
+    _state_name = "RollbackGuard"  # its earlier name: checkpoints written under it resume
     guard_runtime = ("module", "optimizers", "schedulers")
     guard: Rollback
 
@@ -89,10 +90,12 @@ class RollbackGuard(GuardCallback):
 
             self._pss = [cb for cb in trainer.callbacks if isinstance(cb, PSSCallback)]
             if not self._pss:
-                raise ValueError("RollbackGuard(on_pss_trigger=True) needs a PSSCallback among the Trainer's callbacks")
+                raise ValueError(
+                    "RollbackCallback(on_pss_trigger=True) needs a PSSCallback among the Trainer's callbacks"
+                )
         if self.max_curvature_ratio is not None:
             self._curvature = require_stability_ratio_source(
-                trainer, "RollbackGuard", "max_curvature_ratio", self.max_curvature_ratio
+                trainer, "RollbackCallback", "max_curvature_ratio", self.max_curvature_ratio
             )
         super().setup(trainer, pl_module, stage)
 
@@ -106,7 +109,7 @@ class RollbackGuard(GuardCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         snap = self.guard.snapshot(trainer.global_step, self._position(trainer, None))
         rank_zero_info(
-            f"RollbackGuard: snapshots every {self.guard.snapshot_every} steps, {self.guard.keep} kept, "
+            f"RollbackCallback: snapshots every {self.guard.snapshot_every} steps, {self.guard.keep} kept, "
             f"{snap.nbytes / 2**20:.1f} MiB each on this process ({self.guard.snapshot_device})"
         )
 
@@ -144,7 +147,7 @@ class RollbackGuard(GuardCallback):
         if metrics.get(keys.ROLLBACK_ROLLED_BACK):
             record = self.guard.skipped[-1]
             rank_zero_warn(
-                f"RollbackGuard: optimizer step {step} flagged ({'; '.join(record['reasons'])}); rolled back to"
+                f"RollbackCallback: optimizer step {step} flagged ({'; '.join(record['reasons'])}); rolled back to"
                 f" step {record['restored_to']}, the batches since are skipped"
                 f" ({self.guard.rollbacks} rollback(s), {self.guard.steps_lost} step(s) lost so far)"
             )

@@ -1,4 +1,4 @@
-"""ArchitectureWarmup: the Lightning adapter of :class:`~lightning_msign.guards.warmup.DepthWarmup`."""
+"""DepthWarmupCallback: the Lightning adapter of :class:`~lightning_msign.guards.warmup.DepthWarmup`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_msign.callbacks.base import GuardCallback, log_to_loggers, require_stability_ratio_source
 from lightning_msign.guards.warmup import DepthWarmup
 
 
-class ArchitectureWarmup(GuardCallback):
+class DepthWarmupCallback(GuardCallback):
     r"""Start training with part of the transformer's blocks and unlock the rest in groups (arXiv 2606.16768).
 
     The math, the arguments and the metrics are those of :class:`~lightning_msign.guards.warmup.DepthWarmup`
@@ -41,19 +41,21 @@ class ArchitectureWarmup(GuardCallback):
     Raises:
         ValueError: at construction, for any bad argument; at ``setup``, when ``start_step`` is None and the
             module has no int ``warmup_steps``, when ``curvature_margin`` is set and no curvature monitor is
-            among the callbacks, under DDP without ``find_unused_parameters=True``, or when the model cannot
-            be handled (see :class:`~lightning_msign.guards.warmup.DepthWarmup`).
+            among the callbacks, or when the model cannot be handled (see
+            :class:`~lightning_msign.guards.warmup.DepthWarmup`); at ``on_fit_start``, under DDP without
+            ``find_unused_parameters=True`` (read off the wrapped module).
         NotImplementedError: at ``setup``, for ``ModelParallelStrategy`` (FSDP2), FSDP1 and DeepSpeed.
 
     Example::
 
         from lightning.pytorch import Trainer
-        from lightning_msign import ArchitectureWarmup
+        from lightning_msign import DepthWarmupCallback
 
-        trainer = Trainer(callbacks=[ArchitectureWarmup(start_fraction=0.5, groups=4, interval=500)])
+        trainer = Trainer(callbacks=[DepthWarmupCallback(start_fraction=0.5, groups=4, interval=500)])
     """
 
     guard_class = DepthWarmup
+    _state_name = "ArchitectureWarmup"  # its earlier name: checkpoints written under it resume
     guard: DepthWarmup
 
     def __init__(self, guard: DepthWarmup) -> None:
@@ -83,14 +85,14 @@ class ArchitectureWarmup(GuardCallback):
             warmup_steps = getattr(pl_module, "warmup_steps", None)
             if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
                 raise ValueError(
-                    f"ArchitectureWarmup(start_step=None) unlocks at the end of the LR warm-up, read from the"
+                    f"DepthWarmupCallback(start_step=None) unlocks at the end of the LR warm-up, read from the"
                     f" module's int attribute `warmup_steps`, but {type(pl_module).__name__} has"
                     f" warmup_steps={warmup_steps!r}: pass `start_step`"
                 )
             self.guard.start_step = warmup_steps
         if self.guard.curvature_margin is not None:
             self._source = require_stability_ratio_source(
-                trainer, "ArchitectureWarmup", "curvature_margin", self.guard.curvature_margin
+                trainer, "DepthWarmupCallback", "curvature_margin", self.guard.curvature_margin
             )
         super().setup(trainer, pl_module, stage)
 
@@ -99,26 +101,30 @@ class ArchitectureWarmup(GuardCallback):
         names = {cls.__name__ for cls in type(strategy).__mro__}
         if "FSDPStrategy" in names:
             raise NotImplementedError(
-                "ArchitectureWarmup does not support FSDPStrategy (FSDP1): skipping blocks whose parameters FSDP"
+                "DepthWarmupCallback does not support FSDPStrategy (FSDP1): skipping blocks whose parameters FSDP"
                 " gathers in their forward has not been tested here. Use one device or DDP with"
                 " strategy='ddp_find_unused_parameters_true'."
             )
         if "ModelParallelStrategy" in names:
             raise NotImplementedError(
-                "ArchitectureWarmup does not support ModelParallelStrategy (FSDP2): skipping fully_shard-ed blocks"
+                "DepthWarmupCallback does not support ModelParallelStrategy (FSDP2): skipping fully_shard-ed blocks"
                 " has not been tested here. Use one device or DDP with"
                 " strategy='ddp_find_unused_parameters_true'."
             )
-        if isinstance(strategy, DDPStrategy) and trainer.world_size > 1:
-            kwargs = getattr(strategy, "_ddp_kwargs", {}) or {}
-            if not kwargs.get("find_unused_parameters", False):
-                raise ValueError(
-                    f"ArchitectureWarmup under DDP needs find_unused_parameters=True (the inactive blocks' parameters"
-                    f" get no gradient), got {type(strategy).__name__} with"
-                    f" find_unused_parameters={kwargs.get('find_unused_parameters', False)!r}: use"
-                    " strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true', or"
-                    " DDPStrategy(find_unused_parameters=True))"
-                )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # DDP has wrapped the module by now: its own (public) flag says whether it tolerates parameters without a
+        # gradient, whatever the strategy was given (a registry name, DDPStrategy(...) or a subclass)
+        wrapped = trainer.strategy.model
+        if isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
+            raise ValueError(
+                "DepthWarmupCallback under DDP needs find_unused_parameters=True (the inactive blocks' parameters get"
+                f" no gradient), got {type(trainer.strategy).__name__} with find_unused_parameters=False: use"
+                " strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true', or"
+                " DDPStrategy(find_unused_parameters=True))"
+            )
+        super().on_fit_start(trainer, pl_module)
 
     @override
     def on_before_optimizer_step(

@@ -195,7 +195,7 @@ def block_attentions(block: nn.Module) -> Optional[tuple[nn.Module, ...]]:
 
 
 def readme_table(families: Optional[tuple[Family, ...]] = None) -> str:
-    """The markdown table of README's "Models and fused weights", one row per family (default: the registered
+    """The markdown table of README's "Supported models", one row per family (default: the registered
     ones, in the order they are asked): models, roles and fused weights, read from, attention logits."""
     rows = ["| model | roles and fused weights | read from | attention logits |", "|---|---|---|---|"]
     for family in registered_families() if families is None else families:

@@ -90,7 +90,8 @@ def adam_preconditioner(
         exp_avg_sq: :math:`v_t`, the optimizer's second moment after step ``t`` (``state["exp_avg_sq"]``, or
             ``max_exp_avg_sq`` with ``amsgrad=True``), any shape.
         step: :math:`t \ge 1`, the number of steps the moment has seen.
-        beta1, beta2: the optimizer's betas.
+        beta1: the optimizer's first-moment coefficient.
+        beta2: the optimizer's second-moment coefficient.
         eps: the optimizer's epsilon.
 
     Returns:

@@ -146,7 +146,8 @@ def msign_restore(W: Tensor, backend: Backend = "svd", steps: int | None = None)
 
     Args:
         W: ``(m, n)`` or ``(..., m, n)`` floating tensor.
-        backend, steps: as in :func:`msign`.
+        backend: as in :func:`msign`.
+        steps: as in :func:`msign`.
 
     Returns:
         A new tensor of the shape and dtype of ``W`` (computed in float32 at least).
@@ -193,7 +194,8 @@ def sign_and_restore(
 
     Args:
         X: ``(G, m, n)`` floating tensor (computed in float32 at least).
-        backend, steps: as in :func:`msign`.
+        backend: as in :func:`msign`.
+        steps: as in :func:`msign`.
         stable_ranks: compute ``srank_before`` / ``srank_after``.
     """
     check_matrix(X, "X")

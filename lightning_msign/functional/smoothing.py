@@ -198,7 +198,9 @@ def pss_smooth(
         W: ``(m, n)`` matrix, any floating dtype.
         k: dominant directions to smooth (see :func:`pss_rank`).
         smoothing: ``"softplus"``, ``"softmax"`` or ``"conv"``; ``smoothing_kwargs`` go to it.
-        oversample, power_iters, seed: of :func:`top_singular_triplets`.
+        oversample: of :func:`top_singular_triplets`.
+        power_iters: of :func:`top_singular_triplets`.
+        seed: of :func:`top_singular_triplets`.
 
     Returns:
         ``(W_star, sigma, f(sigma))``: the new matrix in ``W``'s dtype (computed in float32 at least)

@@ -83,7 +83,7 @@ class Curvature(Guard):
     (:math:`w = D^{1/2} u`) and mapped through the new scale (:math:`u_0 = D_t^{-1/2} w`, i.e.
     :math:`D_t^{-1/2} D_{t-1}^{1/2} u_{t-1}`), then renormalised; ``iterations`` Hessian-vector products refine
     it. A cold start (a seeded random vector, ``cold_iterations`` products) happens at the first measurement,
-    when the measured parameters change (a block unlocked by :class:`~lightning_msign.ArchitectureWarmup`, say),
+    when the measured parameters change (a block unlocked by :class:`~lightning_msign.DepthWarmupCallback`, say),
     when the carried vector is more than ``max_gap`` optimizer steps old or not finite.
 
     *Cost.* One forward pass and one backward pass with ``create_graph=True``, then one double backward per

@@ -142,7 +142,8 @@ class NuMuon(Optimizer):
             quintic steps, in float32) or ``"polar_express"``.
         ns_steps: iterations of a polynomial backend (``None``: its default); must be ``None`` for ``"svd"``.
         adjust_lr_fn: ``"match_rms_adamw"``, ``"original"`` or ``"none"`` (above).
-        betas, eps: AdamW's, for the ``use_muon=False`` groups.
+        betas: AdamW's, for the ``use_muon=False`` groups.
+        eps: AdamW's, for the ``use_muon=False`` groups.
         distributed: share the work and write identical weights on every process through the whole-matrix
             plan; ``None`` (default): when ``torch.distributed`` runs more than one process. Set ``False`` when
             processes train different models.
@@ -449,7 +450,15 @@ class Muon(NuMuon):
     Newton-Schulz iteration runs in float32 (``torch.optim.Muon`` runs it in bfloat16).
 
     Args:
-        params, lr, momentum, nesterov, weight_decay, adjust_lr_fn, betas, eps, distributed: as :class:`NuMuon`.
+        params: as :class:`NuMuon`.
+        lr: as :class:`NuMuon`.
+        momentum: as :class:`NuMuon`.
+        nesterov: as :class:`NuMuon`.
+        weight_decay: as :class:`NuMuon`.
+        adjust_lr_fn: as :class:`NuMuon`.
+        betas: as :class:`NuMuon`.
+        eps: as :class:`NuMuon`.
+        distributed: as :class:`NuMuon`.
         backend: ``"newton_schulz"`` (default, 5 steps), ``"polar_express"`` or ``"svd"``.
         ns_steps: iterations of a polynomial backend (``None``: its default).
 

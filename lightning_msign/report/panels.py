@@ -62,7 +62,7 @@ CURVATURE_PANEL = Panel(
     "Curvature / edge of stability", "stability ratio", (CURV_STABILITY_RATIO,), log="positive", reference=1.0,
     reference_label="edge of stability (stability ratio 1)",
 )
-#: ``ArchitectureWarmup``: blocks computing (the others are the identity).
+#: ``DepthWarmupCallback``: blocks computing (the others are the identity).
 WARMUP_PANEL = Panel("Active blocks", "active blocks", (WARMUP_ACTIVE_BLOCKS,))
 
 #: The panels in drawing order, top to bottom.

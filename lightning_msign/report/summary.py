@@ -27,7 +27,7 @@ __all__ = ["LOSS_KEYS", "MSIGN_KEY", "PSS_KEY", "UNLOCK_KEY", "summarize", "verd
 MSIGN_KEY = MSIGN_APPLICATIONS
 #: 1 at a PSS trigger: the steps of the report's top triangles.
 PSS_KEY = PSS_TRIGGERED
-#: Logged at each unlock of ArchitectureWarmup: the steps of the report's dotted vertical lines.
+#: Logged at each unlock of DepthWarmupCallback: the steps of the report's dotted vertical lines.
 UNLOCK_KEY = WARMUP_UNLOCKED
 #: The losses whose first non-finite value marks a divergence.
 LOSS_KEYS = (TRAIN_LOSS, VAL_LOSS)
