@@ -185,6 +185,16 @@ def load_ranks(out: Path, world: int = 2) -> list[dict[str, Any]]:
     return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+def load_script(path: Path):
+    """A script of the repository (not a package module: a benchmark, an example, a docs hook) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def two_process_job(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
     """``two_process_job(strategy, case)``: the folder of that case's records (tests/jobs.py). The first call for a

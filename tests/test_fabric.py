@@ -6,7 +6,6 @@ its own exit code and output, shown when anything fails; the 1-process runs are 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import signal
@@ -15,22 +14,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "fabric_job.py"
 EXAMPLE = ROOT / "examples" / "fabric_loop.py"
 STEPS, PERIOD, SPIKE, TIMEOUT = 8, 4, 6, 240
-
-
-def load_script(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:

@@ -3,20 +3,18 @@ its figures agree with the raw runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def load_summaries():
-    spec = importlib.util.spec_from_file_location("summaries", ROOT / "benchmarks" / "summaries.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "summaries.py")
 
 
 def test_committed_summaries_are_what_the_script_computes_now():
