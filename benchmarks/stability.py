@@ -57,6 +57,13 @@ Methods (``--methods``; each one adds to the baseline only what its name says):
 ``rollback_lr``         the same, the learning rate x0.1 for 50 steps after a rollback, then ramped back over 100
 ``rollback_lr_msign``   ``rollback_lr`` plus MSign of Q and K after a rollback
 ``rollback_lr_restart`` ``rollback_lr`` plus restarting the optimizer state of the Q/K/V weights after a rollback
+``qk_norm_retrofit``    ``QKNormRetrofitCallback(max_attn_logit=100)``: qk-norm (LitGPT's, gains at 1) switched on in
+                        every layer once a layer's attention logit passes 100 (dormant, the identity, before)
+``qk_norm_retrofit_layer`` the same, switching only the layers past 100 (``scope="layer"``)
+``qk_norm_retrofit_msign`` the retrofit and the recommended MSign guard together
+``recommended``         whatever guard the main job's guarded recipe (recipes/shakespeare/high_lr_guarded.yaml) holds,
+                        read from it (its monitors left out); the cell's spec records it, so a changed recipe
+                        trains the cell again
 
 With ``--curvature-every N`` every run also has ``CurvatureMonitor(every_n_steps=N)`` (Adam's preconditioned
 sharpness against its edge of stability; the curvature table gives its maximum and the first step at or above
@@ -106,6 +113,20 @@ from common import cpu_model, run_cell_here, run_cell_in_process_of_its_own  # n
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stability"
+GUARDED_RECIPE = ROOT / "recipes" / "shakespeare" / "high_lr_guarded.yaml"
+MONITORS = ("StableRankMonitor", "DiagnosticsMonitor", "CurvatureMonitor")
+
+
+def recommended_guard() -> list[dict[str, Any]]:
+    """The guard callbacks (``class_path``, ``init_args``) of the main job's guarded recipe, its monitors left out."""
+    import yaml
+
+    callbacks = yaml.safe_load(GUARDED_RECIPE.read_text())["trainer"]["callbacks"]
+    found = [{"class_path": c["class_path"], "init_args": dict(c.get("init_args") or {})} for c in callbacks
+             if c["class_path"].startswith("lightning_msign.") and c["class_path"].rsplit(".", 1)[1] not in MONITORS]
+    if not found:
+        raise ValueError(f"{GUARDED_RECIPE} holds no guard callback of lightning_msign")
+    return found
 LOSS_AT_INIT = math.log(256)  # byte-level tokens, uniform prediction
 
 def _logit_msign(threshold: float, **extra: Any) -> dict[str, Any]:
@@ -149,6 +170,11 @@ METHODS: dict[str, dict[str, Any]] = {
                                                           check_every=2),
     "msign_qk_logit_then_p1_forward_every3": _logit_msign(100.0, period_after_trigger=1, logits_from="training_forward",
                                                           check_every=3),
+    "qk_norm_retrofit": {"qk_retrofit": {"max_attn_logit": 100.0}},
+    "qk_norm_retrofit_layer": {"qk_retrofit": {"max_attn_logit": 100.0, "scope": "layer"}},
+    "qk_norm_retrofit_msign": {"qk_retrofit": {"max_attn_logit": 100.0},
+                               **_logit_msign(100.0, period_after_trigger=1, logits_from="training_forward")},
+    "recommended": {"recommended": True},
     "qk_clip": {"qk_clip": {"tau": 100.0}},
     "qk_clip_30": {"qk_clip": {"tau": 30.0}},
     # RollbackCallback: snapshots every 10 steps, OLMo-core's 6 sigma over 128 steps armed after 32 values.
@@ -407,6 +433,20 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks.append(MSignCallback(**method["msign"]))
         if method["msign"].get("period", 100) is None:
             controls["msign_triggers"] = callbacks[-1]
+    retrofit = None
+    if "qk_retrofit" in method:
+        from lightning_msign import QKNormRetrofitCallback
+
+        retrofit = QKNormRetrofitCallback(**method["qk_retrofit"])
+        callbacks.append(retrofit)
+    if method.get("recommended"):
+        import importlib
+
+        for entry in spec["recommended"]:
+            module_name, _, cls_name = entry["class_path"].rpartition(".")
+            callbacks.append(getattr(importlib.import_module(module_name), cls_name)(**entry["init_args"]))
+            if cls_name == "MSignCallback":
+                controls["msign_triggers"] = callbacks[-1]
     if "cap" in method:
         callbacks.append(_norm_cap_callback(**method["cap"]))
     if "qk_clip" in method:
@@ -461,6 +501,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             "final_val_loss": float(val), "max_grad_norm": divergence.max_grad_norm, "wall_s": wall,
             "steps_done": trainer.global_step, "log_dir": str(Path(spec["log_dir"]) / spec["name"] / "version_0"),
             **{key: _count(cb) for key, cb in controls.items()},
+            **({} if retrofit is None else {  # the step after which each layer's q/k norms switched on (None: never)
+                "qk_norm_switch_steps": list(retrofit.guard.switch_steps)}),
             **({} if rollback is None else {
                 "rollbacks": rollback.guard.rollbacks, "steps_lost": rollback.guard.steps_lost,
                 "rollback_steps": list(rollback.guard.rollback_steps), "rollback_stopped": rollback.guard.should_stop,
@@ -810,6 +852,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     specs[-1]["lr_jump"] = [int(args.lr_jump[0]), float(args.lr_jump[1])]
                 if args.curvature_every:
                     specs[-1]["curvature_every"] = args.curvature_every
+                if method == "recommended":
+                    specs[-1]["recommended"] = recommended_guard()
 
     cell_dir = out / "cells"
     cell_dir.mkdir(exist_ok=True)

@@ -8,7 +8,8 @@ Public API:
   :class:`Diagnostics` (attention- and output-logit magnitudes, Jacobian alignment), :class:`Curvature` (Adam's
   preconditioned sharpness and its edge of stability, arXiv 2606.16768), :class:`DepthWarmup` (architecture
   warm-up: part of the blocks first, the rest unlocked in groups, arXiv 2606.16768), :class:`Rollback`
-  (snapshots in memory; on a divergence, back to the last good state, repaired).
+  (snapshots in memory; on a divergence, back to the last good state, repaired), :class:`QKNormRetrofit`
+  (qk-norm switched on in a running model when its attention logits run away).
 - Lightning callbacks over them: :class:`MSignCallback`, :class:`PSSCallback`, :class:`StableRankMonitor`,
   :class:`DiagnosticsMonitor` (attention- and output-logit magnitudes, Jacobian alignment),
   :class:`CurvatureMonitor`, :class:`DepthWarmupCallback` and :class:`RollbackCallback`.
@@ -26,12 +27,22 @@ from lightning_msign.callbacks import (
     DiagnosticsMonitor,
     MSignCallback,
     PSSCallback,
+    QKNormRetrofitCallback,
     RollbackCallback,
     StableRankMonitor,
     StepProgressBar,
 )
 from lightning_msign.data import ShakespeareDataModule
-from lightning_msign.guards import PSS, Curvature, DepthWarmup, Diagnostics, MSign, Rollback, StableRank
+from lightning_msign.guards import (
+    PSS,
+    Curvature,
+    DepthWarmup,
+    Diagnostics,
+    MSign,
+    QKNormRetrofit,
+    Rollback,
+    StableRank,
+)
 from lightning_msign.layouts import Layout, parse_layout
 from lightning_msign.litgpt_module import LitGPTModule
 from lightning_msign.optim import Muon, NuMuon
@@ -54,6 +65,8 @@ __all__ = [
     "Muon",
     "NuMuon",
     "PSSCallback",
+    "QKNormRetrofit",
+    "QKNormRetrofitCallback",
     "Rollback",
     "RollbackCallback",
     "ShakespeareDataModule",

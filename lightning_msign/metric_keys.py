@@ -99,6 +99,11 @@ WARMUP_ACTIVE_BLOCKS = "warmup/active_blocks"  # number of active (computing, tr
 WARMUP_UNLOCKED = "warmup/unlocked"  # blocks unlocked at this step (logged at unlock steps)
 WARMUP_DEFERRED = "warmup/deferred"  # 1.0 at a step where a due unlock waited for the curvature, else not logged
 
+# --------------------------------------------------------------------------- QKNormRetrofitCallback
+QKNORM_ATTN_LOGIT_MAX = "qknorm/attn_logit_max"  # largest attention logit of the layers checked, at a check step
+QKNORM_SWITCHED_LAYERS = "qknorm/switched_layers"  # layers whose q/k norms are on, at a check step
+QKNORM_SWITCHED_NOW = "qknorm/switched_now"  # layers switched on at this step (0.0 at a check step that switched none)
+
 # --------------------------------------------------------------------------- Lightning
 EPOCH = "epoch"  # added by Lightning to every `log_metrics` call, several times per step
 

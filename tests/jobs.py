@@ -39,6 +39,7 @@ CASES: dict[str, dict[str, tuple[str, list[str]]]] = {
         "optim_muon": ("optim_distributed_job", ["--strategy", "ddp", "--optimizer", "muon", "--steps", "4"]),
         "curvature": ("curvature_ddp_job", []),
         "warmup": ("warmup_ddp_job", []),
+        "qk_norm": ("qk_norm_ddp_job", []),
     },
     "fsdp2": {
         "distributed": ("distributed_job", ["--strategy", "fsdp2", "--monitor-mode", "exact"]),

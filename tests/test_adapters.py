@@ -23,6 +23,8 @@ from lightning_msign import (
     MSign,
     MSignCallback,
     PSSCallback,
+    QKNormRetrofit,
+    QKNormRetrofitCallback,
     Rollback,
     RollbackCallback,
     StableRank,
@@ -37,7 +39,8 @@ from conftest import tiny_data, tiny_module, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [(MSign, MSignCallback), (PSS, PSSCallback), (StableRank, StableRankMonitor), (Diagnostics, DiagnosticsMonitor),
-         (Curvature, CurvatureMonitor), (DepthWarmup, DepthWarmupCallback), (Rollback, RollbackCallback)]
+         (Curvature, CurvatureMonitor), (DepthWarmup, DepthWarmupCallback), (Rollback, RollbackCallback),
+         (QKNormRetrofit, QKNormRetrofitCallback)]
 
 # Every key of every callback, each set to a value other than its default where one is valid on the debug model (a
 # 2-layer LitGPT of width 32): the fit below must see each of them arrive in its guard.
@@ -76,6 +79,9 @@ EVERY_KEY: dict[type[GuardCallback], dict[str, Any]] = {
         watch=["loss"], max_retries=2, lr_factor=0.5, lr_steps=2, lr_ramp_steps=1, repair_msign="qk",
         restart_moments="qk", msign_backend="svd", on_pss_trigger=True, max_curvature_ratio=1000.0,
         skipped_path="skipped.json",
+    ),
+    QKNormRetrofitCallback: dict(
+        max_attn_logit=1000.0, scope="layer", check_every=2, probe_batch_size=2, probe_seq_len=16, model_attr="model",
     ),
 }
 
@@ -136,7 +142,7 @@ def test_options_are_taken_by_name_and_bad_ones_named():
 
 
 def guards_in_code() -> list[GuardCallback]:
-    """The seven pairs, each guard configured in code and handed to its callback."""
+    """The eight pairs, each guard configured in code and handed to its callback."""
     return [
         MSignCallback.from_guard(MSign(period=2, targets="qk", backend="polar_express")),
         PSSCallback.from_guard(PSS(tau=2.5, warmup_steps=2)),
@@ -145,6 +151,7 @@ def guards_in_code() -> list[GuardCallback]:
         CurvatureMonitor.from_guard(Curvature(every_n_steps=2, iterations=2), loss_fn="test_adapters:mean_loss"),
         DepthWarmupCallback.from_guard(DepthWarmup(start_fraction=0.5, groups=1, interval=2, start_step=2)),
         RollbackCallback.from_guard(Rollback(snapshot_every=2, min_history=2), on_pss_trigger=True),
+        QKNormRetrofitCallback.from_guard(QKNormRetrofit(max_attn_logit=1e6)),  # checks, never switches
     ]
 
 
@@ -159,12 +166,13 @@ def test_every_pair_runs_from_a_guard_configured_in_code(tmp_path):
     trainer.fit(tiny_module(), tiny_data())
     assert [cb.guard for cb in callbacks] == guards  # the guards themselves ran, not copies
     assert all(g.last_step == 4 for g in guards), [g.last_step for g in guards]
-    msign, _, srank, diag, curvature, warmup, rollback = guards
+    msign, _, srank, diag, curvature, warmup, rollback, retrofit = guards
     assert msign.applications == 2 and msign.trigger_steps == [] and msign.period == 2
     assert curvature.latest_stability_ratio is not None
     assert callbacks[5].active_blocks == warmup.active_blocks == tuple(range(len(warmup.blocks)))  # all unlocked
     assert rollback.snapshots and rollback.rollbacks == 0
-    assert callbacks[-1].on_pss_trigger and callbacks[-1]._pss == [callbacks[1]]
+    assert callbacks[-2].on_pss_trigger and callbacks[-2]._pss == [callbacks[1]]
+    assert retrofit.switch_steps == [None] * 2 and retrofit.switched_layers == []
     (metrics,) = (tmp_path / "logs").rglob("metrics.csv")
     header = metrics.read_text().splitlines()[0].split(",")
     assert {"srank/min", "diag/attn_logit_max", "curvature/stability_ratio", "msign/applications"} <= set(header)

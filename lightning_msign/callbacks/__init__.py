@@ -8,13 +8,14 @@ from lightning_msign.callbacks.diagnostics import DiagnosticsMonitor
 from lightning_msign.callbacks.msign import MSignCallback
 from lightning_msign.callbacks.progress import StepProgressBar
 from lightning_msign.callbacks.pss import PSSCallback
+from lightning_msign.callbacks.qk_norm import QKNormRetrofitCallback
 from lightning_msign.callbacks.rollback import RollbackCallback
 from lightning_msign.callbacks.stable_rank import StableRankMonitor
 from lightning_msign.callbacks.warmup import DepthWarmupCallback
 
 __all__ = [
-    "CurvatureMonitor", "DepthWarmupCallback", "DiagnosticsMonitor", "MSignCallback", "PSSCallback", "RollbackCallback",
-    "StableRankMonitor",
+    "CurvatureMonitor", "DepthWarmupCallback", "DiagnosticsMonitor", "MSignCallback", "PSSCallback",
+    "QKNormRetrofitCallback", "RollbackCallback", "StableRankMonitor",
     "StepProgressBar",
     "pairs_table",
 ]

@@ -34,6 +34,7 @@ from lightning_msign.families.base import (
     block_attentions,
     block_info,
     block_stack,
+    install_qk_norm,
     int_attr,
     is_transformers,
     linears,
@@ -62,6 +63,7 @@ from lightning_msign.families.llama import LlamaLike
 from lightning_msign.families.nanogpt import NanoGPT
 from lightning_msign.families.neox import GPTNeoX
 from lightning_msign.families.phi3 import Phi3
+from lightning_msign.families.qk_norm import SwitchedNorm
 from lightning_msign.families.qwen2_moe import Qwen2MoE
 from lightning_msign.families.t5 import T5
 from lightning_msign.families.torch_mha import TorchMultiheadAttention
@@ -80,6 +82,7 @@ __all__ = [
     "BUILT_IN",
     "HF_TUPLE",
     "ROLES",
+    "SwitchedNorm",
     "TENSOR",
     "BlockInfo",
     "Family",
@@ -88,6 +91,7 @@ __all__ = [
     "block_attentions",
     "block_stack",
     "block_info",
+    "install_qk_norm",
     "int_attr",
     "is_transformers",
     "linears",

@@ -96,6 +96,13 @@ class Family:
         cross-attention), if it is one of the family's blocks."""
         return None
 
+    def install_qk_norm(self, attn: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+        """Give the attention ``attn`` a query and a key norm that are the identity until switched on
+        (:class:`~lightning_msign.families.qk_norm.SwitchedNorm`, where the family's own qk-norm would sit) and
+        return them; the same two on a second call. ``None``: the family has no such retrofit for ``attn``.
+        Raises ``ValueError`` for an attention that normalises q and k already."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -165,6 +172,16 @@ def attention_probe(attn: Optional[nn.Module], keep: bool = False) -> Optional[A
 def supported_attention() -> tuple[str, ...]:
     """The attention classes whose logits a registered family rebuilds."""
     return tuple(c for family in _REGISTRY for c in family.attention_classes)
+
+
+def install_qk_norm(attn: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+    """The dormant query and key norms the first family that can retrofit qk-norm into ``attn`` installs (see
+    :meth:`Family.install_qk_norm`), else ``None``."""
+    for family in _REGISTRY:
+        found = family.install_qk_norm(attn)
+        if found is not None:
+            return found
+    return None
 
 
 def block_info(block: nn.Module) -> Optional[BlockInfo]:

@@ -17,6 +17,7 @@ attention forms queries and keys, and its blocks' output projections.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Optional
 
@@ -36,6 +37,7 @@ from litgpt.model import (
 from torch import Tensor, nn
 
 from lightning_msign.families.base import BlockInfo, Family, Found, int_attr, linears, rows, weight_of
+from lightning_msign.families.qk_norm import SwitchedNorm
 from lightning_msign.layouts import Layout
 from lightning_msign.models.base import AttentionProbe, argument, to_compute
 
@@ -198,6 +200,31 @@ class LitGPT(Family):
 
     def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[AttentionProbe]:
         return LitGPTAttentionProbe(attn, keep=keep) if is_litgpt_attention(attn) else None
+
+    def install_qk_norm(self, attn: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+        # LitGPT's own qk-norm (`norm_qk=True`, type "default"): `config.norm_class(head_size)` on q and k of shape
+        # (B, heads, T, head_size), after the split into heads and before RoPE, one gain shared by the heads. This
+        # attention gets a config of its own with `norm_qk` set, so only it calls the two norms.
+        if not is_litgpt_attention(attn):
+            return None
+        if isinstance(attn.norm_q, SwitchedNorm) and isinstance(attn.norm_k, SwitchedNorm):
+            return attn.norm_q, attn.norm_k
+        config = attn.config
+        if config.norm_qk:
+            raise ValueError(
+                f"This LitGPT attention normalises q and k already (config.norm_qk=True, {config.norm_qk_type!r}):"
+                " there is no qk-norm to retrofit"
+            )
+        weight = attn.qkv.weight
+        norms = []
+        for _ in range(2):
+            norm = config.norm_class(config.head_size, eps=config.norm_eps)
+            norms.append(SwitchedNorm(norm.to(device=weight.device, dtype=weight.dtype)))
+        own = copy.copy(config)
+        own.norm_qk, own.norm_qk_type = True, "default"
+        attn.config = own
+        attn.norm_q, attn.norm_k = norms
+        return attn.norm_q, attn.norm_k
 
     def block(self, block: nn.Module) -> Optional[BlockInfo]:
         names = _projections(block) if type(block) is Block else None

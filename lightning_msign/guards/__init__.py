@@ -5,6 +5,7 @@ from lightning_msign.guards.curvature import Curvature
 from lightning_msign.guards.diagnostics import Diagnostics
 from lightning_msign.guards.msign import MSign, SignResult
 from lightning_msign.guards.pss import PSS, SmoothResult
+from lightning_msign.guards.qk_norm import QKNormRetrofit
 from lightning_msign.guards.rollback import Rollback, Snapshot
 from lightning_msign.guards.stable_rank import StableRank
 from lightning_msign.guards.warmup import DepthWarmup
@@ -16,6 +17,7 @@ __all__ = [
     "Diagnostics",
     "Guard",
     "MSign",
+    "QKNormRetrofit",
     "Rollback",
     "SignResult",
     "Snapshot",
