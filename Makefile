@@ -9,7 +9,8 @@ export WANDB_MODE ?= offline
 
 TF5 ?= .transformers5
 TF5_STAMP := $(TF5)/.installed-stamp
-TF5_TESTS := tests/test_families.py tests/test_layouts_models.py tests/test_diagnostics_hf.py tests/test_forward_logits.py
+TF5_TESTS := tests/test_families.py tests/test_layouts_models.py tests/test_diagnostics_hf.py tests/test_forward_logits.py \
+	tests/test_qk_norm.py::test_hf_llama_gets_qwen3s_qk_norm
 
 .PHONY: setup train train-healthy test test-fast test-transformers5 docs bench clean
 

@@ -222,3 +222,35 @@ def test_under_ddp_refused_without_unused_parameter_detection_and_alike_on_both_
     assert r0["switch_steps"] == r1["switch_steps"] and r0["on"] == r1["on"]
     assert r0["params"].keys() == r1["params"].keys()
     assert all(torch.equal(r0["params"][n], r1["params"][n]) for n in r0["params"])
+
+
+def test_hf_llama_gets_qwen3s_qk_norm():
+    """HF Llama: dormant norms leave the model's output bit-identical; after the switch (read from a training
+    forward) the model is Qwen3 with the same weights, bit for bit; Qwen3 itself is refused (it has qk-norm)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**sizes))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    llama.eval()
+    with torch.no_grad():
+        before = llama(ids).logits
+    guard = QKNormRetrofit(llama, max_attn_logit=1e-6)  # any logit passes
+    with torch.no_grad():
+        assert torch.equal(llama(ids).logits, before)
+    llama.train()
+    llama(ids, labels=ids).loss.backward()
+    metrics = guard.step(1)
+    assert metrics[K.QKNORM_SWITCHED_NOW] == 2 and guard.all_switched
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(**sizes, attention_bias=False))
+    state = {k.replace("q_norm.norm.", "q_norm.").replace("k_norm.norm.", "k_norm."): v
+             for k, v in llama.state_dict().items() if not k.endswith("._extra_state")}
+    qwen3.load_state_dict(state, strict=True)
+    llama.eval(), qwen3.eval()
+    with torch.no_grad():
+        assert torch.equal(llama(ids).logits, qwen3(ids).logits)
+        assert not torch.equal(llama(ids).logits, before)
+    with pytest.raises(ValueError, match="Qwen3Attention normalises q and k already"):
+        QKNormRetrofit(qwen3)

@@ -65,12 +65,14 @@ class Family:
     Attributes:
         name: shown in messages.
         attention_classes: the attention classes whose logits :meth:`attention_probe` rebuilds (for messages).
+        qk_norm_classes: the attention classes :meth:`install_qk_norm` retrofits qk-norm into (for messages).
         model, splits, read_from: its row of README's table of families (:func:`readme_table`): the models, their
             roles and how their fused weights split, and what that is read from.
     """
 
     name: ClassVar[str] = ""
     attention_classes: ClassVar[tuple[str, ...]] = ()
+    qk_norm_classes: ClassVar[tuple[str, ...]] = ()
     model: ClassVar[str] = ""
     splits: ClassVar[str] = ""
     read_from: ClassVar[str] = ""
@@ -182,6 +184,11 @@ def install_qk_norm(attn: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
         if found is not None:
             return found
     return None
+
+
+def qk_norm_classes() -> tuple[str, ...]:
+    """The attention classes a registered family can retrofit qk-norm into."""
+    return tuple(c for family in _REGISTRY for c in family.qk_norm_classes)
 
 
 def block_info(block: nn.Module) -> Optional[BlockInfo]:

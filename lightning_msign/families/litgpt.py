@@ -168,6 +168,7 @@ class LitGPT(Family):
     read_from = ('`config.n_head`, `n_query_groups`, `head_size` (latent attention: `kv_lora_rank`, '
                  '`qk_rope_head_dim`, `qk_nope_head_dim`, `v_head_dim`)')
     attention_classes = ("litgpt CausalSelfAttention",)
+    qk_norm_classes = ("litgpt CausalSelfAttention",)
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if isinstance(module, CausalSelfAttention):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lightning_msign.families.base import BlockInfo, Family, Found, is_transformers, linears, qualified_name
 from lightning_msign.families.gpt2 import heads
+from lightning_msign.families.qk_norm import SwitchedNorm, norm_projection_heads
 from lightning_msign.models.base import AttentionProbe, argument, to_compute
 
 __all__ = ["LlamaLike", "RotaryAttentionProbe"]
@@ -92,6 +93,12 @@ _PROBES: dict[str, type[AttentionProbe]] = {
     "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeAttention": _Qwen3Probe,
 }
 _BLOCKS = tuple(f"transformers.models.{m}.modeling_{m}.{c}DecoderLayer" for m, c in _MODELS if m != "mixtral")
+# attentions without qk-norm that get one retrofitted (QKNormRetrofit), with the family's RMS norm class
+_RETROFIT = {f"transformers.models.{m}.modeling_{m}.{c}Attention": f"{c}RMSNorm"
+             for m, c in _MODELS if m not in ("qwen3",)}
+_NORMED = {"transformers.models.qwen3.modeling_qwen3.Qwen3Attention",
+           "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeAttention",
+           "transformers.models.olmo2.modeling_olmo2.Olmo2Attention"}
 
 
 class LlamaLike(Family):
@@ -104,6 +111,7 @@ class LlamaLike(Family):
     read_from = 'the attention, MLP and MoE classes'
     attention_classes = ("HF LlamaAttention", "HF MistralAttention", "HF Qwen2Attention", "HF Qwen3Attention",
                          "HF MixtralAttention", "HF GemmaAttention", "HF Olmo2Attention", "HF Qwen3MoeAttention")
+    qk_norm_classes = ("HF LlamaAttention", "HF MistralAttention", "HF Qwen2Attention", "HF MixtralAttention")
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, *_ATTENTIONS):
@@ -123,3 +131,26 @@ class LlamaLike(Family):
 
     def block(self, block: nn.Module) -> Optional[BlockInfo]:
         return BlockInfo(("self_attn.o_proj", "mlp.down_proj")) if qualified_name(block) in _BLOCKS else None
+
+    def install_qk_norm(self, attn: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+        # Qwen3's qk-norm on a model without it: the family's own RMS norm over each head of the q_proj / k_proj
+        # outputs, before RoPE (Qwen3Attention: `q_norm(q_proj(x).view(..., heads, head_dim))`), as `q_norm` /
+        # `k_norm` of the attention (Qwen3's names), applied by forward hooks on the projections.
+        name = qualified_name(attn)
+        if name in _NORMED:
+            raise ValueError(f"{name} normalises q and k already (`q_norm`, `k_norm`): there is no qk-norm to retrofit")
+        if name not in _RETROFIT:
+            return None
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        if not (isinstance(q_norm, SwitchedNorm) and isinstance(k_norm, SwitchedNorm)):
+            rms_norm = getattr(sys.modules[type(attn).__module__], _RETROFIT[name])
+            eps = float(getattr(attn.config, "rms_norm_eps", 1e-6))
+            weight = attn.q_proj.weight
+            q_norm, k_norm = (
+                SwitchedNorm(rms_norm(attn.head_dim, eps=eps).to(device=weight.device, dtype=weight.dtype))
+                for _ in range(2)
+            )
+            attn.q_norm, attn.k_norm = q_norm, k_norm
+        norm_projection_heads(attn.q_proj, q_norm, attn.head_dim)
+        norm_projection_heads(attn.k_proj, k_norm, attn.head_dim)
+        return q_norm, k_norm

@@ -10,11 +10,11 @@ in ``state_dict``), so a model checkpoint says which norms are on.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
-__all__ = ["SwitchedNorm"]
+__all__ = ["SwitchedNorm", "norm_projection_heads"]
 
 
 class SwitchedNorm(nn.Module):
@@ -53,3 +53,21 @@ class SwitchedNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"on={self._on}"
+
+
+def norm_projection_heads(projection: nn.Module, norm: SwitchedNorm, head_dim: int) -> None:
+    """Apply ``norm`` to each head of ``projection``'s output, ``(..., heads * head_dim)`` viewed as
+    ``(..., heads, head_dim)``, by a forward hook: where a family's attention splits a query or key projection into
+    heads before RoPE, this is qk-norm at the place Qwen3 / OLMo put theirs. Dormant, the hook returns nothing (the
+    output as it is, no operation). Registered once per norm."""
+    if norm.__dict__.get("_hooked_to") == id(projection):  # a plain attribute: not a submodule of the norm
+        return
+
+    def hook(module: nn.Module, args: Any, output: Tensor) -> Optional[Tensor]:
+        if not norm.on:
+            return None
+        shape = output.shape
+        return norm(output.view(*shape[:-1], shape[-1] // head_dim, head_dim)).view(shape)
+
+    projection.register_forward_hook(hook)
+    norm.__dict__["_hooked_to"] = id(projection)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lightning_msign import metric_keys as keys
 from lightning_msign._validation import check_choice, check_optional_positive_int, check_positive_int, check_range
 from lightning_msign.distributed import max_over_processes
-from lightning_msign.families import install_qk_norm, qualified_name
+from lightning_msign.families import install_qk_norm, qk_norm_classes, qualified_name
 from lightning_msign.families.qk_norm import SwitchedNorm
 from lightning_msign.guards.base import Guard
 from lightning_msign.guards.diagnostics import Diagnostics
@@ -45,7 +45,10 @@ class QKNormRetrofit(Guard):
     part of the gap").
 
     Families: those with a qk-norm retrofit (:meth:`~lightning_msign.families.Family.install_qk_norm`): LitGPT
-    ``CausalSelfAttention``. Any other attention, or one that normalises q and k already, is refused at attach.
+    ``CausalSelfAttention`` (LitGPT's own qk-norm) and Hugging Face Llama, Mistral, Qwen2 and Mixtral attention
+    (Qwen3's: the family's RMS norm over each head of the ``q_proj`` / ``k_proj`` outputs, before RoPE; once on, the
+    model is Qwen3's function of the same weights). Any other attention, or one that normalises q and k already
+    (Qwen3, OLMo 2), is refused at attach, naming it.
 
     Under DDP the dormant gains receive no gradient, so DDP must look for unused parameters
     (``find_unused_parameters=True``); the decision is max-reduced over processes, so every process switches the
@@ -117,7 +120,7 @@ class QKNormRetrofit(Guard):
                 if found is None:
                     raise ValueError(
                         f"QKNormRetrofit has no qk-norm retrofit for {qualified_name(attn)} (block {i} of"
-                        f" `{decoder.blocks_path}`): families with one: LitGPT CausalSelfAttention"
+                        f" `{decoder.blocks_path}`); the attention classes with one: {', '.join(qk_norm_classes())}"
                     )
                 pairs.extend(found)
             norms.append(tuple(pairs))  # type: ignore[arg-type]
