@@ -150,10 +150,11 @@ def test_a_plain_loop_with_the_guard(tmp_path):
 
 
 def test_what_cannot_be_retrofitted_is_refused_by_name(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
-    with pytest.raises(ValueError, match="no qk-norm retrofit for .*GPT2Attention.*block 0"):
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,
+                                          intermediate_size=32, vocab_size=32, max_position_embeddings=16))
+    with pytest.raises(ValueError, match="no qk-norm retrofit for .*GPTNeoXAttention.*block 0.*HF LlamaAttention"):
         QKNormRetrofit(hf)
     normed = GPT(Config(**{**TINY_CONFIG, "n_layer": 1}, block_size=TINY_SEQ, vocab_size=TINY_VOCAB,
                         padded_vocab_size=TINY_VOCAB, norm_qk=True))
@@ -254,3 +255,33 @@ def test_hf_llama_gets_qwen3s_qk_norm():
         assert not torch.equal(llama(ids).logits, before)
     with pytest.raises(ValueError, match="Qwen3Attention normalises q and k already"):
         QKNormRetrofit(qwen3)
+
+
+def test_hf_gpt2_gets_a_layer_norm_over_each_head_of_its_query_and_key_columns():
+    """GPT-2 (fused `c_attn`, no RoPE): dormant, bit-identical; once on, the query and key column blocks of c_attn's
+    output are layer-normed per head (mean 0, variance 1 at the initial gains) and the value block is untouched."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
+    gpt2.eval()
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = gpt2(ids).logits
+    guard = QKNormRetrofit(gpt2, max_attn_logit=1e-6, scope="layer")
+    attn = gpt2.transformer.h[0].attn
+    with torch.no_grad():
+        assert torch.equal(gpt2(ids).logits, before)
+        x = torch.randn(2, 8, 16)
+        plain = attn.c_attn(x)
+    guard.load_state_dict({"last_step": 0, "switch_steps": [3, None]})  # layer 0 on, as a checkpoint would say
+    assert guard.switched_layers == [0] and attn.q_norm.on and not gpt2.transformer.h[1].attn.q_norm.on
+    with torch.no_grad():
+        out = attn.c_attn(x)
+    split, hd = attn.split_size, attn.head_dim
+    for block in (out[..., :split], out[..., split:2 * split]):
+        per_head = block.reshape(2, 8, -1, hd)
+        assert torch.allclose(per_head.mean(-1), torch.zeros(()), atol=1e-5)
+        # v / (v + eps): the initial c_attn's outputs are small beside layer_norm_epsilon
+        assert torch.allclose(per_head.var(-1, unbiased=False), torch.ones(()), atol=0.02)
+    assert torch.equal(out[..., 2 * split:], plain[..., 2 * split:])

@@ -31,6 +31,7 @@ from lightning_msign.families.base import (
     qualified_name,
     weight_of,
 )
+from lightning_msign.families.qk_norm import SwitchedNorm, norm_projection_heads
 from lightning_msign.layouts import Layout
 from lightning_msign.models.base import AttentionProbe, to_compute
 
@@ -79,6 +80,7 @@ class GPT2(Family):
     )
     read_from = '`split_size`'
     attention_classes = ("HF GPT2Attention",)
+    qk_norm_classes = ("HF GPT2Attention (self-attention)",)
 
     def read(self, module: nn.Module) -> Optional[Found]:
         if is_transformers(module, "GPT2Attention"):
@@ -102,6 +104,28 @@ class GPT2(Family):
 
     def attention_probe(self, attn: nn.Module, keep: bool = False) -> Optional[AttentionProbe]:
         return GPT2AttentionProbe(attn, keep=keep) if qualified_name(attn) == _ATTENTION else None
+
+    def install_qk_norm(self, attn: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+        # qk-norm on GPT-2: the model's own norm class (LayerNorm, `layer_norm_epsilon`) over each head of the query
+        # and key column blocks of `c_attn`'s output, where GPT2Attention splits them into heads (no RoPE), as the
+        # attention's `q_norm` / `k_norm`, applied by forward hooks on `c_attn`.
+        if qualified_name(attn) != _ATTENTION:
+            return None
+        if getattr(attn, "is_cross_attention", False):
+            raise ValueError("GPT2Attention as cross-attention (`q_attn`, `c_attn` [k | v]) has no qk-norm retrofit")
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        if not (isinstance(q_norm, SwitchedNorm) and isinstance(k_norm, SwitchedNorm)):
+            eps = float(getattr(attn.config, "layer_norm_epsilon", 1e-5))
+            weight = attn.c_attn.weight
+            q_norm, k_norm = (
+                SwitchedNorm(nn.LayerNorm(attn.head_dim, eps=eps).to(device=weight.device, dtype=weight.dtype))
+                for _ in range(2)
+            )
+            attn.q_norm, attn.k_norm = q_norm, k_norm
+        split = attn.split_size
+        norm_projection_heads(attn.c_attn, q_norm, attn.head_dim, (0, split))
+        norm_projection_heads(attn.c_attn, k_norm, attn.head_dim, (split, 2 * split))
+        return q_norm, k_norm
 
     def block(self, block: nn.Module) -> Optional[BlockInfo]:
         if qualified_name(block) != _BLOCK:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["SwitchedNorm", "norm_projection_heads"]
@@ -55,19 +56,29 @@ class SwitchedNorm(nn.Module):
         return f"on={self._on}"
 
 
-def norm_projection_heads(projection: nn.Module, norm: SwitchedNorm, head_dim: int) -> None:
-    """Apply ``norm`` to each head of ``projection``'s output, ``(..., heads * head_dim)`` viewed as
-    ``(..., heads, head_dim)``, by a forward hook: where a family's attention splits a query or key projection into
-    heads before RoPE, this is qk-norm at the place Qwen3 / OLMo put theirs. Dormant, the hook returns nothing (the
-    output as it is, no operation). Registered once per norm."""
-    if norm.__dict__.get("_hooked_to") == id(projection):  # a plain attribute: not a submodule of the norm
+def norm_projection_heads(
+    projection: nn.Module, norm: SwitchedNorm, head_dim: int, columns: Optional[tuple[int, int]] = None
+) -> None:
+    """Apply ``norm`` to each head of ``projection``'s output (or of its columns ``[start, stop)``, the query or key
+    block of a fused projection), ``(..., heads * head_dim)`` viewed as ``(..., heads, head_dim)``, by a forward hook:
+    where a family's attention splits a query or key projection into heads before RoPE, this is qk-norm at the place
+    Qwen3 / OLMo put theirs. Dormant, the hook returns nothing (the output as it is, no operation). Registered once
+    per norm and place."""
+    key = (id(projection), columns)
+    if norm.__dict__.get("_hooked_to") == key:  # a plain attribute: not a submodule of the norm
         return
+
+    def normed(x: Tensor) -> Tensor:
+        shape = x.shape
+        return norm(x.reshape(*shape[:-1], shape[-1] // head_dim, head_dim)).reshape(shape)
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> Optional[Tensor]:
         if not norm.on:
             return None
-        shape = output.shape
-        return norm(output.view(*shape[:-1], shape[-1] // head_dim, head_dim)).view(shape)
+        if columns is None:
+            return normed(output)
+        start, stop = columns
+        return torch.cat((output[..., :start], normed(output[..., start:stop]), output[..., stop:]), dim=-1)
 
     projection.register_forward_hook(hook)
-    norm.__dict__["_hooked_to"] = id(projection)
+    norm.__dict__["_hooked_to"] = key

@@ -47,8 +47,9 @@ class QKNormRetrofit(Guard):
     Families: those with a qk-norm retrofit (:meth:`~lightning_msign.families.Family.install_qk_norm`): LitGPT
     ``CausalSelfAttention`` (LitGPT's own qk-norm) and Hugging Face Llama, Mistral, Qwen2 and Mixtral attention
     (Qwen3's: the family's RMS norm over each head of the ``q_proj`` / ``k_proj`` outputs, before RoPE; once on, the
-    model is Qwen3's function of the same weights). Any other attention, or one that normalises q and k already
-    (Qwen3, OLMo 2), is refused at attach, naming it.
+    model is Qwen3's function of the same weights) and GPT-2 self-attention (LayerNorm over each head of the query and
+    key columns of ``c_attn``). Any other attention, or one that normalises q and k already (Qwen3, OLMo 2), is
+    refused at attach, naming it.
 
     Under DDP the dormant gains receive no gradient, so DDP must look for unused parameters
     (``find_unused_parameters=True``); the decision is max-reduced over processes, so every process switches the
