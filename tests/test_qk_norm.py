@@ -167,11 +167,13 @@ def test_what_cannot_be_retrofitted_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="`check_every`"):
         QKNormRetrofit(check_every=0)
 
+    from _fsdp1 import CPUFSDPStrategy
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    fsdp2 = Trainer(**trainer_kwargs(tmp_path, strategy=ModelParallelStrategy(), devices=2))
-    with pytest.raises(NotImplementedError, match="QKNormRetrofitCallback does not support ModelParallelStrategy"):
-        QKNormRetrofitCallback().setup(fsdp2, module(), "fit")
+    for strategy in (ModelParallelStrategy(), CPUFSDPStrategy()):  # FSDP2, FSDP1 (a subclass of FSDPStrategy)
+        sharded = Trainer(**trainer_kwargs(tmp_path, strategy=strategy, devices=2))
+        with pytest.raises(NotImplementedError, match=f"does not support {type(strategy).__name__}: new parameters"):
+            QKNormRetrofitCallback().setup(sharded, module(), "fit")
 
 
 class _FixedOptimizer(LightningModule):
