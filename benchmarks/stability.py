@@ -686,6 +686,15 @@ def render(res: dict[str, Any]) -> str:
                 lines.append(f"| {c['method']} | {c['lr']:g} | {c['seed']} | {c['rollbacks']} | {c['steps_lost']} "
                              f"| {first or '-'} | {'yes' if c['rollback_stopped'] else 'no'} | {c['steps_done']} "
                              f"| {f(c['final_val_loss'], '.3f')} |")
+    if any("qk_norm_switch_steps" in c for c in res["cells"]):
+        lines += ["", "## qk-norm retrofit: when the q/k norms switched on", "",
+                  "| method | lr | seed | first switch (after step) | layers switched | final val |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for c in res["cells"]:
+            if "qk_norm_switch_steps" in c:
+                steps = [s for s in c["qk_norm_switch_steps"] if s is not None]
+                lines.append(f"| {c['method']} | {c['lr']:g} | {c['seed']} | {min(steps) if steps else '-'} "
+                             f"| {len(steps)} of {len(c['qk_norm_switch_steps'])} | {f(c['final_val_loss'], '.3f')} |")
     if any("qk_fro_norm_max" in c for c in res["cells"]):
         lines += ["", "## Q and K weight norms (largest Frobenius norm of a Q or K block)", "",
                   "| method | lr | seed | at the first log | max | growth |", "|---|---:|---:|---:|---:|---:|"]

@@ -162,6 +162,27 @@ def test_optimizers_quick_runs_and_writes_results(tmp_path, capsys):
     assert json.loads((out / "optimizers.json").read_text())["train"] == res["train"]
 
 
+
+def test_stability_recommended_is_the_recipes_guard_and_the_retrofit_records_its_switches(tmp_path, capsys):
+    """`recommended` builds whatever guard the main job's guarded recipe holds (recorded in the cell's spec, so a
+    changed recipe trains the cell again); `qk_norm_retrofit` records each layer's switch step."""
+    import yaml
+
+    out = tmp_path / "stab"
+    assert run_benchmark("stability", "--quick", "--methods", "recommended", "qk_norm_retrofit", "--lrs", "0.3",
+                         "--seeds", "0", "--out", str(out)) == 0
+    capsys.readouterr()
+    recipe = yaml.safe_load((ROOT / "recipes" / "shakespeare" / "high_lr_guarded.yaml").read_text())
+    guards = [c for c in recipe["trainer"]["callbacks"] if c["class_path"] == "lightning_msign.MSignCallback"]
+    saved = json.loads((out / "cells" / "recommended_lr0.3_s0.json").read_text())
+    assert saved["spec"]["recommended"] == [{"class_path": g["class_path"], "init_args": g["init_args"]}
+                                           for g in guards]
+    cells = {c["method"]: c for c in json.loads((out / "stability.json").read_text())["cells"]}
+    assert cells["recommended"]["msign_triggers"] is not None
+    steps = cells["qk_norm_retrofit"]["qk_norm_switch_steps"]
+    assert len(steps) == 2 and all(s is None or 1 <= s <= 40 for s in steps)
+    assert "## qk-norm retrofit: when the q/k norms switched on" in (out / "stability.md").read_text()
+
 @pytest.mark.slow
 def test_stability_with_curvature_and_architecture_warmup(tmp_path):
     """The curvature series and both warm-up methods run in the benchmark's cells and reach its tables; the two
