@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -183,6 +183,19 @@ def load_ranks(out: Path, world: int = 2) -> list[dict[str, Any]]:
     import torch
 
     return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def fit_under_plain_ddp(out: str, callback: Any, module: Any, max_steps: int) -> tuple[Optional[str], int]:
+    """In a 2-process job: fit ``module`` under ``strategy="ddp"`` (no ``find_unused_parameters``) with ``callback``;
+    the ``ValueError`` it raised (``None``: none) and the steps trained."""
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(**trainer_kwargs(out, devices=2, strategy="ddp", max_steps=max_steps), callbacks=[callback])
+    try:
+        trainer.fit(module, tiny_data(num_workers=0))
+    except ValueError as err:
+        return str(err), trainer.global_step
+    return None, trainer.global_step
 
 
 def load_script(path: Path):

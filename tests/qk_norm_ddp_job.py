@@ -23,7 +23,7 @@ from test_qk_norm import THRESHOLD, module  # noqa: E402
 
 from lightning_msign import QKNormRetrofitCallback  # noqa: E402
 
-from conftest import tiny_data, trainer_kwargs  # noqa: E402
+from conftest import fit_under_plain_ddp, tiny_data, trainer_kwargs  # noqa: E402
 
 STEPS = 8
 
@@ -35,14 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     seed_everything(5, verbose=False)
-    refused = None
-    trainer = Trainer(**trainer_kwargs(args.out, devices=2, strategy="ddp", max_steps=STEPS),
-                      callbacks=[QKNormRetrofitCallback(max_attn_logit=THRESHOLD)])
-    try:
-        trainer.fit(module(), tiny_data(num_workers=0))
-    except ValueError as err:
-        refused = str(err)
-    refused_steps = trainer.global_step
+    plain = QKNormRetrofitCallback(max_attn_logit=THRESHOLD)
+    refused, refused_steps = fit_under_plain_ddp(args.out, plain, module(), STEPS)
 
     seed_everything(5, verbose=False)
     model = module()

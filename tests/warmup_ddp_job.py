@@ -22,7 +22,7 @@ from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 
 from lightning_msign import DepthWarmupCallback, LitGPTModule  # noqa: E402
 
-from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, tiny_data, trainer_kwargs  # noqa: E402
+from conftest import TINY_CONFIG, TINY_SEQ, TINY_VOCAB, fit_under_plain_ddp, tiny_data, trainer_kwargs  # noqa: E402
 
 STEPS = 3
 
@@ -39,14 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     seed_everything(3, verbose=False)
-    refused = None
-    trainer = Trainer(**trainer_kwargs(args.out, devices=2, strategy="ddp", max_steps=STEPS),
-                      callbacks=[DepthWarmupCallback(interval=100)])
-    try:
-        trainer.fit(module(), tiny_data(num_workers=0))
-    except ValueError as err:
-        refused = str(err)
-    refused_steps = trainer.global_step
+    refused, refused_steps = fit_under_plain_ddp(args.out, DepthWarmupCallback(interval=100), module(), STEPS)
 
     seed_everything(3, verbose=False)
     model = module()

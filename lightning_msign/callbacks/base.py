@@ -36,6 +36,20 @@ def refuse_strategies(trainer: pl.Trainer, owner: str) -> None:
             )
 
 
+def require_unused_parameter_detection(trainer: pl.Trainer, owner: str, why: str) -> None:
+    """Raise ``ValueError`` when the Trainer's DDP does not look for parameters without a gradient (read off the
+    wrapped module's public ``find_unused_parameters``, once the strategy has wrapped it: at ``on_fit_start``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = trainer.strategy.model
+    if isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
+        raise ValueError(
+            f"{owner} under DDP needs find_unused_parameters=True ({why}), got {type(trainer.strategy).__name__} with"
+            " find_unused_parameters=False: use strategy='ddp_find_unused_parameters_true' (or"
+            " 'ddp_spawn_find_unused_parameters_true', or DDPStrategy(find_unused_parameters=True))"
+        )
+
+
 def _model_for_guard(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
     """``pl_module``, or the FSDP1 root wrapping it (``FSDPStrategy`` wraps the whole LightningModule).
 

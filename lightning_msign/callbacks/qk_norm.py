@@ -6,10 +6,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_msign.callbacks.base import GuardCallback, log_to_loggers
+from lightning_msign.callbacks.base import GuardCallback, log_to_loggers, require_unused_parameter_detection
 from lightning_msign.guards.diagnostics import batch_input_ids
 from lightning_msign.guards.qk_norm import QKNormRetrofit
 
@@ -59,14 +58,8 @@ class QKNormRetrofitCallback(GuardCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        wrapped = trainer.strategy.model
-        if isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
-            raise ValueError(
-                "QKNormRetrofitCallback under DDP needs find_unused_parameters=True (the dormant q/k norms' gains get"
-                f" no gradient until switched on), got {type(trainer.strategy).__name__} with"
-                " find_unused_parameters=False: use strategy='ddp_find_unused_parameters_true' (or"
-                " DDPStrategy(find_unused_parameters=True))"
-            )
+        require_unused_parameter_detection(trainer, "QKNormRetrofitCallback", "the dormant q/k norms' gains get no"
+                                           " gradient until switched on")
         super().on_fit_start(trainer, pl_module)
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         missing = [p for p in self.guard.gains() if id(p) not in held]

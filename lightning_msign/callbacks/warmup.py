@@ -7,10 +7,14 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_msign.callbacks.base import GuardCallback, log_to_loggers, require_stability_ratio_source
+from lightning_msign.callbacks.base import (
+    GuardCallback,
+    log_to_loggers,
+    require_stability_ratio_source,
+    require_unused_parameter_detection,
+)
 from lightning_msign.guards.warmup import DepthWarmup
 
 
@@ -116,14 +120,8 @@ class DepthWarmupCallback(GuardCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # DDP has wrapped the module by now: its own (public) flag says whether it tolerates parameters without a
         # gradient, whatever the strategy was given (a registry name, DDPStrategy(...) or a subclass)
-        wrapped = trainer.strategy.model
-        if isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
-            raise ValueError(
-                "DepthWarmupCallback under DDP needs find_unused_parameters=True (the inactive blocks' parameters get"
-                f" no gradient), got {type(trainer.strategy).__name__} with find_unused_parameters=False: use"
-                " strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true', or"
-                " DDPStrategy(find_unused_parameters=True))"
-            )
+        require_unused_parameter_detection(trainer, "DepthWarmupCallback", "the inactive blocks' parameters get no"
+                                           " gradient")
         super().on_fit_start(trainer, pl_module)
 
     @override

@@ -26,7 +26,7 @@ from lightning_msign.functional.precision import as_compute
 from lightning_msign.functional.spectral import stable_rank
 from lightning_msign.guards.base import TargetedGuard
 from lightning_msign.guards.diagnostics import Diagnostics
-from lightning_msign.models.capture import ForwardLogits
+from lightning_msign.models.capture import ForwardLogits, LayerLogits
 from lightning_msign.targets import LayoutsArg, TargetsArg
 
 MSignBackend = Backend  # the functional backends
@@ -214,7 +214,7 @@ class MSign(TargetedGuard):
         self.logits_from = check_choice(logits_from, "logits_from", LogitSource)
         self._probe: Any = None  # a Diagnostics computing attention logits only (max_attn_logit)
         self._forward_logits: Optional[ForwardLogits] = None  # logits_from="training_forward"
-        self._warned_fallback = False
+        self._logits: Optional[LayerLogits] = None
         self._layer_of: list[Optional[int]] = []  # block index of each target, None outside the blocks
         self._applications = 0
         self._skipped_nonfinite = 0
@@ -258,6 +258,8 @@ class MSign(TargetedGuard):
             self._forward_logits = ForwardLogits(
                 probe.decoder, self._next_check, batch_size=self.probe_batch_size, seq_len=self.probe_seq_len
             )
+        self._logits = LayerLogits(probe, self._forward_logits, "MSign(max_attn_logit=...)",
+                                   hint=" Pass logits_from='second_forward' to say so.")
 
     def _next_check(self) -> Optional[int]:
         """The step about to be taken when it is a check step (read by the training forward's hooks)."""
@@ -417,25 +419,7 @@ class MSign(TargetedGuard):
 
     def _attention_logits(self, current: int, input_ids: Optional[Tensor], n_layers: int) -> list[float]:
         """Each layer's attention-logit max for check step ``current`` (NaN for a layer that did not run)."""
-        read = None if self._forward_logits is None else self._forward_logits.read(current)
-        if read is not None:
-            return [math.nan if v is None else v for v in read]
-        if input_ids is None:
-            raise ValueError(
-                f"MSign(max_attn_logit=...) saw no training forward of optimizer step {current} through the attached"
-                " module (in training mode, with gradients) and has no token ids for a second forward: call"
-                " step(step, input_ids=ids), or run the forward through the module the guard is attached to"
-            )
-        if self._forward_logits is not None and not self._warned_fallback:
-            self._warned_fallback = True
-            warnings.warn(
-                f"MSign(max_attn_logit=...) saw no training forward of optimizer step {current} through the attached"
-                " module (in training mode, with gradients): the logits of such steps are read on a second forward"
-                " of `input_ids` after the step (a forward pass more). Pass logits_from='second_forward' to say so.",
-                stacklevel=3,
-            )
-        values = self._probe.compute(input_ids)
-        return [values.get(f"{keys.DIAG_ATTN_LOGIT_MAX_PREFIX}{i}", math.nan) for i in range(n_layers)]
+        return self._logits.read(current, input_ids)
 
     def _stable_ranks(self, owned: list[OwnedMatrix]) -> dict[int, StableRankResult]:
         out: dict[int, StableRankResult] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Literal, Optional
 
 from torch import Tensor, nn
@@ -16,7 +15,7 @@ from lightning_msign.families.qk_norm import SwitchedNorm
 from lightning_msign.guards.base import Guard
 from lightning_msign.guards.diagnostics import Diagnostics
 from lightning_msign.models import find_decoder
-from lightning_msign.models.capture import ForwardLogits
+from lightning_msign.models.capture import ForwardLogits, LayerLogits
 
 Scope = Literal["all", "layer"]
 
@@ -97,10 +96,9 @@ class QKNormRetrofit(Guard):
         self.probe_batch_size = check_optional_positive_int(probe_batch_size, "probe_batch_size")
         self.probe_seq_len = check_optional_positive_int(probe_seq_len, "probe_seq_len")
         self.model_attr = model_attr
-        self._probe: Any = None
         self._forward_logits: Optional[ForwardLogits] = None
+        self._reader: Optional[LayerLogits] = None
         self._norms: list[tuple[SwitchedNorm, ...]] = []  # per block: the norms of its attention(s)
-        self._warned_fallback = False
         # per block: the optimizer step after which its norms were switched on; whether they are on is the model's
         # state (the norms' extra state, in every model checkpoint)
         self.switch_steps: list[Optional[int]] = []
@@ -134,10 +132,10 @@ class QKNormRetrofit(Guard):
             max_batch_size=self.probe_batch_size, max_seq_len=self.probe_seq_len, model_attr=self.model_attr,
         )
         probe.attach_unwrapped(module, self._distributed, self._fsdp1)
-        self._probe = probe
         self._forward_logits = ForwardLogits(
             probe.decoder, self._next_check, batch_size=self.probe_batch_size, seq_len=self.probe_seq_len
         )
+        self._reader = LayerLogits(probe, self._forward_logits, "QKNormRetrofit")
 
     def _next_check(self) -> Optional[int]:
         step = self._last_step + 1
@@ -203,7 +201,7 @@ class QKNormRetrofit(Guard):
         if current is None or self.all_switched or current % self.check_every:
             return {}
         n_layers = len(self._norms)
-        logits = max_over_processes(self._logits(current, input_ids, n_layers), self._device())
+        logits = max_over_processes(self._reader.read(current, input_ids), self._device())
         hot = [i for i, v in enumerate(logits) if v > self.max_attn_logit]
         now = []
         if hot:
@@ -221,22 +219,3 @@ class QKNormRetrofit(Guard):
         gains = self.gains()
         return gains[0].device if gains else None
 
-    def _logits(self, current: int, input_ids: Optional[Tensor], n_layers: int) -> list[float]:
-        read = None if self._forward_logits is None else self._forward_logits.read(current)
-        if read is not None:
-            return [math.nan if v is None else v for v in read]
-        if input_ids is None:
-            raise ValueError(
-                f"QKNormRetrofit saw no training forward of optimizer step {current} through the attached module (in"
-                " training mode, with gradients) and has no token ids for a second forward: call"
-                " step(step, input_ids=ids), or run the forward through the module the guard is attached to"
-            )
-        if not self._warned_fallback:
-            self._warned_fallback = True
-            warnings.warn(
-                f"QKNormRetrofit saw no training forward of optimizer step {current} through the attached module:"
-                " the logits of such steps are read on a second forward of `input_ids` (a forward pass more)",
-                stacklevel=3,
-            )
-        values = self._probe.compute(input_ids)
-        return [values.get(f"{keys.DIAG_ATTN_LOGIT_MAX_PREFIX}{i}", math.nan) for i in range(n_layers)]

@@ -15,12 +15,15 @@ decoder block with cross-attention (an encoder-decoder) takes the larger of its 
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_msign import metric_keys as keys
 from lightning_msign.functional.attention import LogitScratch
 from lightning_msign.models.base import AttentionProbe, Decoder, attention_probe
 
@@ -113,3 +116,47 @@ class ForwardLogits:
         attached, self._attached = self._attached, []
         for handle in attached:
             handle.remove()
+
+
+class LayerLogits:
+    """Each layer's largest attention logit for a guard's check step: the step's training forward as
+    :class:`ForwardLogits` read it, else a second forward of the step's token ids.
+
+    Args:
+        probe: a :class:`~lightning_msign.Diagnostics` computing attention logits (attached), for the second forward.
+        forward: the training-forward reading, or ``None`` (always a second forward).
+        owner: how messages name the guard (``"MSign(max_attn_logit=...)"``).
+        hint: appended to the one warning given when a check step's training forward was not seen.
+    """
+
+    def __init__(self, probe: Any, forward: Optional[ForwardLogits], owner: str, hint: str = "") -> None:
+        self.probe, self.forward, self.owner, self.hint = probe, forward, owner, hint
+        self._warned = False
+
+    def read(self, step: int, input_ids: Optional[Tensor]) -> list[float]:
+        """One value per block (NaN for a block that did not run) for optimizer step ``step``."""
+        n_layers = len(self.probe.decoder.blocks)
+        read = None if self.forward is None else self.forward.read(step)
+        if read is not None:
+            return [math.nan if v is None else v for v in read]
+        if input_ids is None:
+            raise ValueError(
+                f"{self.owner} saw no training forward of optimizer step {step} through the attached module (in"
+                " training mode, with gradients) and has no token ids for a second forward: call"
+                " step(step, input_ids=ids), or run the forward through the module the guard is attached to"
+            )
+        if self.forward is not None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self.owner} saw no training forward of optimizer step {step} through the attached module (in"
+                " training mode, with gradients): the logits of such steps are read on a second forward of"
+                f" `input_ids` after the step (a forward pass more).{self.hint}",
+                stacklevel=4,
+            )
+        values = self.probe.compute(input_ids)
+        return [values.get(f"{keys.DIAG_ATTN_LOGIT_MAX_PREFIX}{i}", math.nan) for i in range(n_layers)]
+
+    def remove(self) -> None:
+        """Remove the training-forward hooks."""
+        if self.forward is not None:
+            self.forward.remove()
