@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -31,6 +31,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+StepCall = Callable[[], dict[str, float]]
+
+
+class GuardHooks:
+    """The optimizer hooks :meth:`Guard.hook_optimizer` registered.
+
+    Attributes:
+        metrics: what the guard returned for the last optimizer step (before and after it), ``{}`` on most steps.
+    """
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+        self._handles: list[Any] = []
+
+    def remove(self) -> None:
+        """Unregister both hooks: the optimizer steps on without the guard."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class Guard:
     """Base of the loop-agnostic guards: attached to a module, acting at most once per optimizer step.
 
@@ -51,6 +72,47 @@ class Guard:
         self._distributed = False
         self._last_step = 0
         self._fsdp1: Optional[FSDP1Units] = None
+
+    #: why :meth:`hook_optimizer` cannot drive this guard (its calls need what an optimizer step does not have)
+    _no_optimizer_hooks: ClassVar[str] = "it needs the loop's own calls"
+
+    def _optimizer_calls(self) -> tuple[Optional[StepCall], Optional[StepCall]]:
+        """What to call before and after each optimizer step when :meth:`hook_optimizer` drives the guard."""
+        return None, None
+
+    def hook_optimizer(self, optimizer: torch.optim.Optimizer) -> GuardHooks:
+        """Drive the guard from ``optimizer.step()`` itself, for loops without callbacks (torchtitan, OLMo-core, a
+        custom loop): a step pre-hook makes the calls due before the update, a post-hook those due after it, the guard
+        counting the steps (one optimizer step = one guard step; gradient accumulation is the loop's, before the
+        step). Attach the guard first. The pre-hook runs inside ``optimizer.step()``, so *after* any gradient clipping
+        the loop did before it: a guard reading the gradient norm there (PSS, MSign's ``max_grad_ratio``,
+        StableRank's ``grad_norm``) reads the clipped norm; call ``before_optimizer_step`` / ``grad_norm`` yourself
+        before clipping where that matters.
+
+        Returns:
+            The hooks; their ``metrics`` hold what the guard returned for the last step (for the loop's logger).
+
+        Raises:
+            NotImplementedError: for a guard whose calls need what the optimizer step does not give (the loss, token
+                ids, a closure), naming what.
+        """
+        before, after = self._optimizer_calls()
+        if before is None and after is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot be driven by optimizer hooks: {self._no_optimizer_hooks}"
+            )
+        self._require_module("hook_optimizer")
+        hooks = GuardHooks()
+
+        def pre(opt: Any, args: Any, kwargs: Any) -> None:
+            hooks.metrics = dict(before()) if before is not None else {}
+
+        def post(opt: Any, args: Any, kwargs: Any) -> None:
+            if after is not None:
+                hooks.metrics.update(after())
+
+        hooks._handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
+        return hooks
 
     # -------------------------------------------------------------------------------------- attaching
     def attach(self, module: nn.Module, distributed: Optional[bool] = None) -> "Guard":

@@ -224,6 +224,8 @@ class Curvature(Guard):
         value = self._latest.get(CURV_STABILITY_RATIO)
         return None if value is None or not math.isfinite(value) else value
 
+    _no_optimizer_hooks = "its step needs a loss closure on the step's batch (step(loss_fn, step))"
+
     # ------------------------------------------------------------------------------------------ steps
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) is followed by a measurement."""

@@ -231,6 +231,8 @@ class Diagnostics(Guard):
         """The decoder, its blocks and its maximum length (known once attached)."""
         return self._decoder
 
+    _no_optimizer_hooks = "its step needs the step's token ids (step(input_ids, step))"
+
     # ------------------------------------------------------------------------------------------ steps
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) is followed by a computation."""

@@ -292,6 +292,13 @@ class MSign(TargetedGuard):
         first = self.trigger_steps[0] if self.trigger_steps else (step if triggered_now else None)
         return n is not None and first is not None and (step - first) % n == 0
 
+    def _optimizer_calls(self) -> tuple[Any, Any]:
+        if self.max_attn_logit is not None and self.logits_from == "second_forward":
+            return None, None
+        return (self.before_optimizer_step if self.max_grad_ratio is not None else None), self.step
+
+    _no_optimizer_hooks = "logits_from='second_forward' needs the step's token ids (call step(step, input_ids=ids))"
+
     # ------------------------------------------------------------------------------------------ steps
     def before_optimizer_step(self, step: Optional[int] = None) -> dict[str, float]:
         """With ``max_grad_ratio``: read the gradient norm before the optimizer step (after the backward pass,

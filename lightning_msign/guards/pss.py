@@ -169,6 +169,9 @@ class PSS(TargetedGuard):
         """Current EWMA of the gradient norm (``None`` before the first step)."""
         return self._ewma
 
+    def _optimizer_calls(self) -> tuple[Any, Any]:
+        return self.before_optimizer_step, None
+
     def before_optimizer_step(self, step: Optional[int] = None) -> dict[str, float]:
         """Read the gradient norm, update the detector, protect / skip on a trigger; returns the metrics.
 

@@ -183,6 +183,9 @@ class QKNormRetrofit(Guard):
             self.switch_steps = [None if s is None else int(s) for s in steps]
             self._apply_switches()
 
+    def _optimizer_calls(self) -> tuple[Any, Any]:
+        return None, self.step
+
     # ------------------------------------------------------------------------------------------ steps
     def step(self, step: Optional[int] = None, input_ids: Optional[Tensor] = None) -> dict[str, float]:
         """Call after each optimizer step: reads the layers' logits and switches the norms on past the threshold.

@@ -397,6 +397,8 @@ class Rollback(Guard):
         """Flag optimizer step ``step`` (default: the next one) for a rollback, e.g. from another guard's trigger."""
         self._external.setdefault(self._last_step + 1 if step is None else int(step), []).append(str(reason))
 
+    _no_optimizer_hooks = "it needs the step's loss (after_step(loss, step)), which an optimizer step does not see"
+
     def before_optimizer_step(self, step: Optional[int] = None) -> dict[str, float]:
         """After the backward pass, before ``optimizer.step()``: read the global gradient norm (a collective)."""
         module = self._require_module("before_optimizer_step")

@@ -111,6 +111,9 @@ class StableRank(TargetedGuard):
         if module is not None:
             self.attach(module)
 
+    def _optimizer_calls(self) -> tuple[Any, Any]:
+        return (self.grad_norm if self.log_grad_norm else None), self.step
+
     def grad_norm(self, step: Optional[int] = None) -> dict[str, float]:
         """Before ``optimizer.step()``: the total gradient norm when step ``step`` (1-based, the one about to
         be taken; default ``last_step + 1``) is a measured one. Read-only: no gating state changes."""

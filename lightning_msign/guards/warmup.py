@@ -432,6 +432,18 @@ class DepthWarmup(Guard):
         due = self.next_due()
         return due is not None and step >= due
 
+    _no_optimizer_hooks = "with `curvature_margin` its step needs the latest stability ratio (call step(step, ratio))"
+
+    def _optimizer_calls(self) -> tuple[Any, Any]:
+        if self.curvature_margin is not None:
+            return None, None
+
+        def before() -> dict[str, float]:
+            self.clear_inactive_grads()
+            return {}
+
+        return before, self.step
+
     # ------------------------------------------------------------------------------------------ steps
     def clear_inactive_grads(self) -> None:
         """Set ``.grad = None`` on every parameter of an inactive block (call before ``optimizer.step()``)."""
