@@ -224,17 +224,14 @@ def _without_args(doc: str | None, names: Sequence[str]) -> str | None:
     if not doc or not names:
         return doc
     kept: list[str] = []
-    dropping_at: int | None = None
+    dropping_at: Optional[int] = None  # the indent of the entry being cut; deeper lines continue it
     for line in doc.split("\n"):
-        indent = len(line) - len(line.lstrip())
-        if dropping_at is not None and (not line.strip() or indent > dropping_at):
-            if line.strip():
+        stripped, indent = line.strip(), len(line) - len(line.lstrip())
+        if dropping_at is not None:
+            if stripped and indent > dropping_at:
                 continue
             dropping_at = None
-        elif dropping_at is not None:
-            dropping_at = None
-        name = line.strip().split(":", 1)[0]
-        if line.strip().startswith(f"{name}:") and name in names:
+        if ":" in stripped and stripped.split(":", 1)[0] in names:
             dropping_at = indent
             continue
         kept.append(line)

@@ -47,13 +47,12 @@ class QKNormRetrofitCallback(GuardCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
-        for name in ("FSDPStrategy", "ModelParallelStrategy"):
-            if stage == "fit" and name in names:
-                raise NotImplementedError(
-                    f"QKNormRetrofitCallback does not support {type(trainer.strategy).__name__}: new parameters in a"
-                    " sharded model have not been tested here. Use one device or DDP with"
-                    " strategy='ddp_find_unused_parameters_true'."
-                )
+        if stage == "fit" and names & {"FSDPStrategy", "ModelParallelStrategy"}:
+            raise NotImplementedError(
+                f"QKNormRetrofitCallback does not support {type(trainer.strategy).__name__}: new parameters in a"
+                " sharded model have not been tested here. Use one device or DDP with"
+                " strategy='ddp_find_unused_parameters_true'."
+            )
         super().setup(trainer, pl_module, stage)
 
     @override
@@ -62,10 +61,11 @@ class QKNormRetrofitCallback(GuardCallback):
                                            " gradient until switched on")
         super().on_fit_start(trainer, pl_module)
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        missing = [p for p in self.guard.gains() if id(p) not in held]
+        gains = self.guard.gains()
+        missing = [p for p in gains if id(p) not in held]
         if missing:
             raise ValueError(
-                f"QKNormRetrofitCallback: {len(missing)} of the {len(self.guard.gains())} q/k norm parameters it"
+                f"QKNormRetrofitCallback: {len(missing)} of the {len(gains)} q/k norm parameters it"
                 " installed are in no optimizer, so they would never train once switched on: build the optimizer"
                 " from the module's parameters in configure_optimizers (it runs after the callback's setup)"
             )

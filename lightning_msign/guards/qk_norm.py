@@ -96,8 +96,7 @@ class QKNormRetrofit(Guard):
         self.probe_batch_size = check_optional_positive_int(probe_batch_size, "probe_batch_size")
         self.probe_seq_len = check_optional_positive_int(probe_seq_len, "probe_seq_len")
         self.model_attr = model_attr
-        self._forward_logits: Optional[ForwardLogits] = None
-        self._reader: Optional[LayerLogits] = None
+        self._reader: Optional[LayerLogits] = None  # the training forward's reading, else a second forward
         self._norms: list[tuple[SwitchedNorm, ...]] = []  # per block: the norms of its attention(s)
         # per block: the optimizer step after which its norms were switched on; whether they are on is the model's
         # state (the norms' extra state, in every model checkpoint)
@@ -107,9 +106,9 @@ class QKNormRetrofit(Guard):
 
     # -------------------------------------------------------------------------------------- attaching
     def _on_attach(self, module: nn.Module) -> None:
-        if self._forward_logits is not None:  # attached again: the hooks of the last attach go
-            self._forward_logits.remove()
-            self._forward_logits = None
+        if self._reader is not None:  # attached again: the hooks of the last attach go
+            self._reader.remove()
+            self._reader = None
         decoder = find_decoder(module, self.model_attr)
         norms: list[tuple[SwitchedNorm, ...]] = []
         for i in range(len(decoder.blocks)):
@@ -132,10 +131,10 @@ class QKNormRetrofit(Guard):
             max_batch_size=self.probe_batch_size, max_seq_len=self.probe_seq_len, model_attr=self.model_attr,
         )
         probe.attach_unwrapped(module, self._distributed, self._fsdp1)
-        self._forward_logits = ForwardLogits(
+        forward = ForwardLogits(
             probe.decoder, self._next_check, batch_size=self.probe_batch_size, seq_len=self.probe_seq_len
         )
-        self._reader = LayerLogits(probe, self._forward_logits, "QKNormRetrofit")
+        self._reader = LayerLogits(probe, forward, "QKNormRetrofit")
 
     def _next_check(self) -> Optional[int]:
         step = self._last_step + 1
